@@ -1,0 +1,68 @@
+"""Exceptions raised by flwr-serverless; each names the object key or node involved."""
+
+from __future__ import annotations
+
+
+class FlwrServerlessError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class StoreError(FlwrServerlessError):
+    """A store operation failed (after any retries)."""
+
+    def __init__(self, operation: str, key: str, reason: str) -> None:
+        self.operation = operation
+        self.key = key
+        self.reason = reason
+        super().__init__(f"store {operation} of {key!r} failed: {reason}")
+
+
+class ObjectNotFoundError(StoreError, KeyError):
+    """The key does not exist in the store."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__("get", key, "no such object")
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return self.args[0]
+
+
+class PreconditionFailedError(StoreError):
+    """A create-only or compare-and-swap write lost the race (HTTP 412)."""
+
+    def __init__(self, operation: str, key: str) -> None:
+        super().__init__(operation, key, "precondition failed: the object changed or exists")
+
+
+class ConditionalWritesUnsupportedError(StoreError):
+    """The backend cannot do create-only / compare-and-swap writes."""
+
+
+class StoreConfigurationError(FlwrServerlessError):
+    """The store cannot be used as configured (missing bucket, credentials, unknown scheme...)."""
+
+
+class InvalidObjectError(FlwrServerlessError):
+    """An object in the store is corrupted, truncated, foreign or does not match the local model."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"rejected object {key!r}: {reason}")
+
+
+class SyncTimeoutError(FlwrServerlessError, TimeoutError):
+    """A synchronous round did not gather enough nodes before its timeout."""
+
+    def __init__(self, round_number: int, timeout: float, present: list[str], missing: list[str]) -> None:
+        self.round_number = round_number
+        self.present = present
+        self.missing = missing
+        super().__init__(
+            f"sync round {round_number}: timed out after {timeout:.1f}s; "
+            f"missing nodes: {', '.join(missing) or '?'}; present: {', '.join(present) or 'none'}"
+        )
+
+
+class DuplicateNodeIdError(FlwrServerlessError):
+    """Another live node already uses this node id in the experiment."""

@@ -1,0 +1,1 @@
+"""Weight stores: bytes in, bytes out, under one experiment prefix."""
