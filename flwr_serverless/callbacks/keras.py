@@ -1,0 +1,139 @@
+"""Keras 3 (TensorFlow backend) glue: federate a model's weights at the end of every epoch.
+
+The callback only moves weights and metrics between ``model.fit`` and a
+federated node; storing, encoding and aggregating are the node's job.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import keras
+import numpy as np
+
+__all__ = ["FlwrFederatedCallback"]
+
+_COUNTING_MARK = "_flwr_serverless_counter"
+
+
+def _numeric_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
+    """Keep the finite numbers from Keras' logs: only those can be averaged across nodes."""
+    metrics: dict[str, float] = {}
+    for key, value in (logs or {}).items():
+        if isinstance(value, bool):
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(number):
+            metrics[str(key)] = number
+    return metrics
+
+
+class FlwrFederatedCallback(keras.callbacks.Callback):
+    """After each epoch: push local weights, pull and aggregate peers' weights, continue from the result.
+
+    ``node`` is an ``AsyncFederatedNode`` or ``SyncFederatedNode`` (anything with
+    ``update_parameters(weights, num_examples, epoch, metrics=...)``).
+
+    ``num_examples_per_epoch`` weights this node in the aggregation. When it is
+    ``None`` the callback counts the examples actually trained in each epoch
+    (Keras 3 does not tell callbacks the batch size, and the last batch may be
+    short), which needs the TensorFlow backend.
+
+    Aggregated metrics are added to the epoch logs with a ``_fed`` suffix (e.g.
+    ``accuracy_fed``) so ``History`` and later callbacks see them.
+    """
+
+    #: Options reserved for later versions; accepted so calling code keeps working.
+    KNOWN_OPTIONS: frozenset[str] = frozenset()
+
+    def __init__(self, node: Any, num_examples_per_epoch: int | None = None, **future_options: Any) -> None:
+        super().__init__()
+        if num_examples_per_epoch is not None and int(num_examples_per_epoch) <= 0:
+            raise ValueError(f"num_examples_per_epoch must be positive, got {num_examples_per_epoch}")
+        unknown = sorted(set(future_options) - self.KNOWN_OPTIONS)
+        if unknown:
+            warnings.warn(f"FlwrFederatedCallback ignores unknown options: {', '.join(unknown)}", stacklevel=2)
+        self.node = node
+        self.num_examples_per_epoch = None if num_examples_per_epoch is None else int(num_examples_per_epoch)
+        self.options = dict(future_options)
+        self._counter: Any = None  # tf.Variable, created when the model is known
+        #: Aggregated metrics of the most recent federation (without the ``_fed`` suffix).
+        self.last_federated_metrics: dict[str, float] = {}
+
+    # -- example counting ---------------------------------------------------
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        if self.num_examples_per_epoch is None:
+            self._install_counter(model)
+
+    def _install_counter(self, model: keras.Model) -> None:
+        """Wrap ``model.train_step`` so every step adds its batch size to a TF counter.
+
+        Idempotent: ``fit`` calls ``set_model`` each time, and a model already
+        wrapped (by this or another callback) keeps its one counter.
+        """
+        if keras.backend.backend() != "tensorflow":
+            raise RuntimeError(
+                "FlwrFederatedCallback counts examples only on the TensorFlow backend; "
+                "pass num_examples_per_epoch explicitly on other backends"
+            )
+        import tensorflow as tf
+
+        existing = getattr(model.train_step, _COUNTING_MARK, None)
+        if existing is not None:
+            self._counter = existing
+            return
+        with model.distribute_strategy.scope():
+            counter = tf.Variable(
+                0,
+                dtype=tf.int64,
+                trainable=False,
+                name="flwr_examples_seen",
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM,  # replicas each add their share
+            )
+        original: Callable[[Any], Any] = model.train_step
+
+        def counting_train_step(data: Any) -> Any:
+            x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+            first = keras.tree.flatten(x)[0]
+            counter.assign_add(tf.cast(tf.shape(first)[0], tf.int64))
+            return original(data)
+
+        setattr(counting_train_step, _COUNTING_MARK, counter)
+        # An instance attribute shadows the class method; Keras builds its train
+        # function from ``self.train_step``, so drop any function built before.
+        model.train_step = counting_train_step
+        model.train_function = None
+        self._counter = counter
+
+    def _take_count(self) -> int:
+        if self._counter is None:
+            return 0
+        count = int(self._counter.numpy())
+        self._counter.assign(0)
+        return count
+
+    # -- Keras hooks ------------------------------------------------------------
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._take_count()  # forget steps from evaluate()/an interrupted fit
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        counted = self._take_count()
+        num_examples = self.num_examples_per_epoch if self.num_examples_per_epoch is not None else counted
+        weights = self.model.get_weights()
+        new_weights, aggregated = self.node.update_parameters(
+            weights, num_examples, epoch, metrics=_numeric_logs(logs)
+        )
+        if new_weights is not None:
+            self.model.set_weights([np.asarray(w) for w in new_weights])
+        self.last_federated_metrics = dict(aggregated or {})
+        if logs is not None:
+            for key, value in self.last_federated_metrics.items():
+                logs[f"{key}_fed"] = value

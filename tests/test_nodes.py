@@ -1,0 +1,164 @@
+"""Async and sync nodes against every store backend (moto S3 via s3fs and boto3, file://, memory://)."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+
+import numpy as np
+import pytest
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.strategy.aggregate import aggregate as flower_fedavg
+
+from flwr_serverless import AsyncFederatedNode, SyncFederatedNode, SyncTimeoutError, open_store
+from flwr_serverless.codec import UpdateHeader, encode
+from flwr_serverless.strategies import STRATEGY_NAMES, make_strategy
+
+
+def _model(seed: int, scale: float = 1.0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((5, 4)) * scale).astype(np.float32), rng.standard_normal(4).astype(np.float32)]
+
+
+def _open(store_url):
+    url, options = store_url
+    return open_store(url, **options)
+
+
+def test_lonely_async_node_returns_own_weights_without_waiting(store):
+    node = AsyncFederatedNode(store, node_id="alone")
+    weights = _model(0)
+    start = time.monotonic()
+    result, metrics = node.update_parameters(weights, num_examples=10, epoch=0, metrics={"loss": 0.5})
+    assert time.monotonic() - start < 5
+    assert all(np.array_equal(a, b) for a, b in zip(result, weights))
+    assert metrics == {"loss": 0.5}
+
+
+def test_async_nodes_average_by_examples_and_pull_only_changed_peers(store_url):
+    a = AsyncFederatedNode(_open(store_url), node_id="a")
+    b = AsyncFederatedNode(_open(store_url), node_id="b")
+    wa, wb = _model(1), _model(2)
+    a.update_parameters(wa, num_examples=10, epoch=0, metrics={"accuracy": 0.5})
+    result, metrics = b.update_parameters(wb, num_examples=30, epoch=0, metrics={"accuracy": 0.9})
+    for ra, xa, xb in zip(result, wa, wb):
+        np.testing.assert_allclose(ra, (10 * xa + 30 * xb) / 40, rtol=1e-6)
+    assert metrics["accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
+
+    # b federates again while a has not published anything new: one PUT + one LIST, no GET.
+    before = b.store.stats.as_dict()
+    b.update_parameters(wb, num_examples=30, epoch=1)
+    after = b.store.stats.as_dict()
+    assert (after["puts"] - before["puts"], after["lists"] - before["lists"], after["gets"] - before["gets"]) == (1, 1, 0)
+    # a published again: exactly one GET for the changed peer.
+    a.update_parameters(wa, num_examples=10, epoch=1)
+    before = b.store.stats.as_dict()
+    b.update_parameters(wb, num_examples=30, epoch=2)
+    assert b.store.stats.as_dict()["gets"] - before["gets"] == 1
+
+
+def test_flower_parameters_in_flower_parameters_out(store):
+    node = AsyncFederatedNode(shared_folder=store, node_id="p")  # the original keyword
+    params, _ = node.update_parameters(ndarrays_to_parameters(_model(3)), 5, 0)
+    assert [x.shape for x in parameters_to_ndarrays(params)] == [(5, 4), (4,)]
+
+
+def _run_sync_round(nodes, inputs, counts):
+    results: dict[str, list[np.ndarray]] = {}
+    errors: list[BaseException] = []
+
+    def work(node):
+        try:
+            results[node.node_id], _ = node.update_parameters(inputs[node.node_id], counts[node.node_id], 0)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return results
+
+
+def test_sync_nodes_hold_identical_weights_equal_to_fedavg(store_url):
+    ids = ["n0", "n1", "n2"]
+    nodes = [SyncFederatedNode(_open(store_url), num_nodes=3, timeout=30, node_id=i) for i in ids]
+    counts = {"n0": 10, "n1": 25, "n2": 65}
+    for round_number in range(3):
+        inputs = {i: _model(10 * round_number + k, scale=k + 1) for k, i in enumerate(ids)}
+        results = _run_sync_round(nodes, inputs, counts)
+        expected = flower_fedavg([(inputs[i], counts[i]) for i in ids])
+        for i in ids[1:]:  # bit-identical on every node
+            assert all(np.array_equal(x, y) for x, y in zip(results[i], results[ids[0]]))
+        for got, want in zip(results["n0"], expected):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # rounds older than r-2 were cleaned up by their writers
+    remaining = sorted({k.split("/")[1] for k in nodes[0].store.list("rounds/")})
+    assert remaining == ["00000001", "00000002"]
+
+
+def test_sync_node_with_dead_peer_times_out_naming_it(store_url):
+    alive = SyncFederatedNode(_open(store_url), num_nodes=2, timeout=20, node_id="alive")
+    doomed = SyncFederatedNode(_open(store_url), num_nodes=2, timeout=20, node_id="doomed")
+    _run_sync_round([alive, doomed], {"alive": _model(1), "doomed": _model(2)}, {"alive": 1, "doomed": 1})
+    alive.timeout = 1.5  # "doomed" is now dead
+    start = time.monotonic()
+    with pytest.raises(SyncTimeoutError, match="missing nodes: doomed") as info:
+        alive.update_parameters(_model(3), 1, 1)
+    assert 1.5 <= time.monotonic() - start < 6
+    assert info.value.missing == ["doomed"] and info.value.present == ["alive"]
+
+
+def test_sync_node_that_never_saw_its_peers_says_so(store):
+    node = SyncFederatedNode(store, num_nodes=3, timeout=0.5, node_id="first")
+    with pytest.raises(SyncTimeoutError, match="2 node"):
+        node.update_parameters(_model(0), 1, 0)
+
+
+def test_sync_partial_aggregation_when_min_nodes_allows(store_url):
+    a = SyncFederatedNode(_open(store_url), num_nodes=3, min_nodes=2, timeout=1.0, node_id="a")
+    b = SyncFederatedNode(_open(store_url), num_nodes=3, min_nodes=2, timeout=1.0, node_id="b")
+    results = _run_sync_round([a, b], {"a": _model(1), "b": _model(2)}, {"a": 1, "b": 3})
+    assert all(np.array_equal(x, y) for x, y in zip(results["a"], results["b"]))
+    np.testing.assert_allclose(results["a"][0], (_model(1)[0] + 3 * _model(2)[0]) / 4, rtol=1e-6)
+    assert a.stats.partial_rounds == 1
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (pickle.dumps([np.ones((5, 4), np.float32), np.ones(4, np.float32)]), "not a flwr-serverless|header claims"),
+        (encode([np.ones((4, 5), np.float32), np.ones(4, np.float32)], UpdateHeader("evil")), "local model has"),
+        (encode(_model(9), UpdateHeader("evil"))[:-8], "truncated|payload"),
+        (encode(_model(9), UpdateHeader("someone-else")), "header says node"),
+    ],
+    ids=["pickle", "wrong-shape", "truncated", "impersonation"],
+)
+def test_bad_peer_objects_are_skipped_with_a_reason(store, payload, reason, caplog):
+    good = AsyncFederatedNode(store, node_id="good")
+    good.update_parameters(_model(1), 10, 0)
+    store.put("nodes/evil", payload)
+    with caplog.at_level("WARNING", logger="flwr_serverless"):
+        result, _ = good.update_parameters(_model(2), 10, 1)
+    assert all(np.array_equal(x, y) for x, y in zip(result, _model(2)))  # garbage never aggregated
+    assert good.stats.rejected == 1
+    assert "nodes/evil" in good.stats.rejections
+    assert any("nodes/evil" in r.getMessage() for r in caplog.records)
+    # the same bad object is not downloaded or reported again
+    good.update_parameters(_model(2), 10, 2)
+    assert good.stats.rejected == 1
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_every_flower_strategy_aggregates(store_url, name):
+    initial = _model(0)
+    nodes = [AsyncFederatedNode(_open(store_url), make_strategy(name, initial_parameters=initial), node_id=f"s{i}")
+             for i in range(4)]
+    for i, node in enumerate(nodes):
+        result, _ = node.update_parameters(_model(i + 1), 10 * (i + 1), 0)
+    assert [r.shape for r in result] == [(5, 4), (4,)]
+    assert all(np.isfinite(r).all() for r in result)
+    assert not all(np.array_equal(x, y) for x, y in zip(result, _model(4)))  # peers changed the model
