@@ -158,7 +158,9 @@ def read_header(data: bytes | memoryview, key: str) -> tuple[dict[str, Any], dic
         raise InvalidObjectError(key, f"truncated: {len(data)} bytes is shorter than the 8-byte length prefix")
     (header_len,) = struct.unpack_from("<Q", data, 0)
     if header_len > MAX_HEADER_BYTES:
-        raise InvalidObjectError(key, f"header claims {header_len} bytes (limit {MAX_HEADER_BYTES}); not a weights object")
+        raise InvalidObjectError(
+            key, f"header claims {header_len} bytes (limit {MAX_HEADER_BYTES}); not a weights object"
+        )
     if 8 + header_len > len(data):
         raise InvalidObjectError(key, f"truncated: header claims {header_len} bytes but only {len(data) - 8} follow")
     try:
@@ -202,7 +204,7 @@ def decode(
 
     arrays: list[np.ndarray] = []
     offset = 0
-    for index, name in enumerate(names):
+    for name in names:
         spec = layout[name]
         try:
             dtype = _DTYPES[spec["dtype"]]

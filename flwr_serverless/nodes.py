@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from flwr.server.strategy import FedAvg, Strategy
 from flwr_serverless.aggregation import Contribution, aggregate, mean_metrics
 from flwr_serverless.codec import DecodedUpdate, UpdateHeader, decode, encode, is_valid_node_id
 from flwr_serverless.errors import InvalidObjectError, ObjectNotFoundError, StoreError, SyncTimeoutError
-from flwr_serverless.stores import Store, open_store
+from flwr_serverless.stores import ObjectInfo, Store, open_store
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -35,6 +36,7 @@ SECRET_ENV = "FLWR_SERVERLESS_SECRET"
 NODES_PREFIX = "nodes/"
 ROUNDS_PREFIX = "rounds/"
 MEMBERS_PREFIX = "members/"
+MAX_PARALLEL_GETS = 8
 
 TensorSpec = tuple[tuple[int, ...], np.dtype]
 
@@ -164,7 +166,6 @@ class FederatedNode:
             if self.max_object_bytes is not None and size is not None and size > self.max_object_bytes:
                 raise InvalidObjectError(key, f"object is {size} bytes, over the limit of {self.max_object_bytes}")
             data = self.store.get(key)
-            self.stats.peer_downloads += 1
             update = decode(data, key, expected=self._spec, secret=self.secret)
             expected_id = key.rsplit("/", 1)[-1]
             if update.header.node_id != expected_id:
@@ -175,6 +176,20 @@ class FederatedNode:
         except InvalidObjectError as exc:
             self._reject(exc)
             return None
+
+    def _fetch_many(self, objects: list[ObjectInfo]) -> list[DecodedUpdate | StoreError | None]:
+        """Fetch several peers concurrently: downloads overlap, and hashing releases the GIL."""
+        def one(info: ObjectInfo) -> DecodedUpdate | StoreError | None:
+            try:
+                return self._fetch(info.key, info.size)
+            except StoreError as exc:
+                return exc
+
+        self.stats.peer_downloads += len(objects)
+        if len(objects) <= 1:
+            return [one(info) for info in objects]
+        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_GETS, len(objects))) as pool:
+            return list(pool.map(one, objects))
 
     def _reject(self, exc: InvalidObjectError) -> None:
         self.stats.rejected += 1
@@ -231,40 +246,31 @@ class AsyncFederatedNode(FederatedNode):
             logger.warning("node %s could not federate this epoch, keeping local weights: %s", self.node_id, exc)
             return arrays, mean_metrics([own])
 
-        peers: list[Contribution] = []
-        seen: set[str] = set()
+        wanted: dict[str, ObjectInfo] = {}
         for key, info in sorted(listing.items()):
             peer_id = key[len(NODES_PREFIX):]
-            if peer_id == self.node_id:
-                continue
+            if peer_id == self.node_id or self._bad_tags.get(key) == info.tag:
+                continue  # ourselves, or the same bad object as before (already reported)
             if not is_valid_node_id(peer_id):
-                if self._bad_tags.get(key) != info.tag:
-                    self._bad_tags[key] = info.tag
-                    self._reject(InvalidObjectError(key, "node id is not a plain name"))
+                self._bad_tags[key] = info.tag
+                self._reject(InvalidObjectError(key, "node id is not a plain name"))
                 continue
-            seen.add(peer_id)
-            cached = self._peers.get(peer_id)
-            if cached is None or cached.tag != info.tag:
-                if self._bad_tags.get(key) == info.tag:
-                    continue  # the same bad object as before: already reported
-                try:
-                    update = self._fetch(key, info.size)
-                except StoreError as exc:
-                    self.stats.store_failures += 1
-                    logger.warning("node %s could not pull %s, using its previous weights: %s",
-                                   self.node_id, key, exc)
-                    update = cached.update if cached else None
-                else:
-                    if update is None:
-                        self._peers.pop(peer_id, None)
-                        self._bad_tags[key] = info.tag
-                        continue
-                    self._peers[peer_id] = cached = _CachedPeer(info.tag, update)
-                if update is None:
-                    continue
-            peers.append(self._contribution(cached.update.header, cached.update.arrays))
-        for gone in set(self._peers) - seen:
-            del self._peers[gone]
+            wanted[peer_id] = info
+        for gone in set(self._peers) - set(wanted):
+            del self._peers[gone]  # peer left, or its latest object is bad: drop what we held
+        changed = [p for p, info in wanted.items() if p not in self._peers or self._peers[p].tag != info.tag]
+        for peer_id, outcome in zip(changed, self._fetch_many([wanted[p] for p in changed])):
+            key = NODES_PREFIX + peer_id
+            if isinstance(outcome, StoreError):
+                self.stats.store_failures += 1
+                logger.warning("node %s could not pull %s, using its previous weights: %s", self.node_id, key, outcome)
+            elif outcome is None:
+                self._peers.pop(peer_id, None)
+                self._bad_tags[key] = wanted[peer_id].tag
+            else:
+                self._peers[peer_id] = _CachedPeer(wanted[peer_id].tag, outcome)
+        peers = [self._contribution(self._peers[p].update.header, self._peers[p].update.arrays)
+                 for p in sorted(wanted) if p in self._peers]
         return self._aggregate(own, peers, server_round=self.stats.federations + 1)
 
 
@@ -311,14 +317,15 @@ class SyncFederatedNode(FederatedNode):
         del data
         listing = self._wait_for_round(prefix)
 
+        others = [listing[k] for k in sorted(listing) if k != prefix + self.node_id and "/" not in k[len(prefix):]]
         peers: list[Contribution] = []
-        for key in sorted(listing):
-            peer_id = key[len(prefix):]
-            if peer_id == self.node_id or "/" in peer_id:
-                continue
-            update = self._fetch(key, listing[key].size)
-            if update is not None:
-                peers.append(self._contribution(update.header, update.arrays))
+        for info, outcome in zip(others, self._fetch_many(others)):
+            if isinstance(outcome, StoreError):
+                self.stats.store_failures += 1
+                logger.warning("node %s could not pull %s for round %d: %s",
+                               self.node_id, info.key, self.round, outcome)
+            elif outcome is not None:
+                peers.append(self._contribution(outcome.header, outcome.arrays))
         own = self._contribution(own_update.header, own_update.arrays)
         result = self._aggregate(own, peers, server_round=self.round + 1)
         self._cleanup(self.round - 2)

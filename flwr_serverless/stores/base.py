@@ -117,6 +117,7 @@ class Store(ABC):
 
     def close(self) -> None:
         """Release connections; the default has nothing to release."""
+        return None
 
     def __enter__(self) -> Store:
         return self
