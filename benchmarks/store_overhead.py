@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["boto3", "fsspec"], default="boto3")
     args = parser.parse_args()
 
+    import logging
     import os
 
     import boto3
@@ -57,6 +58,7 @@ def main() -> None:
 
     from flwr_serverless import AsyncFederatedNode, open_store
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request log lines
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")

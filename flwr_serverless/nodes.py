@@ -259,13 +259,14 @@ class AsyncFederatedNode(FederatedNode):
         for gone in set(self._peers) - set(wanted):
             del self._peers[gone]  # peer left, or its latest object is bad: drop what we held
         changed = [p for p, info in wanted.items() if p not in self._peers or self._peers[p].tag != info.tag]
+        for peer_id in changed:
+            self._peers.pop(peer_id, None)  # free the old weights before downloading the new ones
         for peer_id, outcome in zip(changed, self._fetch_many([wanted[p] for p in changed])):
             key = NODES_PREFIX + peer_id
             if isinstance(outcome, StoreError):
                 self.stats.store_failures += 1
-                logger.warning("node %s could not pull %s, using its previous weights: %s", self.node_id, key, outcome)
+                logger.warning("node %s skips %s this epoch, could not pull it: %s", self.node_id, key, outcome)
             elif outcome is None:
-                self._peers.pop(peer_id, None)
                 self._bad_tags[key] = wanted[peer_id].tag
             else:
                 self._peers[peer_id] = _CachedPeer(wanted[peer_id].tag, outcome)
