@@ -127,6 +127,13 @@ class FlwrFederatedCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         counted = self._take_count()
         num_examples = self.num_examples_per_epoch if self.num_examples_per_epoch is not None else counted
+        if num_examples == 0:
+            # Weight 0 drops this node's training from the aggregate; say why instead of failing quietly.
+            warnings.warn(
+                f"FlwrFederatedCallback counted no training examples in epoch {epoch}; if the model did train, "
+                "its train function bypasses model.train_step: pass num_examples_per_epoch",
+                stacklevel=2,
+            )
         weights = self.model.get_weights()
         new_weights, aggregated = self.node.update_parameters(
             weights, num_examples, epoch, metrics=_numeric_logs(logs)
