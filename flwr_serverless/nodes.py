@@ -111,6 +111,7 @@ class FederatedNode:
         self.max_object_bytes = max_object_bytes
         self.stats = NodeStats()
         self._spec: list[TensorSpec] | None = None
+        self.local_steps = 0  # cumulative optimizer steps this node has published
         self._joined = False
         self._lock = threading.Lock()
 
@@ -121,17 +122,22 @@ class FederatedNode:
         num_examples: int | None = None,
         epoch: int | None = None,
         metrics: Mapping[str, Any] | None = None,
+        num_steps: int | None = None,
     ) -> tuple[Any, dict[str, float]]:
         """Publish local weights, federate, and return (aggregated weights, aggregated metrics).
 
         The weights come back in the type they were given (Flower ``Parameters`` or a list of arrays).
+        ``num_steps`` (optimizer steps since the last call) feeds the cumulative ``local_steps``
+        provenance that step-based staleness reads.
         """
         arrays, convert = _to_arrays(parameters)
         self._check_local_spec(arrays)
+        self.local_steps += int(num_steps) if num_steps is not None else 0
         header = UpdateHeader(
             node_id=self.node_id,
             epoch=int(epoch) if epoch is not None else self.stats.federations,
             num_examples=int(num_examples) if num_examples is not None else 1,
+            local_steps=self.local_steps,
             metrics=dict(metrics or {}),
         )
         with self._lock:

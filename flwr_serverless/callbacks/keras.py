@@ -63,6 +63,7 @@ class FlwrFederatedCallback(keras.callbacks.Callback):
         self.num_examples_per_epoch = None if num_examples_per_epoch is None else int(num_examples_per_epoch)
         self.options = dict(future_options)
         self._counter: Any = None  # tf.Variable, created when the model is known
+        self._steps = 0  # optimizer steps (batches) since the last federation
         #: Aggregated metrics of the most recent federation (without the ``_fed`` suffix).
         self.last_federated_metrics: dict[str, float] = {}
 
@@ -123,6 +124,10 @@ class FlwrFederatedCallback(keras.callbacks.Callback):
     # -- Keras hooks ------------------------------------------------------------
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._take_count()  # forget steps from evaluate()/an interrupted fit
+        self._steps = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._steps += 1
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         counted = self._take_count()
@@ -135,8 +140,9 @@ class FlwrFederatedCallback(keras.callbacks.Callback):
                 stacklevel=2,
             )
         weights = self.model.get_weights()
+        steps, self._steps = self._steps, 0
         new_weights, aggregated = self.node.update_parameters(
-            weights, num_examples, epoch, metrics=_numeric_logs(logs)
+            weights, num_examples, epoch, metrics=_numeric_logs(logs), num_steps=steps
         )
         if new_weights is not None:
             self.model.set_weights([np.asarray(w) for w in new_weights])
