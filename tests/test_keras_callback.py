@@ -27,8 +27,10 @@ class RecordingNode:
         self.metrics = metrics
 
     def update_parameters(self, weights: list[np.ndarray], num_examples: int, epoch: int,
-                          metrics: dict[str, float] | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
+                          metrics: dict[str, float] | None = None,
+                          num_steps: int | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
         self.calls.append({"num_examples": num_examples, "epoch": epoch, "metrics": dict(metrics or {}),
+                           "num_steps": num_steps,
                            "weights": [np.array(w) for w in weights]})
         fed = self.metrics if self.metrics is not None else {k: v + 1.0 for k, v in (metrics or {}).items()}
         return [w + self.shift for w in weights], fed
@@ -63,6 +65,7 @@ def test_counts_examples_exactly_with_numpy_input_and_a_short_last_batch() -> No
     model.fit(x, y, batch_size=10, epochs=3, validation_data=(x[:20], y[:20]), verbose=0,
               callbacks=[FlwrFederatedCallback(node)])
     assert [c["num_examples"] for c in node.calls] == [103, 103, 103]  # validation steps are not counted
+    assert [c["num_steps"] for c in node.calls] == [11, 11, 11]  # ceil(103 / 10) batches per epoch
     assert [c["epoch"] for c in node.calls] == [0, 1, 2]
 
 
