@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from flwr_serverless.simulation.data import DATASETS
+from flwr_serverless.simulation.heterogeneity import parse_factors
 from flwr_serverless.simulation.runner import (
     MODES,
     WORKERS,
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "every epoch; then train the same partitions standalone and all data centralized.",
     )
     sim.add_argument("--nodes", type=int, default=2, help="number of federated nodes (default 2)")
-    sim.add_argument("--mode", choices=MODES, default="async", help="async never waits; sync has a barrier per epoch")
+    sim.add_argument("--mode", choices=MODES, default="async",
+                     help="async never waits; sync has a barrier per epoch; semisync one per time budget")
     sim.add_argument("--strategy", choices=STRATEGY_NAMES, default="fedavg", help="Flower aggregation strategy")
     sim.add_argument("--strategy-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                      help="extra strategy argument, e.g. proximal_mu=0.1 (repeatable)")
@@ -65,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-baselines", action="store_true", help="skip the standalone and centralized runs")
     sim.add_argument("--json", default=None, metavar="PATH", help="also write the full results as JSON")
     sim.add_argument("--quiet", action="store_true", help="no live per-epoch lines")
+    het = sim.add_argument_group("staleness, semi-sync and slow nodes (see README, 'Staleness and semi-sync')")
+    het.add_argument("--staleness", default=None, help="async: staleness function: constant, poly:A, hinge:A,B")
+    het.add_argument("--staleness-unit", choices=("steps", "versions"), default="steps",
+                     help="async: staleness in unseen community steps (FedRec) or updates (FedAsync)")
+    het.add_argument("--alpha", type=float, default=None, help="async: FedAsync mixing weight in (0, 1]")
+    het.add_argument("--buffer-size", type=int, default=None, help="async: FedBuff, aggregate after K new updates")
+    het.add_argument("--participation", type=float, default=None, help="async: probability C of federating")
+    het.add_argument("--lambda", dest="lambda_", type=float, default=2.0,
+                     help="semisync: round length as a multiple of the slowest node's epoch (default 2)")
+    het.add_argument("--slowdown", type=parse_factors, default=None, metavar="F0,F1,...",
+                     help="per-node slowdown factors, e.g. 1,1,4: node 2's batches take 4x as long")
     return parser
 
 
@@ -165,6 +178,9 @@ def _simulate(args: argparse.Namespace, out: TextIO) -> int:
         min_nodes=args.min_nodes,
         baselines=not args.no_baselines,
         max_train_examples=args.max_train_examples,
+        extra={"staleness": args.staleness, "staleness_unit": args.staleness_unit, "alpha": args.alpha,
+               "buffer_size": args.buffer_size, "participation": args.participation, "lambda_": args.lambda_,
+               "slowdown": args.slowdown},
     )
     print(
         f"flwr-serverless simulate: {config.num_nodes} {config.mode} nodes, {config.strategy}, {config.dataset} "

@@ -9,10 +9,8 @@ Layout under the experiment prefix (see README, "Store layout")::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -28,7 +26,10 @@ from flwr.server.strategy import FedAvg, Strategy
 from flwr_serverless.aggregation import Contribution, aggregate, mean_metrics
 from flwr_serverless.codec import DecodedUpdate, UpdateHeader, decode, encode, is_valid_node_id
 from flwr_serverless.errors import InvalidObjectError, ObjectNotFoundError, StoreError, SyncTimeoutError
+from flwr_serverless.membership import DEFAULT_LEASE, Membership, new_owner_token
+from flwr_serverless.staleness import AsyncPolicy, CommunityView, Provenance
 from flwr_serverless.stores import ObjectInfo, Store, open_store
+from flwr_serverless.stores.retry import is_transient, retry_deadline
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -98,6 +99,8 @@ class FederatedNode:
         storage_options: Mapping[str, Any] | None = None,
         secret: str | bytes | None = None,
         max_object_bytes: int | None = None,
+        member_lease: float = DEFAULT_LEASE,
+        owner_token: str | None = None,
     ) -> None:
         store = store if store is not None else shared_folder  # `shared_folder` is the original's name
         if store is None:
@@ -109,11 +112,16 @@ class FederatedNode:
             raise ValueError(f"node id {self.node_id!r} is not a plain name (letters, digits, '_', '-', '.')")
         self.secret = _secret_bytes(secret)
         self.max_object_bytes = max_object_bytes
+        self.member_lease = member_lease  # see membership.py: when a restarted node may take its id back
+        self.owner_token = owner_token or new_owner_token()
+        self._membership: Membership | None = None
         self.stats = NodeStats()
         self._spec: list[TensorSpec] | None = None
         self.local_steps = 0  # cumulative optimizer steps this node has published
         self._joined = False
         self._lock = threading.Lock()
+        self.provenance = Provenance()  # base_version/base_steps of the next object (staleness.py)
+        self._headers: dict[str, UpdateHeader] = {}  # node id -> header of its latest contribution
 
     # -- public API ---------------------------------------------------------
     def update_parameters(
@@ -141,19 +149,52 @@ class FederatedNode:
             metrics=dict(metrics or {}),
         )
         with self._lock:
+            if not self._participates():
+                return convert(arrays), mean_metrics([Contribution(self.node_id, arrays, 1.0, header.num_examples,
+                                                                   header.metrics)])
+            self.provenance.stamp(header)
             if not self._joined:
                 self._join()
+            elif self._membership is not None:
+                self._membership.heartbeat()
             result, agg_metrics = self._federate(arrays, header)
         return convert(result), agg_metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a restarted job needs to rejoin as the same node (saved by the callbacks with checkpoints)."""
+        return {"node_id": self.node_id, "local_steps": self.local_steps, "federations": self.stats.federations,
+                "owner_token": self.owner_token}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``; call before the first federation so the node publishes under the old id."""
+        node_id = str(state.get("node_id", self.node_id))
+        if not is_valid_node_id(node_id):
+            raise ValueError(f"node id {node_id!r} is not a plain name (letters, digits, '_', '-', '.')")
+        if node_id != self.node_id and self._joined:
+            raise RuntimeError(f"node {self.node_id} already federated; restore its state before training")
+        self.node_id = node_id
+        self.local_steps = int(state.get("local_steps", self.local_steps))
+        self.stats.federations = int(state.get("federations", self.stats.federations))
+        self.owner_token = str(state.get("owner_token") or self.owner_token)  # same owner: rejoin at once
 
     # -- shared machinery ---------------------------------------------------
     def _federate(self, arrays: list[np.ndarray], header: UpdateHeader) -> tuple[list[np.ndarray], dict[str, float]]:
         raise NotImplementedError
 
     def _join(self) -> None:
-        """Announce this node once (lets a sync barrier name nodes that went missing)."""
-        info = {"node_id": self.node_id, "host": socket.gethostname(), "pid": os.getpid(), "joined": time.time()}
-        self.store.put(f"{MEMBERS_PREFIX}{self.node_id}", json.dumps(info).encode())
+        """Claim ``members/<id>`` once: refuses a second live node with our id (``DuplicateNodeIdError``).
+
+        It also lets a sync barrier name nodes that went missing. If the store is
+        down, training goes on and the claim is tried again at the next federation.
+        """
+        membership = Membership(self.store, self.node_id, self.owner_token, self.member_lease)
+        try:
+            membership.join()
+        except StoreError as exc:
+            self.stats.store_failures += 1
+            logger.warning("node %s could not join yet (will retry next federation): %s", self.node_id, exc)
+            return
+        self._membership = membership
         self._joined = True
 
     def _check_local_spec(self, arrays: list[np.ndarray]) -> None:
@@ -169,6 +210,8 @@ class FederatedNode:
     def _fetch(self, key: str, size: int | None = None) -> DecodedUpdate | None:
         """GET and validate one peer object; a bad object is logged, counted and skipped."""
         try:
+            if not is_valid_node_id(key.rsplit("/", 1)[-1]):
+                raise InvalidObjectError(key, "node id is not a plain name")
             if self.max_object_bytes is not None and size is not None and size > self.max_object_bytes:
                 raise InvalidObjectError(key, f"object is {size} bytes, over the limit of {self.max_object_bytes}")
             data = self.store.get(key)
@@ -207,6 +250,7 @@ class FederatedNode:
     ) -> tuple[list[np.ndarray], dict[str, float]]:
         """Aggregate own + peers in node-id order, so every node computing the same set gets the same bits."""
         participants = sorted([own, *peers], key=lambda c: c.node_id)
+        self.provenance.advance(self._headers[own.node_id], [self._headers[c.node_id] for c in participants])
         self.stats.federations += 1
         self.stats.peers_used += len(peers)
         if not peers:
@@ -214,6 +258,7 @@ class FederatedNode:
         return aggregate(self.strategy, server_round, participants), mean_metrics(participants)
 
     def _contribution(self, header: UpdateHeader, arrays: Sequence[np.ndarray]) -> Contribution:
+        self._headers[header.node_id] = header
         return Contribution(
             node_id=header.node_id,
             arrays=arrays,
@@ -226,6 +271,10 @@ class FederatedNode:
         """How much a participant counts: its examples (FedAvg)."""
         return float(header.num_examples)
 
+    def _participates(self) -> bool:
+        """Whether this call federates at all (client sampling); a skipped call touches no store."""
+        return True
+
 
 class AsyncFederatedNode(FederatedNode):
     """FedAvgAsync: publish, pull every peer's latest weights, aggregate; never wait.
@@ -236,8 +285,12 @@ class AsyncFederatedNode(FederatedNode):
     """
 
     def __init__(self, store: Store | str | None = None, strategy: Strategy | None = None,
-                 node_id: str | None = None, **options: Any) -> None:
+                 node_id: str | None = None, *, staleness: Any = None, staleness_unit: str = "steps",
+                 alpha: float | None = None, buffer_size: int | None = None, participation: float = 1.0,
+                 seed: int | None = None, **options: Any) -> None:
         super().__init__(store, strategy, node_id, **options)
+        # Staleness weighting, FedAsync mixing, FedBuff and client sampling (all off by default).
+        self.policy = AsyncPolicy(staleness, staleness_unit, alpha, buffer_size, participation, seed)
         self._peers: dict[str, _CachedPeer] = {}
         self._bad_tags: dict[str, str] = {}  # key -> tag of an object already rejected
 
@@ -276,9 +329,31 @@ class AsyncFederatedNode(FederatedNode):
                 self._bad_tags[key] = wanted[peer_id].tag
             else:
                 self._peers[peer_id] = _CachedPeer(wanted[peer_id].tag, outcome)
-        peers = [self._contribution(self._peers[p].update.header, self._peers[p].update.arrays)
-                 for p in sorted(wanted) if p in self._peers]
-        return self._aggregate(own, peers, server_round=self.stats.federations + 1)
+        updates = [self._peers[p].update for p in sorted(wanted) if p in self._peers]
+        return self._combine(arrays, header, updates)
+
+    def _combine(self, arrays: list[np.ndarray], header: UpdateHeader,
+                 updates: list[DecodedUpdate]) -> tuple[list[np.ndarray], dict[str, float]]:
+        """FedBuff gate, then staleness-weighted aggregation, then FedAsync mixing (see staleness.py)."""
+        policy = self.policy
+        fresh = policy.count_new(updates)
+        if not policy.ready(fresh):
+            return arrays, mean_metrics([self._contribution(header, arrays)])  # keep training locally
+        policy.view = CommunityView.of([header, *(u.header for u in updates)])
+        own = self._contribution(header, arrays)
+        peers = [self._contribution(u.header, u.arrays) for u in updates]
+        result, metrics = self._aggregate(own, peers, server_round=self.stats.federations + 1)
+        policy.aggregated(updates, fresh)
+        if peers:
+            result = policy.mix(arrays, result, [u.header for u in updates], [c.weight for c in peers])
+        return result, metrics
+
+    def _weight(self, header: UpdateHeader) -> float:
+        """Examples times s(u): stale peers count less."""
+        return float(header.num_examples) * self.policy.factor(header)
+
+    def _participates(self) -> bool:
+        return self.policy.participates()
 
 
 class SyncFederatedNode(FederatedNode):
@@ -309,20 +384,64 @@ class SyncFederatedNode(FederatedNode):
         self.timeout = timeout
         self.min_nodes = min_nodes
         self.round = 0
+        self._round_checked = False  # first federation: look up the experiment's current round
 
     @staticmethod
     def round_prefix(round_number: int) -> str:
         return f"{ROUNDS_PREFIX}{round_number:08d}/"
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "round": self.round}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.round = int(state.get("round", self.round))
+        self._round_checked = False
+
+    def _rejoin_round(self) -> None:
+        """Start at the experiment's current round, so a restarted or late node does not wait alone.
+
+        The latest round holding other nodes' objects decides: if it already
+        has ``num_nodes`` objects it is complete and the peers are on to the
+        next round; otherwise they wait there for us. Our own objects of rounds
+        nobody reads any more (below that round minus one) are deleted, as the
+        regular r-2 cleanup would have done.
+        """
+        self._round_checked = True
+        rounds: dict[int, set[str]] = {}
+        for key in self.store.list(ROUNDS_PREFIX):
+            number, _, node = key[len(ROUNDS_PREFIX):].partition("/")
+            if number.isdigit() and node and "/" not in node:
+                rounds.setdefault(int(number), set()).add(node)
+        target = self.round
+        for number in sorted(rounds, reverse=True):
+            if rounds[number] - {self.node_id}:
+                target = max(target, number + 1 if len(rounds[number]) >= self.num_nodes else number)
+                break
+        if target != self.round:
+            logger.info("node %s joins the experiment at round %d (had round %d)", self.node_id, target, self.round)
+            self.round = target
+        for number, nodes in rounds.items():
+            if number < target - 1 and self.node_id in nodes:
+                self._cleanup(number)
+
     def _federate(self, arrays: list[np.ndarray], header: UpdateHeader) -> tuple[list[np.ndarray], dict[str, float]]:
+        deadline = time.monotonic() + self.timeout  # the whole round, outages included, ends by then
+        if not self._round_checked:
+            try:
+                with retry_deadline(deadline):
+                    self._rejoin_round()
+            except StoreError as exc:  # store away: stay at our round, the barrier wait copes with the outage
+                self._round_checked = False
+                logger.warning("node %s could not look up the current round (will retry): %s", self.node_id, exc)
         header.round = self.round
         data = self._encode(arrays, header)
         prefix = self.round_prefix(self.round)
-        self.store.put(prefix + self.node_id, data)
+        self._publish_round(prefix + self.node_id, data, deadline)
         # Aggregate our own weights exactly as peers will read them.
         own_update = decode(data, prefix + self.node_id, secret=self.secret, check_finite=False)
         del data
-        listing = self._wait_for_round(prefix)
+        listing = self._wait_for_round(prefix, deadline)
 
         others = [listing[k] for k in sorted(listing) if k != prefix + self.node_id and "/" not in k[len(prefix):]]
         peers: list[Contribution] = []
@@ -339,11 +458,36 @@ class SyncFederatedNode(FederatedNode):
         self.round += 1
         return result
 
-    def _wait_for_round(self, prefix: str) -> dict:
-        deadline = time.monotonic() + self.timeout
+    def _publish_round(self, key: str, data: bytes, deadline: float) -> None:
+        """PUT our round object; through a store outage keep trying until the round's deadline."""
         delay = 0.05
         while True:
-            listing = self.store.list(prefix)
+            try:
+                with retry_deadline(deadline):
+                    self.store.put(key, data)
+                return
+            except StoreError as exc:
+                now = time.monotonic()
+                if not is_transient(exc) or now >= deadline:
+                    raise
+                self.stats.store_failures += 1
+                logger.warning("node %s: store unavailable while publishing %s, retrying: %s", self.node_id, key, exc)
+                time.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 1.0)
+
+    def _wait_for_round(self, prefix: str, deadline: float | None = None) -> dict:
+        deadline = deadline if deadline is not None else time.monotonic() + self.timeout
+        delay = 0.05
+        listing: dict = {}
+        while True:
+            try:
+                with retry_deadline(deadline):
+                    listing = self.store.list(prefix)
+            except StoreError as exc:  # an outage: keep waiting (up to the timeout) for the store to return
+                if not is_transient(exc):
+                    raise
+                self.stats.store_failures += 1
+                logger.warning("node %s: store unavailable during round %d barrier: %s", self.node_id, self.round, exc)
             if len(listing) >= self.num_nodes:
                 return listing
             now = time.monotonic()
@@ -357,7 +501,10 @@ class SyncFederatedNode(FederatedNode):
             logger.warning("node %s: round %d continues with %d of %d nodes after %.1fs: %s",
                            self.node_id, self.round, len(present), self.num_nodes, self.timeout, ", ".join(present))
             return listing
-        members = sorted(key[len(MEMBERS_PREFIX):] for key in self.store.list(MEMBERS_PREFIX))
+        try:
+            members = sorted(key[len(MEMBERS_PREFIX):] for key in self.store.list(MEMBERS_PREFIX))
+        except StoreError:  # still down: the error names what we know
+            members = []
         missing = [m for m in members if m not in present]
         unknown = self.num_nodes - len(present) - len(missing)
         if unknown > 0:

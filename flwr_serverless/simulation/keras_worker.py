@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flwr_serverless.simulation.data import load_dataset
+from flwr_serverless.simulation.heterogeneity import async_options, make_semisync_node, worker_callbacks
 
 if TYPE_CHECKING:
     from flwr_serverless.simulation.runner import NodeTask
@@ -66,6 +67,8 @@ def _make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
         raise ValueError(f"{task.name}: a federated task needs a store URL")
     store = open_store(task.run_url, **config.storage_options)
     strategy = make_strategy(config.strategy, initial_parameters=initial_weights, **config.strategy_options)
+    if config.mode == "semisync":
+        return make_semisync_node(task, store, strategy)
     if config.mode == "sync":
         return SyncFederatedNode(
             store,
@@ -76,7 +79,7 @@ def _make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
             node_id=task.name,
             **config.node_options,
         )
-    return AsyncFederatedNode(store, strategy, node_id=task.name, **config.node_options)
+    return AsyncFederatedNode(store, strategy, node_id=task.name, **async_options(task), **config.node_options)
 
 
 def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
@@ -113,6 +116,7 @@ def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
     if task.role == "federated":
         node = _make_node(task, model.get_weights())
         callbacks.insert(0, FlwrFederatedCallback(node))
+    callbacks = worker_callbacks(task, callbacks, (x_test, y_test), started)  # slowdown, eval, time budget
     try:
         model.fit(train_data, epochs=config.epochs, callbacks=callbacks, shuffle=False, verbose=0)
         train_time = time.monotonic() - started

@@ -29,8 +29,9 @@ ProgressFn = Callable[[dict[str, Any]], None]
 #: framework name -> module exposing ``train_node(task, progress) -> dict``
 WORKERS: dict[str, str] = {
     "keras": "flwr_serverless.simulation.keras_worker",
+    "lightning": "flwr_serverless.simulation.lightning_worker",
 }
-MODES = ("async", "sync")
+MODES = ("async", "sync", "semisync")
 _SECRET_OPTION_WORDS = ("secret", "key", "token", "password", "credential")
 
 

@@ -15,6 +15,7 @@ from flwr_serverless.errors import StoreConfigurationError
 from flwr_serverless.stores.base import ObjectInfo, Store, StoreStats
 from flwr_serverless.stores.fsspec_store import FsspecStore
 from flwr_serverless.stores.legacy import InMemoryFolder, LocalFolder, S3Folder
+from flwr_serverless.stores.retry import RetryPolicy, as_policy, with_retries
 from flwr_serverless.stores.s3_store import S3Store
 
 __all__ = [
@@ -22,11 +23,13 @@ __all__ = [
     "InMemoryFolder",
     "LocalFolder",
     "ObjectInfo",
+    "RetryPolicy",
     "S3Folder",
     "S3Store",
     "Store",
     "StoreStats",
     "open_store",
+    "with_retries",
 ]
 
 _BACKENDS = ("auto", "boto3", "fsspec")
@@ -39,18 +42,30 @@ def open_store(url: str | Store, **storage_options: Any) -> Store:
 
     ``backend="boto3"`` or ``backend="fsspec"`` overrides the choice for ``s3://`` URLs;
     the remaining options go to the backend (s3fs spellings are translated for boto3).
+    ``retry`` (default on: 5 attempts / 30 s, see ``RetryPolicy``) retries transient faults;
+    ``retry=False`` disables it, a ``RetryPolicy`` or a dict of its fields tunes it.
     """
+    retry = storage_options.pop("retry", None)
+    policy = as_policy(retry)
     backend = storage_options.pop("backend", "auto") or "auto"
     if backend not in _BACKENDS:
         raise StoreConfigurationError(f"store {url!r}: unknown backend {backend!r} (use one of {', '.join(_BACKENDS)})")
     if isinstance(url, Store):
-        return url
+        return url if retry is None else with_retries(url, policy)
+    return with_retries(_open(url, backend, storage_options, retrying=policy.attempts > 1), policy)
+
+
+def _open(url: str, backend: str, storage_options: dict[str, Any], retrying: bool) -> Store:
+    """Pick and construct the backend for ``url``."""
     url = str(url)
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("s3", "s3a") and backend != "fsspec":
         if importlib.util.find_spec("boto3") is not None:
             bucket, _, prefix = url.split("://", 1)[1].strip("/").partition("/")
-            return S3Store(bucket, prefix, **_boto3_options(url, storage_options))
+            options = _boto3_options(url, storage_options)
+            if retrying:  # our retries are the bounded layer: botocore gets one quick retry, not five
+                options.setdefault("max_attempts", 2)
+            return S3Store(bucket, prefix, **options)
         if backend == "boto3":
             raise StoreConfigurationError(
                 f"store {url!r}: backend='boto3' needs boto3: pip install 'flwr-serverless[s3]'"

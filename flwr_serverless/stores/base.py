@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from flwr_serverless.errors import ConditionalWritesUnsupportedError, StoreError
+from flwr_serverless.errors import ConditionalWritesUnsupportedError, ObjectNotFoundError, StoreError
+from flwr_serverless.stores.retry import DEFAULT_POLICY, RetryPolicy, call_with_retries
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class StoreStats:
     deletes: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    retries: int = 0  # failed attempts that were retried (not requests: not in ``requests``/``as_dict``)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -68,52 +74,88 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_prefix(prefix: str) -> str:
+    """Reject list prefixes that could leave the store's folder (the twin of ``check_key``)."""
+    if prefix and (prefix.startswith("/") or any(part in (".", "..") for part in prefix.split("/"))):
+        raise StoreError("list", prefix, "list prefixes are relative and may not contain '.' or '..' parts")
+    if any(ord(ch) < 32 or ch == "\x7f" for ch in prefix):
+        raise StoreError("list", prefix, "list prefixes may not contain control characters")
+    return prefix
+
+
 class Store(ABC):
     """A flat namespace of byte objects under one prefix (one experiment)."""
 
     #: True when ``put_if_absent``/``put_if_match`` are atomic on this backend.
     supports_conditional_writes: bool = False
 
+    #: Transient faults (connection errors, timeouts, 5xx, throttling) are retried within this policy.
+    retry_policy: RetryPolicy = DEFAULT_POLICY
+
     def __init__(self) -> None:
         self.stats = StoreStats()
 
     # -- public API -------------------------------------------------------
+    # Stats count requests that succeeded; retried failures go to ``stats.retries``.
     def put(self, key: str, data: bytes) -> str:
         """Write ``data`` atomically (readers see the old or the new object); return its tag."""
-        tag = self._put(check_key(key), data)
+        tag = self._retrying("put", check_key(key), lambda: self._put(key, data))
         self.stats.add(puts=1, bytes_up=len(data))
         return tag
 
     def get(self, key: str) -> bytes:
         """Read one object; raises ``ObjectNotFoundError`` naming the key if absent."""
-        data = self._get(check_key(key))
+        data = self._retrying("get", check_key(key), lambda: self._get(key))
         self.stats.add(gets=1, bytes_down=len(data))
         return data
 
     def list(self, prefix: str = "") -> dict[str, ObjectInfo]:
         """All objects whose key starts with ``prefix``, keyed by key (one request)."""
-        found = self._list(prefix)
+        found = self._retrying("list", check_prefix(prefix), lambda: self._list(prefix))
         self.stats.add(lists=1)
         return found
 
     def delete(self, key: str) -> None:
         """Remove an object; deleting a missing key is not an error."""
-        self._delete(check_key(key))
+        self._retrying("delete", check_key(key), lambda: self._delete(key))
         self.stats.add(deletes=1)
 
     def put_if_absent(self, key: str, data: bytes) -> str:
-        """Create-only write; raises ``PreconditionFailedError`` if the key exists."""
+        """Create-only write; raises ``PreconditionFailedError`` if the key exists.
+
+        A retried attempt whose first try did land reports ``PreconditionFailedError``:
+        callers that must know read the object back (as node membership does).
+        """
         self._require_conditional("put_if_absent", key)
-        tag = self._put_conditional(check_key(key), data, if_match=None)
+        tag = self._retrying(
+            "put_if_absent", check_key(key), lambda: self._put_conditional(key, data, if_match=None)
+        )
         self.stats.add(puts=1, bytes_up=len(data))
         return tag
 
     def put_if_match(self, key: str, data: bytes, tag: str) -> str:
         """Compare-and-swap write; raises ``PreconditionFailedError`` if the tag changed."""
         self._require_conditional("put_if_match", key)
-        new_tag = self._put_conditional(check_key(key), data, if_match=tag)
+        new_tag = self._retrying(
+            "put_if_match", check_key(key), lambda: self._put_conditional(key, data, if_match=tag)
+        )
         self.stats.add(puts=1, bytes_up=len(data))
         return new_tag
+
+    def get_with_tag(self, key: str) -> tuple[bytes, str]:
+        """Read an object and the tag of exactly those bytes, for a safe read-modify-``put_if_match``.
+
+        Generic version: LIST, GET, LIST again until the tag did not change around the GET.
+        """
+        for _ in range(10):
+            before = self.list(key).get(key)
+            if before is None:
+                raise ObjectNotFoundError(key)
+            data = self.get(key)
+            after = self.list(key).get(key)
+            if after is not None and after.tag == before.tag:
+                return data, before.tag
+        raise StoreError("get", key, "object kept changing while being read")
 
     def close(self) -> None:
         """Release connections; the default has nothing to release."""
@@ -143,6 +185,12 @@ class Store(ABC):
         raise ConditionalWritesUnsupportedError(
             "put_if_absent" if if_match is None else "put_if_match", key, "backend has no conditional writes"
         )
+
+    def _retrying(self, operation: str, key: str, call: Callable[[], T]) -> T:
+        def count(_: BaseException) -> None:
+            self.stats.add(retries=1)
+
+        return call_with_retries(self.retry_policy, operation, key, call, on_retry=count)
 
     def _require_conditional(self, operation: str, key: str) -> None:
         if not self.supports_conditional_writes:

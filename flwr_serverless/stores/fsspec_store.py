@@ -39,7 +39,7 @@ from flwr_serverless.errors import (
     StoreConfigurationError,
     StoreError,
 )
-from flwr_serverless.stores.base import ObjectInfo, Store, check_key
+from flwr_serverless.stores.base import ObjectInfo, Store, check_key, check_prefix
 
 try:  # POSIX only; without it local compare-and-swap cannot be made safe across processes
     import fcntl
@@ -47,6 +47,9 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 TEMP_PREFIX = ".tmp-"
+# Temp files of writers killed mid-write are removed by the next put into their folder once this old.
+STALE_TEMP_SECONDS = 3600.0
+_SWEEP_INTERVAL = 600.0
 LOCK_NAME = ".lock"
 # errno values with which link() says "this filesystem has no hard links"
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
@@ -99,13 +102,6 @@ def _is_credentials_error(exc: BaseException) -> bool:
     except ImportError:
         return False
     return isinstance(exc, (NoCredentialsError, PartialCredentialsError))
-
-
-def check_prefix(prefix: str) -> str:
-    """Reject list prefixes that could leave the store's folder (the twin of ``check_key``)."""
-    if prefix and (prefix.startswith("/") or any(part in (".", "..") for part in prefix.split("/"))):
-        raise StoreError("list", prefix, "list prefixes are relative and may not contain '.' or '..' parts")
-    return prefix
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
@@ -252,6 +248,7 @@ class _LocalBackend(_Backend):
         self.root = os.path.abspath(root)
         self._lock_path = os.path.join(self.root, LOCK_NAME)
         self._thread_lock = threading.Lock()  # used only where fcntl is missing
+        self._swept: dict[str, float] = {}  # directory -> monotonic time of its last stale-temp sweep
         try:
             os.makedirs(self.root, exist_ok=True)
             probe = self._write_temp(self.root, b"probe")[0]
@@ -304,8 +301,23 @@ class _LocalBackend(_Backend):
         finally:
             os.close(fd)  # closing the descriptor releases the flock
 
+    def _sweep_stale_temps(self, directory: str) -> None:
+        """Remove ``.tmp-*`` files left by killed writers (listings already ignore them)."""
+        now = time.monotonic()
+        if now - self._swept.get(directory, -_SWEEP_INTERVAL) < _SWEEP_INTERVAL:
+            return
+        self._swept[directory] = now
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        with suppress(OSError):
+            for entry in os.scandir(directory):
+                if entry.name.startswith(TEMP_PREFIX):
+                    with suppress(OSError):
+                        if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                            os.unlink(entry.path)
+
     def put(self, key: str, data: bytes) -> str:
         final = self._path(key)
+        self._sweep_stale_temps(os.path.dirname(final))
         tmp, tag = self._write_temp(os.path.dirname(final), data)
         try:
             with self._locked():  # so a replace cannot land between a CAS's compare and its swap

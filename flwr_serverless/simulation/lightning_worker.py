@@ -1,0 +1,158 @@
+"""Train one simulated node with PyTorch Lightning: same ``train_node(task, progress)`` contract as keras_worker.
+
+torch and Lightning are imported inside ``train_node`` only, so the runner and
+the CLI stay light, and a spawned process imports them once, on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from flwr_serverless.simulation.data import load_dataset
+from flwr_serverless.simulation.keras_worker import _make_node
+
+if TYPE_CHECKING:
+    from flwr_serverless.simulation.runner import NodeTask
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def build_torch_model(input_size: int, num_classes: int, seed: int = 0) -> Any:
+    """An MLP like the Keras digits model (64-64 ReLU); the same seed gives every node the same start."""
+    import torch
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return torch.nn.Sequential(
+            torch.nn.Flatten(),
+            torch.nn.Linear(input_size, 64), torch.nn.ReLU(),
+            torch.nn.Linear(64, 64), torch.nn.ReLU(),
+            torch.nn.Linear(64, num_classes),
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)  # threads share torch's global generator
+
+
+def _lightning_classes(learning_rate: float) -> tuple[Any, Any]:
+    """The LightningModule and the progress callback, built on the installed Lightning package."""
+    import torch
+
+    from flwr_serverless.callbacks.lightning import _lightning_package
+
+    pl = _lightning_package()
+
+    class Classifier(pl.LightningModule):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            logits = self.net(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            accuracy = (logits.argmax(1) == y).float().mean()
+            self.log("loss", loss, on_step=False, on_epoch=True)
+            self.log("accuracy", accuracy, on_step=False, on_epoch=True)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=learning_rate)
+
+    class Progress(pl.Callback):
+        """Reports each finished epoch (after the federated callback, so ``_fed`` metrics are in)."""
+
+        def __init__(self, task: NodeTask, progress: ProgressFn, started: float, fed: Any) -> None:
+            self.task, self.progress, self.started, self.fed = task, progress, started, fed
+            self.epochs_completed = 0
+            self.history: list[dict[str, float]] = []
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            numbers = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_fed")}
+            if self.fed is not None:
+                numbers.update({f"{k}_fed": v for k, v in self.fed.last_federated_metrics.items()})
+            self.epochs_completed = trainer.current_epoch + 1
+            self.history.append(numbers)
+            self.progress({
+                "event": "epoch_end", "role": self.task.role, "node": self.task.name,
+                "epoch": self.epochs_completed, "epochs": self.task.config.epochs,
+                "loss": numbers.get("loss"), "accuracy": numbers.get("accuracy"),
+                "loss_fed": numbers.get("loss_fed"), "accuracy_fed": numbers.get("accuracy_fed"),
+                "elapsed": time.monotonic() - self.started,
+            })
+
+    return Classifier, Progress
+
+
+def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
+    """Build the model, train ``task.config.epochs`` epochs (federating if ``task.role == 'federated'``), test it."""
+    import torch
+
+    from flwr_serverless.callbacks.lightning import FlwrFederatedCallback, _lightning_package
+
+    torch.set_num_threads(1)  # nodes share 2 cores; more threads per node only contend
+    for name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no per-Trainer banner lines in the report
+    pl = _lightning_package()
+    config = task.config
+    started = time.monotonic()
+    x_train, y_train, x_test, y_test = load_dataset(config.dataset, config.data_dir)
+    x, y = x_train[task.train_indices], y_train[task.train_indices]
+    if len(x) == 0:
+        raise ValueError(f"{task.name} has no training examples (too many nodes for the labels at this skew?)")
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    input_size = int(x.reshape(len(x), -1).shape[1])
+    net = build_torch_model(input_size, num_classes, seed=config.seed)
+    classifier_cls, progress_cls = _lightning_classes(config.learning_rate)
+    module = classifier_cls(net)
+
+    dataset = torch.utils.data.TensorDataset(torch.tensor(x, dtype=torch.float32),
+                                             torch.tensor(y, dtype=torch.long))
+    shuffle = torch.Generator().manual_seed(config.seed * 1009 + task.index)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=shuffle)
+
+    node = None
+    fed = None
+    if task.role == "federated":
+        node = _make_node(task, [p.detach().numpy().copy() for p in net.state_dict().values()])
+        fed = FlwrFederatedCallback(node, proximal_mu=float(config.extra.get("proximal_mu", 0.0)))
+    reporter = progress_cls(task, progress, started, fed)
+    trainer = pl.Trainer(
+        max_epochs=config.epochs, accelerator="cpu", devices=1,
+        callbacks=[c for c in (fed, reporter) if c is not None],
+        enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
+        num_sanity_val_steps=0, deterministic=False,
+    )
+    try:
+        trainer.fit(module, loader)
+        train_time = time.monotonic() - started
+        module.eval()
+        with torch.no_grad():
+            logits = module(torch.tensor(x_test, dtype=torch.float32))
+            labels = torch.tensor(y_test, dtype=torch.long)
+            test_loss = float(torch.nn.functional.cross_entropy(logits, labels))
+            test_accuracy = float((logits.argmax(1) == labels).float().mean())
+    finally:
+        if node is not None:
+            node.store.close()
+
+    result: dict[str, Any] = {
+        "node_id": task.name,
+        "role": task.role,
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "epochs_completed": reporter.epochs_completed,
+        "wall_time": train_time,
+        "num_train_examples": len(x),
+        "history": reporter.history,
+    }
+    if node is not None:
+        result.update(node.store.stats.as_dict())
+        result.update(node.stats.as_dict())
+    return result

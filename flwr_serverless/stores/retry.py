@@ -1,0 +1,216 @@
+"""Bounded retries for transient store faults.
+
+A store shared by many jobs over the internet sees dropped connections, 503
+SlowDown and brief outages. Those are worth another try; a missing object, a
+denied request or a lost compare-and-swap is not, and retrying it would only
+hide the real answer. Every retry loop here is bounded twice: by a number of
+attempts and by a total time budget, with exponential backoff and full jitter
+so that many nodes hitting the same outage do not come back in lockstep.
+
+Every ``Store`` retries through this module (see ``Store.retry_policy``);
+``open_store(url, retry=...)`` and ``with_retries(store, policy)`` set the policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from flwr_serverless.errors import (
+    ConditionalWritesUnsupportedError,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    StoreError,
+)
+
+if TYPE_CHECKING:
+    from flwr_serverless.stores.base import Store
+
+T = TypeVar("T")
+
+#: S3 error codes that mean "try again" (throttling, server-side hiccups).
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
+)
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: botocore / aiohttp exception class names that are connection-level faults.
+TRANSIENT_NAMES = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ResponseStreamingError",
+        "IncompleteReadError",
+        "ProxyConnectionError",
+        "ClientConnectionError",
+        "ClientConnectorError",
+        "ClientOSError",
+        "ServerDisconnectedError",
+        "ServerTimeoutError",
+        "ClientPayloadError",
+        "FSTimeoutError",
+        "IncompleteRead",
+        "RemoteDisconnected",
+    }
+)
+_NEVER_TRANSIENT = (ObjectNotFoundError, PreconditionFailedError, ConditionalWritesUnsupportedError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try: at most ``attempts`` calls and ``max_time`` seconds per operation.
+
+    The sleep before retry n is uniform in [0, min(max_delay, base_delay * 2**n)]
+    ("full jitter"), clipped so the whole operation ends within ``max_time``
+    plus the duration of one last attempt.
+    """
+
+    attempts: int = 5
+    max_time: float = 30.0
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        if self.max_time < 0 or self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("retry times must not be negative")
+
+
+DEFAULT_POLICY = RetryPolicy()
+NO_RETRIES = RetryPolicy(attempts=1, max_time=0.0)
+
+_local = threading.local()
+
+
+@contextmanager
+def retry_deadline(deadline: float | None) -> Iterator[None]:
+    """Cap retries in this thread at ``deadline`` (a ``time.monotonic()`` value).
+
+    A sync node waiting for a barrier uses it so that one store call cannot
+    retry past the node's own timeout.
+    """
+    previous = getattr(_local, "deadline", None)
+    if deadline is not None and previous is not None:
+        deadline = min(deadline, previous)
+    _local.deadline = deadline if deadline is not None else previous
+    try:
+        yield
+    finally:
+        _local.deadline = previous
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for faults a later attempt may not see: connection errors, timeouts, 5xx, throttling."""
+    if isinstance(exc, _NEVER_TRANSIENT):
+        return False
+    for cause in _chain(exc):
+        if isinstance(cause, _NEVER_TRANSIENT):
+            return False
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            return code in TRANSIENT_CODES or status in TRANSIENT_STATUS
+        if isinstance(cause, (ConnectionError, TimeoutError, socket.timeout, asyncio.TimeoutError)):
+            return True
+        if any(klass.__name__ in TRANSIENT_NAMES for klass in type(cause).__mro__):
+            return True
+    return False
+
+
+def backoff_delay(policy: RetryPolicy, retry_number: int) -> float:
+    """Full-jitter sleep before retry ``retry_number`` (1-based)."""
+    cap = min(policy.max_delay, policy.base_delay * (2 ** (retry_number - 1)))
+    return random.uniform(0.0, cap)
+
+
+def call_with_retries(
+    policy: RetryPolicy,
+    operation: str,
+    key: str,
+    call: Callable[[], T],
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> T:
+    """Run ``call``; retry transient failures within the policy, then raise one StoreError naming op and key."""
+    start = time.monotonic()
+    deadline = start + policy.max_time
+    thread_deadline = getattr(_local, "deadline", None)
+    if thread_deadline is not None:
+        deadline = min(deadline, thread_deadline)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return call()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            now = time.monotonic()
+            if attempt >= policy.attempts or now >= deadline:
+                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+                raise StoreError(
+                    operation,
+                    key,
+                    f"gave up after {attempt} attempt(s) in {now - start:.1f}s (transient fault): {reason}",
+                ) from exc
+            if on_retry is not None:
+                on_retry(exc)
+            time.sleep(min(backoff_delay(policy, attempt), max(0.0, deadline - now)))
+
+
+def with_retries(store: Store, policy: RetryPolicy | bool | dict[str, Any] | None = None) -> Store:
+    """Give a store handle (for example one built directly, not by ``open_store``) a retry policy.
+
+    The policy replaces the store's own, so retries never multiply. ``stats``
+    keeps counting requests that succeeded; ``stats.retries`` counts the failed
+    attempts that were retried.
+    """
+    store.retry_policy = as_policy(policy)
+    return store
+
+
+def as_policy(value: Any) -> RetryPolicy:
+    """``True``/``None`` -> default policy, ``False`` -> no retries, a dict -> RetryPolicy(**dict)."""
+    if value is None or value is True:
+        return DEFAULT_POLICY
+    if value is False:
+        return NO_RETRIES
+    if isinstance(value, RetryPolicy):
+        return value
+    if isinstance(value, dict):
+        return RetryPolicy(**value)
+    if isinstance(value, int):
+        return RetryPolicy(attempts=value)
+    raise TypeError(f"retry must be True, False, a RetryPolicy or a dict of its fields, not {value!r}")

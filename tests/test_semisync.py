@@ -1,0 +1,99 @@
+"""Semi-sync federation: step budgets from measured batch times, and nodes meeting at the barrier together."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+
+from flwr_serverless.semisync import SemiSyncFederatedNode, plan_budgets, step_budget
+from flwr_serverless.stores import open_store
+
+
+def test_plan_budgets_follow_the_paper():
+    profiles = {
+        "fast": {"dataset_size": 320, "batch_size": 32, "seconds_per_batch": 0.01},  # epoch 0.1 s
+        "slow": {"dataset_size": 640, "batch_size": 32, "seconds_per_batch": 0.04},  # epoch 0.8 s
+    }
+    t_max, budgets = plan_budgets(profiles, lambda_=2.0)
+    assert t_max == pytest.approx(1.6)
+    assert budgets == {"fast": 160, "slow": 40}
+
+
+def test_semisync_node_publishes_profiles_and_plans_after_cold_start():
+    store = open_store(f"memory://semisync-{uuid.uuid4().hex[:8]}")
+    nodes = [SemiSyncFederatedNode(store, lambda_=1.0, num_nodes=2, node_id=f"n{i}", timeout=10) for i in range(2)]
+    for node, t_k in zip(nodes, (0.01, 0.03)):
+        for i in range(11):
+            node.record_batch_time(t_k, ended_at=100.0 + i * t_k)
+    assert step_budget(nodes[0]) is None  # cold start: epoch end
+    weights = [np.zeros(3, dtype=np.float32)]
+    threads = [threading.Thread(target=n.update_parameters, args=(weights, 300),
+                                kwargs={"num_steps": 10}) for n in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(store.list("profiles/")) == ["profiles/n0.json", "profiles/n1.json"]
+    assert nodes[0].t_max == pytest.approx(0.3)  # 1.0 * 10 batches * 0.03 s
+    assert (step_budget(nodes[0]), step_budget(nodes[1])) == (30, 10)
+
+
+def _train(node: SemiSyncFederatedNode, factor: float, rounds: int, seed: int, errors: list) -> None:
+    import keras
+
+    from flwr_serverless.callbacks.keras import FlwrFederatedCallback
+    from flwr_serverless.simulation.heterogeneity import make_slowdown_callback
+
+    class StopAfterRounds(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if node.round >= rounds:
+                self.model.stop_training = True
+
+    try:
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(640, 256)).astype("float32")
+        y = (x[:, 0] > 0).astype("int32")
+        model = keras.Sequential([keras.Input((256,)), keras.layers.Dense(512, activation="relu"),
+                                  keras.layers.Dense(512, activation="relu"), keras.layers.Dense(2)])
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        callbacks = [make_slowdown_callback(factor), FlwrFederatedCallback(node), StopAfterRounds()]
+        model.fit(x, y, batch_size=64, epochs=1000, callbacks=callbacks, verbose=0)
+    except BaseException as exc:  # surfaced by the test
+        errors.append(exc)
+        raise
+
+
+def test_semisync_fast_node_does_more_steps_and_nodes_meet_at_the_barrier():
+    """Node 1 sleeps so its batches take ~4x as long; both should still reach the barriers together."""
+    store = open_store(f"memory://semisync-{uuid.uuid4().hex[:8]}")
+    rounds = 6
+    nodes = [SemiSyncFederatedNode(store, lambda_=2.0, num_nodes=2, node_id=f"n{i}", timeout=60) for i in range(2)]
+    errors: list = []
+    threads = [threading.Thread(target=_train, args=(node, factor, rounds, i, errors))
+               for i, (node, factor) in enumerate(zip(nodes, (1.5, 6.0)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=80)
+    assert not errors and all(n.round == rounds for n in nodes)
+
+    fast, slow = nodes
+    t_fast = fast.profiles["n0"]["seconds_per_batch"]
+    t_slow = fast.profiles["n1"]["seconds_per_batch"]
+    assert t_slow / t_fast > 2.5  # the slowdown is visible in the measured batch times
+    assert fast.budget / slow.budget == pytest.approx(t_slow / t_fast, rel=0.1)
+    assert slow.budget == pytest.approx(2.0 * 10, abs=1)  # lambda x one epoch of 10 batches
+
+    # Rounds 0-1 are the cold start and the first (re)estimate; from round 2 on, arrivals are close together.
+    # Threads share 2 cores here, so batch times drift with contention: compare medians, bound the worst case.
+    t_max = fast.t_max
+    spreads = [abs(a[1] - b[1]) for a, b in zip(fast.arrivals[2:], slow.arrivals[2:])]
+    waits = fast.waits[2:] + slow.waits[2:]
+    assert statistics.median(spreads) < 0.4 * t_max, (spreads, t_max)
+    assert max(spreads) < 0.75 * t_max, (spreads, t_max)
+    assert statistics.median(waits) < 0.4 * t_max, (waits, t_max)
