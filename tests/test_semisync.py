@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import statistics
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -89,11 +89,47 @@ def test_semisync_fast_node_does_more_steps_and_nodes_meet_at_the_barrier():
     assert fast.budget / slow.budget == pytest.approx(t_slow / t_fast, rel=0.1)
     assert slow.budget == pytest.approx(2.0 * 10, abs=1)  # lambda x one epoch of 10 batches
 
-    # Rounds 0-1 are the cold start and the first (re)estimate; from round 2 on, arrivals are close together.
-    # Threads share 2 cores here, so batch times drift with contention: compare medians, bound the worst case.
-    t_max = fast.t_max
-    spreads = [abs(a[1] - b[1]) for a, b in zip(fast.arrivals[2:], slow.arrivals[2:])]
-    waits = fast.waits[2:] + slow.waits[2:]
-    assert statistics.median(spreads) < 0.4 * t_max, (spreads, t_max)
-    assert max(spreads) < 0.75 * t_max, (spreads, t_max)
-    assert statistics.median(waits) < 0.4 * t_max, (waits, t_max)
+    # Arrival timing with real training depends on CPU contention (2 cores, several threads), so the
+    # tight barrier bounds are asserted by the sleep-driven test below; here every round must complete
+    # and the slow node must never have been dropped from a round.
+    assert fast.stats.partial_rounds == slow.stats.partial_rounds == 0
+
+
+def _sleep_training(node: SemiSyncFederatedNode, seconds_per_batch: float, epoch_batches: int, rounds: int,
+                    errors: list) -> None:
+    """A node whose batches are sleeps: timing without TF, so the test does not depend on CPU contention."""
+    try:
+        weights = [np.zeros(4, dtype=np.float32)]
+        while node.round < rounds:
+            budget = step_budget(node) or epoch_batches  # cold start: one epoch
+            for _ in range(budget):
+                time.sleep(seconds_per_batch)
+                node.record_batch_time(seconds_per_batch)
+            weights, _ = node.update_parameters(weights, budget * 32, node.round, num_steps=budget)
+    except BaseException as exc:  # surfaced by the test
+        errors.append(exc)
+
+
+def test_semisync_budgets_match_batch_times_and_nobody_waits_long():
+    """t_fast = 10 ms, t_slow = 40 ms, 10 batches an epoch, lambda 2: t_max = 0.8 s, budgets 80 and 20."""
+    store = open_store(f"memory://semisync-{uuid.uuid4().hex[:8]}")
+    rounds = 5
+    nodes = [SemiSyncFederatedNode(store, lambda_=2.0, num_nodes=2, node_id=f"n{i}", timeout=30) for i in range(2)]
+    errors: list = []
+    threads = [threading.Thread(target=_sleep_training, args=(node, t, 10, rounds, errors))
+               for node, t in zip(nodes, (0.010, 0.040))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    fast, slow = nodes
+    t_fast, t_slow = (fast.profiles[n]["seconds_per_batch"] for n in ("n0", "n1"))
+    assert fast.budget / slow.budget == pytest.approx(t_slow / t_fast, rel=0.1)
+    assert fast.t_max == pytest.approx(2.0 * 10 * t_slow, rel=0.1)
+    # After the cold start (round 0) both nodes arrive together: within a small fraction of t_max,
+    # and the earlier one waits about one slow batch (plus the barrier's polling interval).
+    spreads = [abs(a[1] - b[1]) for a, b in zip(fast.arrivals[1:], slow.arrivals[1:])]
+    waits = fast.waits[1:] + slow.waits[1:]
+    assert max(spreads) < 0.15 * fast.t_max, (spreads, fast.t_max)
+    assert max(waits) < t_slow + 0.1, (waits, t_slow)
