@@ -57,6 +57,25 @@ def _progress_callback(task: NodeTask, progress: ProgressFn, started: float) -> 
     return _Progress()
 
 
+def node_result(task: Any, node: Any, reporter: Any, test_accuracy: float, test_loss: float,
+                train_time: float, num_train_examples: int) -> dict[str, Any]:
+    """One node's result row as plain data (shared by every framework's worker)."""
+    result: dict[str, Any] = {
+        "node_id": task.name,
+        "role": task.role,
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "epochs_completed": reporter.epochs_completed,
+        "wall_time": train_time,
+        "num_train_examples": num_train_examples,
+        "history": reporter.history,
+    }
+    if node is not None:
+        result.update(node.store.stats.as_dict())
+        result.update(node.stats.as_dict())
+    return result
+
+
 def _make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
     from flwr_serverless.nodes import AsyncFederatedNode, SyncFederatedNode
     from flwr_serverless.stores import open_store
@@ -125,17 +144,4 @@ def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
         if node is not None:
             node.store.close()
 
-    result: dict[str, Any] = {
-        "node_id": task.name,
-        "role": task.role,
-        "test_accuracy": float(test_accuracy),
-        "test_loss": float(test_loss),
-        "epochs_completed": reporter.epochs_completed,
-        "wall_time": train_time,
-        "num_train_examples": len(x),
-        "history": reporter.history,
-    }
-    if node is not None:
-        result.update(node.store.stats.as_dict())
-        result.update(node.stats.as_dict())
-    return result
+    return node_result(task, node, reporter, float(test_accuracy), float(test_loss), train_time, len(x))

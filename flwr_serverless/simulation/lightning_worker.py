@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flwr_serverless.simulation.data import load_dataset
-from flwr_serverless.simulation.keras_worker import _make_node
+from flwr_serverless.simulation.keras_worker import _make_node, node_result
 
 if TYPE_CHECKING:
     from flwr_serverless.simulation.runner import NodeTask
@@ -142,17 +142,4 @@ def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
         if node is not None:
             node.store.close()
 
-    result: dict[str, Any] = {
-        "node_id": task.name,
-        "role": task.role,
-        "test_accuracy": test_accuracy,
-        "test_loss": test_loss,
-        "epochs_completed": reporter.epochs_completed,
-        "wall_time": train_time,
-        "num_train_examples": len(x),
-        "history": reporter.history,
-    }
-    if node is not None:
-        result.update(node.store.stats.as_dict())
-        result.update(node.stats.as_dict())
-    return result
+    return node_result(task, node, reporter, float(test_accuracy), float(test_loss), train_time, len(x))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -197,3 +197,17 @@ class Store(ABC):
             raise ConditionalWritesUnsupportedError(
                 operation, key, f"{type(self).__name__} has no atomic conditional writes"
             )
+
+
+def s3_listing_objects(contents: list[dict], base: str) -> Iterator[ObjectInfo]:
+    """Turn a ``list_objects_v2`` page's ``Contents`` into ObjectInfos relative to ``base`` (both S3 backends)."""
+    for item in contents:
+        name = item["Key"]
+        if name.endswith("/") or not name.startswith(base):  # folder placeholders
+            continue
+        key = name[len(base) :]
+        try:
+            check_key(key)
+        except StoreError:  # written by another tool under a name we could never GET
+            continue
+        yield ObjectInfo(key=key, tag=str(item.get("ETag", "")).strip('"'), size=int(item["Size"]))

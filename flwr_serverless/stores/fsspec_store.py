@@ -39,7 +39,7 @@ from flwr_serverless.errors import (
     StoreConfigurationError,
     StoreError,
 )
-from flwr_serverless.stores.base import ObjectInfo, Store, check_key, check_prefix
+from flwr_serverless.stores.base import ObjectInfo, Store, check_prefix, s3_listing_objects
 
 try:  # POSIX only; without it local compare-and-swap cannot be made safe across processes
     import fcntl
@@ -539,16 +539,7 @@ class _S3FsBackend(_Backend):
         found: dict[str, ObjectInfo] = {}
         while True:
             page = self.fs.call_s3("list_objects_v2", **request)
-            for item in page.get("Contents", []):
-                name = item["Key"]
-                if name.endswith("/") or not name.startswith(base):  # folder placeholders
-                    continue
-                key = name[len(base) :]
-                try:
-                    check_key(key)
-                except StoreError:  # written by another tool under a name we could never GET
-                    continue
-                found[key] = ObjectInfo(key=key, tag=str(item.get("ETag", "")).strip('"'), size=int(item["Size"]))
+            found.update((info.key, info) for info in s3_listing_objects(page.get("Contents", []), base))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return found

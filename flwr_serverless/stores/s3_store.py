@@ -18,7 +18,7 @@ from flwr_serverless.errors import (
     StoreConfigurationError,
     StoreError,
 )
-from flwr_serverless.stores.base import ObjectInfo, Store, check_key
+from flwr_serverless.stores.base import ObjectInfo, Store, s3_listing_objects
 from flwr_serverless.stores.fsspec_store import check_prefix
 
 
@@ -175,16 +175,7 @@ class S3Store(Store):
         try:
             pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix)
             for page in pages:
-                for item in page.get("Contents", []):
-                    name = item["Key"]
-                    if name.endswith("/") or not name.startswith(base):  # folder placeholders
-                        continue
-                    key = name[len(base) :]
-                    try:
-                        check_key(key)
-                    except StoreError:  # written by another tool under a name we could never GET
-                        continue
-                    found[key] = ObjectInfo(key=key, tag=str(item.get("ETag", "")).strip('"'), size=int(item["Size"]))
+                found.update((info.key, info) for info in s3_listing_objects(page.get("Contents", []), base))
         except (self._exceptions.BotoCoreError, self._exceptions.ClientError) as exc:
             raise self._fail("list", prefix, exc) from exc
         return found
