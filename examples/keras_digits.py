@@ -1,6 +1,6 @@
 """Federate 2-3 Keras nodes (threads) on label-skewed digits through any store URL.
 
-    python examples/keras_digits.py --store /tmp/x --nodes 2 --epochs 5
+    python examples/keras_digits.py --store /tmp/x --nodes 2 --epochs 15
     python examples/keras_digits.py --store s3://bucket/exp1 --mode sync
 
 On real machines each node runs this same training code on its own data; only
@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default=None, help="store URL (default: a new temp folder)")
     parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--mode", choices=["async", "sync"], default="async")
     parser.add_argument("--mu", type=float, default=0.0, help="FedProx proximal_mu (0: plain FedAvg)")
     args = parser.parse_args()
