@@ -1,6 +1,6 @@
 """Shared fixtures: a real S3 API (moto's threaded server on localhost) and one store per backend.
 
-In-process mocks (``mock_aws``) are not used: every S3 test talks HTTP to a
+moto's in-process mocks are not used: every S3 test talks HTTP to a
 server, as nodes do in production.
 """
 
