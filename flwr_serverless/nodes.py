@@ -210,13 +210,13 @@ class FederatedNode:
     def _fetch(self, key: str, size: int | None = None) -> DecodedUpdate | None:
         """GET and validate one peer object; a bad object is logged, counted and skipped."""
         try:
-            if not is_valid_node_id(key.rsplit("/", 1)[-1]):
+            expected_id = key.rsplit("/", 1)[-1]
+            if not is_valid_node_id(expected_id):
                 raise InvalidObjectError(key, "node id is not a plain name")
             if self.max_object_bytes is not None and size is not None and size > self.max_object_bytes:
                 raise InvalidObjectError(key, f"object is {size} bytes, over the limit of {self.max_object_bytes}")
             data = self.store.get(key)
             update = decode(data, key, expected=self._spec, secret=self.secret)
-            expected_id = key.rsplit("/", 1)[-1]
             if update.header.node_id != expected_id:
                 raise InvalidObjectError(key, f"header says node {update.header.node_id!r}, key says {expected_id!r}")
             return update
@@ -438,9 +438,9 @@ class SyncFederatedNode(FederatedNode):
         data = self._encode(arrays, header)
         prefix = self.round_prefix(self.round)
         self._publish_round(prefix + self.node_id, data, deadline)
-        # Aggregate our own weights exactly as peers will read them.
-        own_update = decode(data, prefix + self.node_id, secret=self.secret, check_finite=False)
         del data
+        # Our own weights as peers decode them (little-endian, contiguous), without hashing them twice.
+        own_arrays = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for a in arrays]
         listing = self._wait_for_round(prefix, deadline)
 
         others = [listing[k] for k in sorted(listing) if k != prefix + self.node_id and "/" not in k[len(prefix):]]
@@ -452,7 +452,7 @@ class SyncFederatedNode(FederatedNode):
                                self.node_id, info.key, self.round, outcome)
             elif outcome is not None:
                 peers.append(self._contribution(outcome.header, outcome.arrays))
-        own = self._contribution(own_update.header, own_update.arrays)
+        own = self._contribution(header, own_arrays)
         result = self._aggregate(own, peers, server_round=self.round + 1)
         self._cleanup(self.round - 2)
         self.round += 1

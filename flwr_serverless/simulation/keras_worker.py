@@ -57,6 +57,15 @@ def _progress_callback(task: NodeTask, progress: ProgressFn, started: float) -> 
     return _Progress()
 
 
+def load_node_data(task: Any) -> tuple[Any, Any, Any, Any, int]:
+    """The node's training partition, the shared test set and the class count (every framework's worker)."""
+    x_train, y_train, x_test, y_test = load_dataset(task.config.dataset, task.config.data_dir)
+    x, y = x_train[task.train_indices], y_train[task.train_indices]
+    if len(x) == 0:
+        raise ValueError(f"{task.name} has no training examples (too many nodes for the labels at this skew?)")
+    return x, y, x_test, y_test, int(max(y_train.max(), y_test.max())) + 1
+
+
 def node_result(task: Any, node: Any, reporter: Any, test_accuracy: float, test_loss: float,
                 train_time: float, num_train_examples: int) -> dict[str, Any]:
     """One node's result row as plain data (shared by every framework's worker)."""
@@ -114,11 +123,7 @@ def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
 
     config = task.config
     started = time.monotonic()
-    x_train, y_train, x_test, y_test = load_dataset(config.dataset, config.data_dir)
-    x, y = x_train[task.train_indices], y_train[task.train_indices]
-    if len(x) == 0:
-        raise ValueError(f"{task.name} has no training examples (too many nodes for the labels at this skew?)")
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    x, y, x_test, y_test, num_classes = load_node_data(task)
     model = build_keras_model(config.dataset, x.shape[1:], num_classes, seed=config.seed,
                               learning_rate=config.learning_rate)
 

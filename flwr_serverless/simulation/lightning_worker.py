@@ -11,8 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flwr_serverless.simulation.data import load_dataset
-from flwr_serverless.simulation.keras_worker import _make_node, node_result
+from flwr_serverless.simulation.keras_worker import _make_node, load_node_data, node_result
 
 if TYPE_CHECKING:
     from flwr_serverless.simulation.runner import NodeTask
@@ -102,11 +101,7 @@ def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
     pl = _lightning_package()
     config = task.config
     started = time.monotonic()
-    x_train, y_train, x_test, y_test = load_dataset(config.dataset, config.data_dir)
-    x, y = x_train[task.train_indices], y_train[task.train_indices]
-    if len(x) == 0:
-        raise ValueError(f"{task.name} has no training examples (too many nodes for the labels at this skew?)")
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    x, y, x_test, y_test, num_classes = load_node_data(task)
     input_size = int(x.reshape(len(x), -1).shape[1])
     net = build_torch_model(input_size, num_classes, seed=config.seed)
     classifier_cls, progress_cls = _lightning_classes(config.learning_rate)
