@@ -120,6 +120,7 @@ class FederatedNode:
         self.local_steps = 0  # cumulative optimizer steps this node has published
         self._joined = False
         self._lock = threading.Lock()
+        self._deadline: float | None = None  # of the federation under way (see _call_deadline)
         self.provenance = Provenance()  # base_version/base_steps of the next object (staleness.py)
         self._headers: dict[str, UpdateHeader] = {}  # node id -> header of its latest contribution
 
@@ -153,10 +154,12 @@ class FederatedNode:
                 return convert(arrays), mean_metrics([Contribution(self.node_id, arrays, 1.0, header.num_examples,
                                                                    header.metrics)])
             self.provenance.stamp(header)
-            if not self._joined:
-                self._join()
-            elif self._membership is not None:
-                self._membership.heartbeat()
+            self._deadline = self._call_deadline()
+            with retry_deadline(self._deadline):  # a sync node's timeout covers joining too
+                if not self._joined:
+                    self._join()
+                elif self._membership is not None:
+                    self._membership.heartbeat()
             result, agg_metrics = self._federate(arrays, header)
         return convert(result), agg_metrics
 
@@ -275,6 +278,10 @@ class FederatedNode:
         """Whether this call federates at all (client sampling); a skipped call touches no store."""
         return True
 
+    def _call_deadline(self) -> float | None:
+        """When this federation must be over (``time.monotonic()``); None: no bound beyond store retries."""
+        return None
+
 
 class AsyncFederatedNode(FederatedNode):
     """FedAvgAsync: publish, pull every peer's latest weights, aggregate; never wait.
@@ -386,6 +393,10 @@ class SyncFederatedNode(FederatedNode):
         self.round = 0
         self._round_checked = False  # first federation: look up the experiment's current round
 
+    def _call_deadline(self) -> float:
+        """The whole call (join, publish, barrier, outages included) ends within ``timeout``."""
+        return time.monotonic() + self.timeout
+
     @staticmethod
     def round_prefix(round_number: int) -> str:
         return f"{ROUNDS_PREFIX}{round_number:08d}/"
@@ -426,7 +437,7 @@ class SyncFederatedNode(FederatedNode):
                 self._cleanup(number)
 
     def _federate(self, arrays: list[np.ndarray], header: UpdateHeader) -> tuple[list[np.ndarray], dict[str, float]]:
-        deadline = time.monotonic() + self.timeout  # the whole round, outages included, ends by then
+        deadline = self._deadline if self._deadline is not None else self._call_deadline()
         if not self._round_checked:
             try:
                 with retry_deadline(deadline):
