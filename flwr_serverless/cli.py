@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="semisync: round length as a multiple of the slowest node's epoch (default 2)")
     het.add_argument("--slowdown", type=parse_factors, default=None, metavar="F0,F1,...",
                      help="per-node slowdown factors, e.g. 1,1,4: node 2's batches take 4x as long")
+    het.add_argument("--batch-seconds", type=float, default=None, metavar="S",
+                     help="pad every batch to (its node's factor x S) seconds, so the emulated speeds hold "
+                          "even when threads compete for cores")
     return parser
 
 
@@ -180,7 +183,7 @@ def _simulate(args: argparse.Namespace, out: TextIO) -> int:
         max_train_examples=args.max_train_examples,
         extra={"staleness": args.staleness, "staleness_unit": args.staleness_unit, "alpha": args.alpha,
                "buffer_size": args.buffer_size, "participation": args.participation, "lambda_": args.lambda_,
-               "slowdown": args.slowdown},
+               "slowdown": args.slowdown, "batch_seconds": args.batch_seconds},
     )
     print(
         f"flwr-serverless simulate: {config.num_nodes} {config.mode} nodes, {config.strategy}, {config.dataset} "

@@ -5,7 +5,8 @@ stable; the Keras worker asks this module for node kwargs and callbacks:
 
     staleness, staleness_unit, alpha, buffer_size, participation   async node policy
     lambda_, reestimate                                            semisync planning
-    slowdown: [f_0, f_1, ...]    node k sleeps (f_k - 1) x its measured batch time after every batch
+    slowdown: [f_0, f_1, ...]    node k's batches take f_k times as long (it sleeps after each batch)
+    batch_seconds: seconds       pad each batch to f_k x this wall time (stable under CPU contention)
     time_budget: seconds         stop training after this much wall time (same budget for every mode)
     eval_each_epoch: bool        add ``test_accuracy`` and ``time`` to each epoch's logs/history
 """
@@ -55,10 +56,14 @@ def parse_factors(text: str) -> list[float]:
     return factors
 
 
-def make_slowdown_callback(factor: float) -> Any:
+def make_slowdown_callback(factor: float, batch_seconds: float | None = None) -> Any:
     """A Keras callback that makes each batch take ``factor`` times as long, as on a slower machine.
 
-    List it before ``FlwrFederatedCallback`` so the batch times a semi-sync node measures include the sleep.
+    Without ``batch_seconds`` a batch sleeps ``(factor - 1)`` x its own compute time; that compute time
+    inflates when threads share a few cores, so the emulated ratio drifts. With ``batch_seconds`` every
+    batch is padded to ``factor * batch_seconds`` of wall time (compute included): a stable ratio for as
+    long as the real compute fits in the padding. List it before ``FlwrFederatedCallback`` so the batch
+    times a semi-sync node measures include the sleep.
     """
     import keras
 
@@ -71,7 +76,9 @@ def make_slowdown_callback(factor: float) -> Any:
 
         def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
             if self._warm:
-                time.sleep((factor - 1.0) * (time.perf_counter() - self._began))
+                elapsed = time.perf_counter() - self._began
+                target = factor * (elapsed if batch_seconds is None else batch_seconds)
+                time.sleep(max(0.0, target - elapsed))
             self._warm = True
 
     return _Slowdown()
@@ -89,8 +96,8 @@ def worker_callbacks(task: NodeTask, callbacks: list[Any], test_data: tuple[Any,
     after: list[Any] = []
     factor = slowdown_factor(task)
 
-    if factor > 1:
-        before.append(make_slowdown_callback(factor))
+    if factor > 1 or extra.get("batch_seconds"):
+        before.append(make_slowdown_callback(factor, extra.get("batch_seconds")))
 
     if extra.get("eval_each_epoch"):
         x_test, y_test = test_data
