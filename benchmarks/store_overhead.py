@@ -18,6 +18,8 @@ import argparse
 import json
 import socket
 import statistics
+import subprocess
+import sys
 import time
 import tracemalloc
 import uuid
@@ -48,31 +50,36 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--backend", choices=["boto3", "fsspec"], default="boto3")
+    parser.add_argument("--peer-cache", choices=["disk", "memory"], default="disk",
+                        help="where node 0 keeps its peers' weights (disk: memory-mapped temp files)")
     args = parser.parse_args()
 
-    import logging
     import os
 
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from flwr_serverless import AsyncFederatedNode, open_store
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request log lines
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         raw = boto3.client("s3", endpoint_url=endpoint)
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        raw.create_bucket(Bucket=bucket)
+        for _ in range(200):  # until the server answers
+            try:
+                raw.create_bucket(Bucket=bucket)
+                break
+            except Exception:
+                time.sleep(0.05)
         url = f"s3://{bucket}/overhead"
         nodes = [
-            AsyncFederatedNode(open_store(url, endpoint_url=endpoint, backend=args.backend), node_id=f"node-{i}")
+            AsyncFederatedNode(open_store(url, endpoint_url=endpoint, backend=args.backend), node_id=f"node-{i}",
+                               peer_cache=args.peer_cache)
             for i in range(args.nodes)
         ]
         models = [make_model(args.params, seed=i) for i in range(args.nodes)]
@@ -114,12 +121,14 @@ def main() -> None:
                 floor_times.append(time.perf_counter() - start)
         floor_times = floor_times[: len(fed_times)]
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
 
     fed = statistics.median(fed_times)
     floor = statistics.median(floor_times)
     result = {
         "backend": args.backend,
+        "peer_cache": args.peer_cache,
         "params": args.params,
         "model_mb": model_bytes / 1e6,
         "nodes": args.nodes,
@@ -135,14 +144,17 @@ def main() -> None:
         "floor_s_all": floor_times,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"store_overhead_{args.backend}.json").write_text(json.dumps(result, indent=2))
-    print(f"model {result['model_mb']:.0f} MB, {args.nodes} async nodes, backend {args.backend}, moto on 127.0.0.1")
+    name = f"store_overhead_{args.backend}" + ("" if args.peer_cache == "disk" else f"_{args.peer_cache}_cache")
+    result["name"] = name
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    print(f"model {result['model_mb']:.0f} MB, {args.nodes} async nodes, backend {args.backend}, "
+          f"peer cache {args.peer_cache}, moto server process on 127.0.0.1")
     print(f"federation step (median of {len(fed_times)}): {fed:.3f} s")
     print(f"floor, raw boto3 PUT + {args.nodes - 1} GETs:     {floor:.3f} s")
     print(f"ratio: {fed / floor:.2f}  (target <= 1.5)")
     print(f"store requests per node-epoch: {result['requests_per_node_epoch']:.0f} "
           f"(budget 2 + {result['changed_peers_per_epoch']:.0f} changed peers)")
-    print(f"peak traced memory during a step: {result['peak_memory_x_model']:.2f} x model size")
+    print(f"peak traced memory during a step: {result['peak_memory_x_model']:.2f} x model size (target < 4)")
     plot(result)
 
 
@@ -158,7 +170,7 @@ def plot(result: dict) -> None:
     ax.set_ylabel("seconds per node-epoch")
     ax.set_title(f"{result['model_mb']:.0f} MB model, {result['nodes']} nodes: ratio {result['ratio']:.2f}")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"store_overhead_{result['backend']}.png", dpi=120)
+    fig.savefig(RESULTS / f"{result['name']}.png", dpi=120)
 
 
 if __name__ == "__main__":

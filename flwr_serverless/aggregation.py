@@ -1,9 +1,10 @@
 """Pure aggregation math: weighted means, metrics, and the bridge to Flower strategies.
 
 Linear strategies (FedAvg, FedProx) are averaged here directly, in float64 and
-one tensor at a time, so real-valued weights are exact and memory stays near
-one model. Every other Flower strategy gets ``FitRes`` objects whose integer
-``num_examples`` carry the real weights scaled to 2**40 (relative error < 1e-12).
+one slice of a tensor at a time, so real-valued weights are exact and memory
+stays near one model (the result). Every other Flower strategy gets ``FitRes``
+objects whose integer ``num_examples`` carry the real weights scaled to 2**40
+(relative error < 1e-12).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters
 from flwr.server.strategy import FedAvg, Strategy
 
 WEIGHT_SCALE = 2**40
+CHUNK_ELEMENTS = 1 << 16  # elements per slice of a weighted sum: two 512 KiB float64 temporaries
 
 
 @dataclass
@@ -36,7 +38,7 @@ def is_linear(strategy: Strategy) -> bool:
 
 
 def weighted_mean(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[float]) -> list[np.ndarray]:
-    """sum(c_k w_k) / sum(c_k) per tensor, accumulated in float64, cast back to each tensor's dtype.
+    """sum(c_k w_k) / sum(c_k) per tensor, computed in float64, cast back to each tensor's dtype.
 
     Integer and boolean tensors (step counters and the like) are not averaged:
     the element-wise maximum is kept, which is order-independent.
@@ -46,18 +48,36 @@ def weighted_mean(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[flo
     total = math.fsum(weights)
     if not total > 0:
         raise ValueError(f"aggregation weights must have a positive sum, got {list(weights)}")
+    scales = [weight / total for weight in weights]
     result: list[np.ndarray] = []
     for layer in zip(*tensors):
         dtype = layer[0].dtype
         if dtype.kind not in "fc":
             result.append(np.maximum.reduce([np.asarray(t) for t in layer]))
             continue
-        acc = np.zeros(layer[0].shape, dtype=np.float64)
-        for tensor, weight in zip(layer, weights):
-            if weight:
-                acc += tensor * (weight / total)
-        result.append(acc.astype(dtype, copy=False))
+        result.append(weighted_sum([np.asarray(t) for t in layer], scales, dtype))
     return result
+
+
+def weighted_sum(layer: Sequence[np.ndarray], scales: Sequence[float], dtype: np.dtype,
+                  chunk: int = CHUNK_ELEMENTS) -> np.ndarray:
+    """sum(scale_k * tensor_k) slice by slice: float64 temporaries of one slice, not of the whole tensor."""
+    out = np.empty(layer[0].shape, dtype=dtype)
+    flat_out = out.reshape(-1)
+    flats = [t.reshape(-1) for t in layer]
+    wide = np.result_type(dtype, np.float64)
+    acc = np.empty(min(chunk, flat_out.size), dtype=wide)
+    term = np.empty_like(acc)
+    for start in range(0, flat_out.size, chunk):
+        stop = min(start + chunk, flat_out.size)
+        a, t = acc[: stop - start], term[: stop - start]
+        a.fill(0)
+        for flat, scale in zip(flats, scales):
+            if scale:
+                np.multiply(flat[start:stop], scale, out=t, dtype=wide)
+                a += t
+        flat_out[start:stop] = a
+    return out
 
 
 def mean_metrics(contributions: Sequence[Contribution]) -> dict[str, float]:

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import math
+import mmap
 import re
 import struct
 import time
@@ -176,7 +177,7 @@ def read_header(data: bytes | memoryview, key: str) -> tuple[dict[str, Any], dic
 
 
 def decode(
-    data: bytes,
+    data: bytes | memoryview | mmap.mmap,
     key: str,
     expected: Sequence[tuple[tuple[int, ...], np.dtype]] | None = None,
     secret: bytes | None = None,
@@ -238,11 +239,17 @@ def decode(
                 )
     if check_finite:
         for name, array in zip(names, arrays):
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
+            if array.dtype.kind == "f" and not _all_finite(array):
                 raise InvalidObjectError(key, f"tensor {name!r} contains NaN or Inf")
 
     header = _header_from_fields(fields, key)
     return DecodedUpdate(header=header, names=[str(n) for n in names], arrays=arrays)
+
+
+def _all_finite(array: np.ndarray, chunk: int = 1 << 16) -> bool:
+    """``np.isfinite(array).all()`` in slices, so the check allocates a small mask, not one per tensor."""
+    flat = array.reshape(-1)
+    return all(np.isfinite(flat[start:start + chunk]).all() for start in range(0, flat.size, chunk))
 
 
 def _header_from_fields(fields: dict[str, Any], key: str) -> UpdateHeader:

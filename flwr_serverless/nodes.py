@@ -27,6 +27,7 @@ from flwr_serverless.aggregation import Contribution, aggregate, mean_metrics
 from flwr_serverless.codec import DecodedUpdate, UpdateHeader, decode, encode, is_valid_node_id
 from flwr_serverless.errors import InvalidObjectError, ObjectNotFoundError, StoreError, SyncTimeoutError
 from flwr_serverless.membership import DEFAULT_LEASE, Membership, new_owner_token
+from flwr_serverless.spool import PeerSpool
 from flwr_serverless.staleness import AsyncPolicy, CommunityView, Provenance
 from flwr_serverless.stores import ObjectInfo, Store, open_store
 from flwr_serverless.stores.retry import is_transient, retry_deadline
@@ -101,6 +102,8 @@ class FederatedNode:
         max_object_bytes: int | None = None,
         member_lease: float = DEFAULT_LEASE,
         owner_token: str | None = None,
+        peer_cache: str = "disk",
+        cache_dir: str | None = None,
     ) -> None:
         store = store if store is not None else shared_folder  # `shared_folder` is the original's name
         if store is None:
@@ -114,6 +117,7 @@ class FederatedNode:
         self.max_object_bytes = max_object_bytes
         self.member_lease = member_lease  # see membership.py: when a restarted node may take its id back
         self.owner_token = owner_token or new_owner_token()
+        self._spool = PeerSpool(peer_cache, cache_dir)  # where downloaded peer objects live (spool.py)
         self._membership: Membership | None = None
         self.stats = NodeStats()
         self._spec: list[TensorSpec] | None = None
@@ -218,7 +222,7 @@ class FederatedNode:
                 raise InvalidObjectError(key, "node id is not a plain name")
             if self.max_object_bytes is not None and size is not None and size > self.max_object_bytes:
                 raise InvalidObjectError(key, f"object is {size} bytes, over the limit of {self.max_object_bytes}")
-            data = self.store.get(key)
+            data = self._spool.fetch(self.store, key)
             update = decode(data, key, expected=self._spec, secret=self.secret)
             if update.header.node_id != expected_id:
                 raise InvalidObjectError(key, f"header says node {update.header.node_id!r}, key says {expected_id!r}")

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flwr_serverless.aggregation import weighted_sum
 from flwr_serverless.codec import UpdateHeader
 
 STALENESS_UNITS = ("steps", "versions")
@@ -177,8 +178,8 @@ def mix(local: Sequence[np.ndarray], aggregate: Sequence[np.ndarray], alpha_t: f
         if w_agg.dtype.kind not in "fc":
             out.append(w_agg)
             continue
-        mixed = (1.0 - alpha_t) * np.asarray(w_local, dtype=np.float64) + alpha_t * w_agg.astype(np.float64)
-        out.append(mixed.astype(w_agg.dtype, copy=False))
+        # The sliced weighted sum of aggregation.py: float64 math, temporaries of one slice only.
+        out.append(weighted_sum([np.asarray(w_local), w_agg], [1.0 - alpha_t, alpha_t], w_agg.dtype))
     return out
 
 

@@ -11,7 +11,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from flwr_serverless.errors import ConditionalWritesUnsupportedError, ObjectNotFoundError, StoreError
 from flwr_serverless.stores.retry import DEFAULT_POLICY, RetryPolicy, call_with_retries
@@ -89,6 +89,9 @@ class Store(ABC):
     #: True when ``put_if_absent``/``put_if_match`` are atomic on this backend.
     supports_conditional_writes: bool = False
 
+    #: True when ``get`` hands out bytes the store already holds (memory://): nothing to gain by spooling.
+    zero_copy_get: bool = False
+
     #: Transient faults (connection errors, timeouts, 5xx, throttling) are retried within this policy.
     retry_policy: RetryPolicy = DEFAULT_POLICY
 
@@ -108,6 +111,20 @@ class Store(ABC):
         data = self._retrying("get", check_key(key), lambda: self._get(key))
         self.stats.add(gets=1, bytes_down=len(data))
         return data
+
+    def get_into(self, key: str, sink: BinaryIO) -> int:
+        """Stream one object into a seekable binary file (one GET, bounded memory); return its size.
+
+        A retried attempt rewinds and truncates ``sink`` first, so it never holds two partial reads.
+        """
+        def attempt() -> int:
+            sink.seek(0)
+            sink.truncate()
+            return self._get_into(key, sink)
+
+        size = self._retrying("get", check_key(key), attempt)
+        self.stats.add(gets=1, bytes_down=size)
+        return size
 
     def list(self, prefix: str = "") -> dict[str, ObjectInfo]:
         """All objects whose key starts with ``prefix``, keyed by key (one request)."""
@@ -173,6 +190,12 @@ class Store(ABC):
 
     @abstractmethod
     def _get(self, key: str) -> bytes: ...
+
+    def _get_into(self, key: str, sink: BinaryIO) -> int:
+        """Default: one ``_get`` in memory; backends that can stream override it."""
+        data = self._get(key)
+        sink.write(data)
+        return len(data)
 
     @abstractmethod
     def _list(self, prefix: str) -> dict[str, ObjectInfo]: ...

@@ -21,12 +21,13 @@ import errno
 import itertools
 import os
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -55,6 +56,7 @@ LOCK_NAME = ".lock"
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
 # One PUT can carry up to 5 GiB; passing this as s3fs's chunksize keeps every write a single PUT.
 _S3_MAX_SINGLE_PUT = 5 * 2**30
+_STREAM_CHUNK_BYTES = 1 << 20  # a streamed GET holds at most this much in memory at a time
 _S3_PROTOCOLS = {"s3", "s3a"}
 
 # memory:// objects are process-global, so their write lock and tag counter are too.
@@ -69,6 +71,12 @@ _last_mtime_ns = 0
 def _backend_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the backend failed", as opposed to a bug in our code."""
     errors: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
+    try:
+        from aiohttp import ClientError as HttpClientError  # a body stream cut mid-read (s3fs)
+
+        errors = (*errors, HttpClientError)
+    except ImportError:
+        pass
     try:
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
@@ -157,6 +165,7 @@ class FsspecStore(Store):
         else:
             self._impl = _GenericBackend(fs, root)
         self.supports_conditional_writes = self._impl.conditional
+        self.zero_copy_get = isinstance(self._impl, _MemoryBackend)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -169,6 +178,10 @@ class FsspecStore(Store):
     def _get(self, key: str) -> bytes:
         with self._errors("get", key):
             return self._impl.get(key)
+
+    def _get_into(self, key: str, sink: BinaryIO) -> int:
+        with self._errors("get", key):
+            return self._impl.get_into(key, sink)
 
     def _list(self, prefix: str) -> dict[str, ObjectInfo]:
         check_prefix(prefix)
@@ -214,6 +227,12 @@ class _Backend:
 
     def get(self, key: str) -> bytes:
         raise NotImplementedError
+
+    def get_into(self, key: str, sink: BinaryIO) -> int:
+        """Stream into ``sink``; backends that cannot stream read the object whole."""
+        data = self.get(key)
+        sink.write(data)
+        return len(data)
 
     def list(self, prefix: str) -> dict[str, ObjectInfo]:
         raise NotImplementedError
@@ -330,6 +349,11 @@ class _LocalBackend(_Backend):
     def get(self, key: str) -> bytes:
         with open(self._path(key), "rb", buffering=0) as handle:  # the inode stays ours even if replaced
             return handle.read()
+
+    def get_into(self, key: str, sink: BinaryIO) -> int:
+        with open(self._path(key), "rb") as handle:
+            shutil.copyfileobj(handle, sink, _STREAM_CHUNK_BYTES)
+            return handle.tell()
 
     def list(self, prefix: str) -> dict[str, ObjectInfo]:
         start = prefix.rpartition("/")[0]
@@ -532,6 +556,21 @@ class _S3FsBackend(_Backend):
         # max_concurrency=1: one GET. The default first HEADs the object and, above the block size,
         # assembles ranged GETs that could mix two versions of an object rewritten meanwhile.
         return self.fs.cat_file(self._path(key), max_concurrency=1)
+
+    def get_into(self, key: str, sink: BinaryIO) -> int:
+        # One GET whose body is read in chunks on s3fs's event loop (get_file wants a path, not a file).
+        from fsspec.asyn import sync
+
+        response = self.fs.call_s3("get_object", Bucket=self.bucket, Key=self._key(key))
+        body = response["Body"]
+        size = 0
+        try:
+            while chunk := sync(self.fs.loop, body.read, _STREAM_CHUNK_BYTES):
+                sink.write(chunk)
+                size += len(chunk)
+        finally:
+            body.close()
+        return size
 
     def list(self, prefix: str) -> dict[str, ObjectInfo]:
         base = f"{self.prefix}/" if self.prefix else ""

@@ -10,7 +10,8 @@ which one it is.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO, TypeVar
 
 from flwr_serverless.errors import (
     ObjectNotFoundError,
@@ -20,6 +21,9 @@ from flwr_serverless.errors import (
 )
 from flwr_serverless.stores.base import ObjectInfo, Store, s3_listing_objects
 from flwr_serverless.stores.fsspec_store import check_prefix
+
+T = TypeVar("T")
+STREAM_CHUNK_BYTES = 1 << 20  # a streamed GET holds at most this much in memory at a time
 
 
 def _describe(exc: BaseException) -> str:
@@ -142,6 +146,24 @@ class S3Store(Store):
         return str(response["ETag"]).strip('"')
 
     def _get(self, key: str) -> bytes:
+        return self._read(key, lambda body: body.read())
+
+    def _get_into(self, key: str, sink: BinaryIO) -> int:
+        def stream(body: Any) -> int:
+            size = 0
+            for chunk in body.iter_chunks(STREAM_CHUNK_BYTES):
+                sink.write(chunk)
+                size += len(chunk)
+            return size
+
+        def restart() -> None:
+            sink.seek(0)
+            sink.truncate()
+
+        return self._read(key, stream, restart)
+
+    def _read(self, key: str, consume: Callable[[Any], T], restart: Callable[[], None] | None = None) -> T:
+        """One GET whose body ``consume`` reads; a broken stream is read again from the start."""
         exceptions = self._exceptions
         streaming_errors = tuple(
             getattr(exceptions, name)
@@ -150,10 +172,12 @@ class S3Store(Store):
         )
         for attempt in range(1, self._max_attempts + 1):
             try:
+                if restart is not None and attempt > 1:
+                    restart()
                 response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
                 body = response["Body"]
                 try:
-                    return body.read()
+                    return consume(body)
                 finally:
                     body.close()
             except exceptions.ClientError as exc:
