@@ -307,14 +307,30 @@ class AsyncFederatedNode(FederatedNode):
 
     def _federate(self, arrays: list[np.ndarray], header: UpdateHeader) -> tuple[list[np.ndarray], dict[str, float]]:
         own = self._contribution(header, arrays)
-        try:
-            self.store.put(f"{NODES_PREFIX}{self.node_id}", self._encode(arrays, header))
-            listing = self.store.list(NODES_PREFIX)
-        except StoreError as exc:
-            # The store is away: keep the local training, federate again next epoch.
-            self.stats.store_failures += 1
-            logger.warning("node %s could not federate this epoch, keeping local weights: %s", self.node_id, exc)
-            return arrays, mean_metrics([own])
+        # The upload and the pull are independent: the PUT runs beside the LIST and the peer GETs.
+        with ThreadPoolExecutor(max_workers=1) as uploader:
+            upload = uploader.submit(self.store.put, f"{NODES_PREFIX}{self.node_id}", self._encode(arrays, header))
+            try:
+                updates = self._pull_peers()
+            except StoreError as exc:
+                upload.cancel()
+                return self._keep_local(arrays, own, exc)
+            try:
+                upload.result()
+            except StoreError as exc:
+                return self._keep_local(arrays, own, exc)
+        return self._combine(arrays, header, updates)
+
+    def _keep_local(self, arrays: list[np.ndarray], own: Contribution,
+                    exc: StoreError) -> tuple[list[np.ndarray], dict[str, float]]:
+        """The store is away: keep the local training, federate again next epoch."""
+        self.stats.store_failures += 1
+        logger.warning("node %s could not federate this epoch, keeping local weights: %s", self.node_id, exc)
+        return arrays, mean_metrics([own])
+
+    def _pull_peers(self) -> list[DecodedUpdate]:
+        """LIST ``nodes/``, GET the peers whose tag changed, return every usable peer's latest update."""
+        listing = self.store.list(NODES_PREFIX)
 
         wanted: dict[str, ObjectInfo] = {}
         for key, info in sorted(listing.items()):
@@ -340,8 +356,7 @@ class AsyncFederatedNode(FederatedNode):
                 self._bad_tags[key] = wanted[peer_id].tag
             else:
                 self._peers[peer_id] = _CachedPeer(wanted[peer_id].tag, outcome)
-        updates = [self._peers[p].update for p in sorted(wanted) if p in self._peers]
-        return self._combine(arrays, header, updates)
+        return [self._peers[p].update for p in sorted(wanted) if p in self._peers]
 
     def _combine(self, arrays: list[np.ndarray], header: UpdateHeader,
                  updates: list[DecodedUpdate]) -> tuple[list[np.ndarray], dict[str, float]]:

@@ -57,6 +57,7 @@ _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, er
 # One PUT can carry up to 5 GiB; passing this as s3fs's chunksize keeps every write a single PUT.
 _S3_MAX_SINGLE_PUT = 5 * 2**30
 _STREAM_CHUNK_BYTES = 1 << 20  # a streamed GET holds at most this much in memory at a time
+_LOCAL_COPY_BYTES = 1 << 18  # local disk needs no big reads; several peers are copied at once
 _S3_PROTOCOLS = {"s3", "s3a"}
 
 # memory:// objects are process-global, so their write lock and tag counter are too.
@@ -352,7 +353,7 @@ class _LocalBackend(_Backend):
 
     def get_into(self, key: str, sink: BinaryIO) -> int:
         with open(self._path(key), "rb") as handle:
-            shutil.copyfileobj(handle, sink, _STREAM_CHUNK_BYTES)
+            shutil.copyfileobj(handle, sink, _LOCAL_COPY_BYTES)
             return handle.tell()
 
     def list(self, prefix: str) -> dict[str, ObjectInfo]:
@@ -558,19 +559,22 @@ class _S3FsBackend(_Backend):
         return self.fs.cat_file(self._path(key), max_concurrency=1)
 
     def get_into(self, key: str, sink: BinaryIO) -> int:
-        # One GET whose body is read in chunks on s3fs's event loop (get_file wants a path, not a file).
+        # One GET, its body read by one coroutine on s3fs's event loop (get_file wants a path, not a file).
         from fsspec.asyn import sync
 
-        response = self.fs.call_s3("get_object", Bucket=self.bucket, Key=self._key(key))
-        body = response["Body"]
-        size = 0
-        try:
-            while chunk := sync(self.fs.loop, body.read, _STREAM_CHUNK_BYTES):
-                sink.write(chunk)
-                size += len(chunk)
-        finally:
-            body.close()
-        return size
+        async def stream() -> int:
+            response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(key))
+            body = response["Body"]
+            size = 0
+            try:
+                while chunk := await body.read(_STREAM_CHUNK_BYTES):
+                    sink.write(chunk)  # local page cache: brief enough to do on the loop
+                    size += len(chunk)
+            finally:
+                body.close()
+            return size
+
+        return sync(self.fs.loop, stream)
 
     def list(self, prefix: str) -> dict[str, ObjectInfo]:
         base = f"{self.prefix}/" if self.prefix else ""
