@@ -134,3 +134,68 @@ def test_semisync_budgets_match_batch_times_and_nobody_waits_long():
     waits = fast.waits[1:] + slow.waits[1:]
     assert max(spreads) < 0.15 * fast.t_max, (spreads, fast.t_max)
     assert max(waits) < t_slow + 0.1, (waits, t_slow)
+
+
+def _lightning_training(node: SemiSyncFederatedNode, factor: float, rounds: int, seed: int, errors: list) -> None:
+    import lightning.pytorch as pl
+    import torch
+
+    from flwr_serverless.callbacks.lightning import FlwrFederatedCallback
+    from flwr_serverless.simulation.heterogeneity import make_lightning_slowdown_callback
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 2)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    class StopAfterRounds(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if node.round >= rounds:
+                trainer.should_stop = True
+
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        x, y = torch.rand(320, 8, generator=gen), torch.randint(0, 2, (320,), generator=gen)
+        data = torch.utils.data.TensorDataset(x, y)
+        loader = torch.utils.data.DataLoader(data, batch_size=32)  # 10 batches an epoch
+        callbacks = [make_lightning_slowdown_callback(pl, factor, batch_seconds=0.015), FlwrFederatedCallback(node),
+                     StopAfterRounds()]
+        trainer = pl.Trainer(max_epochs=1000, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        trainer.fit(Net(), loader)
+    except BaseException as exc:  # surfaced by the test
+        errors.append(exc)
+
+
+def test_lightning_callback_federates_after_the_semisync_step_budget():
+    """Lightning nodes of 15 ms and 60 ms batches: after the cold-start epoch each federates after its budget."""
+    pytest.importorskip("lightning")
+    store = open_store(f"memory://semisync-{uuid.uuid4().hex[:8]}")
+    rounds = 4
+    nodes = [SemiSyncFederatedNode(store, lambda_=2.0, num_nodes=2, node_id=f"n{i}", timeout=60, reestimate=False)
+             for i in range(2)]
+    errors: list = []
+    threads = [threading.Thread(target=_lightning_training, args=(node, factor, rounds, i, errors))
+               for i, (node, factor) in enumerate(zip(nodes, (1.0, 4.0)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=90)
+    assert not errors, errors
+    assert all(n.round >= rounds for n in nodes)
+    fast, slow = nodes
+    t_fast, t_slow = (fast.profiles[n]["seconds_per_batch"] for n in ("n0", "n1"))
+    assert t_slow / t_fast > 2.5
+    assert fast.budget / slow.budget == pytest.approx(t_slow / t_fast, rel=0.1)
+    assert slow.budget == pytest.approx(2.0 * 10, abs=1)
+    # Steps published: one cold-start epoch of 10 batches, then exactly one budget per round.
+    for node in nodes:
+        assert node.local_steps == 10 + (rounds - 1) * node.budget
+    assert fast.stats.partial_rounds == slow.stats.partial_rounds == 0

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import importlib
 import math
+import time
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
+
+from flwr_serverless.semisync import record_batch_time, step_budget
 
 __all__ = ["FlwrFederatedCallback", "make_callback_class"]
 
@@ -74,7 +77,10 @@ def make_callback_class(package: ModuleType) -> type:
         optimizer step. Only global rank zero talks to the store; the result
         is broadcast so DDP replicas stay identical. The node's identity and
         round are saved in Lightning checkpoints, so ``fit(ckpt_path=...)``
-        rejoins as the same node.
+        rejoins as the same node. With a ``SemiSyncFederatedNode`` the
+        callback times every batch and, once the node has planned, federates
+        after the node's step budget instead of at epoch end (rank zero plans;
+        the budget is broadcast with the weights, so all ranks count alike).
         """
 
         def __init__(
@@ -97,8 +103,11 @@ def make_callback_class(package: ModuleType) -> type:
             self.log_metrics = log_metrics
             #: Aggregated metrics of the most recent federation (without the ``_fed`` suffix).
             self.last_federated_metrics: dict[str, float] = {}
-            self._examples = 0
-            self._start_step = 0
+            self._examples = 0  # since the last federation
+            self._start_step = 0  # trainer.global_step at the last federation
+            self._batches = 0  # batches since the last federation
+            self._budget: int | None = None  # semi-sync: federate after this many batches (None: epoch end)
+            self._batch_started: float | None = None
             self._prox_step = -1
             self._anchor: dict[str, torch.Tensor] = {}  # FedProx: last federated parameter values
 
@@ -144,17 +153,32 @@ def make_callback_class(package: ModuleType) -> type:
             self._prox_step = trainer.global_step
 
         def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-            self._examples = 0
-            self._start_step = trainer.global_step
+            if self._budget is None:  # epoch-end federation: count this epoch only
+                self._examples = 0
+                self._batches = 0
+                self._start_step = trainer.global_step
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self._batch_started = time.perf_counter()
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             self._examples += _batch_size(batch)
+            self._batches += 1
             # global_step counts optimizer steps: with gradient accumulation not every batch steps.
             if self.proximal_mu > 0 and trainer.global_step != self._prox_step:
                 self._prox_step = trainer.global_step
                 self._proximal_step(trainer, pl_module)
+            if self._batch_started is not None and trainer.is_global_zero:
+                record_batch_time(self.node, time.perf_counter() - self._batch_started)
+            if self._budget is not None and self._batches >= self._budget:
+                self._federate(trainer, pl_module)
 
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            if self._budget is None:
+                self._federate(trainer, pl_module)
+
+        def _federate(self, trainer: Any, pl_module: Any) -> None:
+            """Push, pull, aggregate on rank zero; every rank loads the result (and the next step budget)."""
             strategy = trainer.strategy
             examples = self._examples
             if self.num_examples_per_epoch is None and trainer.world_size > 1:
@@ -163,7 +187,7 @@ def make_callback_class(package: ModuleType) -> type:
             num_examples = self.num_examples_per_epoch if self.num_examples_per_epoch is not None else examples
             names = self.federated_names(pl_module)
             state = pl_module.state_dict()
-            payload: tuple[list[np.ndarray], dict[str, float]] | None = None
+            payload: tuple[list[np.ndarray], dict[str, float], int | None] | None = None
             if trainer.is_global_zero:
                 arrays = [self._to_numpy(state[n]) for n in names]
                 new_arrays, aggregated = self.node.update_parameters(
@@ -171,11 +195,14 @@ def make_callback_class(package: ModuleType) -> type:
                     metrics=_numeric_metrics(trainer.callback_metrics),
                     num_steps=trainer.global_step - self._start_step,
                 )
-                payload = ([np.asarray(a) for a in new_arrays], dict(aggregated or {}))
+                payload = ([np.asarray(a) for a in new_arrays], dict(aggregated or {}), step_budget(self.node))
             if trainer.world_size > 1:
                 payload = strategy.broadcast(payload, src=0)
             assert payload is not None
-            new_arrays, aggregated = payload
+            new_arrays, aggregated, self._budget = payload
+            self._examples = 0
+            self._batches = 0
+            self._start_step = trainer.global_step
             with torch.no_grad():
                 for name, array in zip(names, new_arrays):
                     # copy_ keeps the tensor's dtype and device; np.require copies read-only arrays only

@@ -8,7 +8,8 @@ stable; the Keras worker asks this module for node kwargs and callbacks:
     slowdown: [f_0, f_1, ...]    node k's batches take f_k times as long (it sleeps after each batch)
     batch_seconds: seconds       pad each batch to f_k x this wall time (stable under CPU contention)
     time_budget: seconds         stop training after this much wall time (same budget for every mode)
-    eval_each_epoch: bool        add ``test_accuracy`` and ``time`` to each epoch's logs/history
+    eval_each_epoch: bool        test each freshly federated model: ``test_accuracy`` and ``time`` in the logs
+                                 of the epoch it happened in (every epoch end for a node that does not federate)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def make_semisync_node(task: NodeTask, store: Any, strategy: Any) -> Any:
     config = task.config
     return SemiSyncFederatedNode(
         store, strategy, lambda_=float(config.extra.get("lambda_", 2.0)), num_nodes=config.num_nodes,
-        reestimate=bool(config.extra.get("reestimate", False)), timeout=config.sync_timeout,
+        reestimate=bool(config.extra.get("reestimate", True)), timeout=config.sync_timeout,
         min_nodes=config.min_nodes, node_id=task.name, **config.node_options,
     )
 
@@ -56,30 +57,65 @@ def parse_factors(text: str) -> list[float]:
     return factors
 
 
-def make_slowdown_callback(factor: float, batch_seconds: float | None = None) -> Any:
-    """A Keras callback that makes each batch take ``factor`` times as long, as on a slower machine.
+class BatchPadder:
+    """Makes each batch take ``factor`` times as long, as on a slower machine (framework-neutral core).
 
     Without ``batch_seconds`` a batch sleeps ``(factor - 1)`` x its own compute time; that compute time
     inflates when threads share a few cores, so the emulated ratio drifts. With ``batch_seconds`` every
     batch is padded to ``factor * batch_seconds`` of wall time (compute included): a stable ratio for as
-    long as the real compute fits in the padding. List it before ``FlwrFederatedCallback`` so the batch
-    times a semi-sync node measures include the sleep.
+    long as the real compute fits in the padding. The first batch (graph tracing, warm-up) is not scaled.
+    """
+
+    def __init__(self, factor: float, batch_seconds: float | None = None) -> None:
+        self.factor = float(factor)
+        self.batch_seconds = batch_seconds
+        self._warm = False
+        self._began = 0.0
+
+    def begin(self) -> None:
+        self._began = time.perf_counter()
+
+    def end(self) -> None:
+        if self._warm:
+            elapsed = time.perf_counter() - self._began
+            target = self.factor * (elapsed if self.batch_seconds is None else self.batch_seconds)
+            time.sleep(max(0.0, target - elapsed))
+        self._warm = True
+
+
+def make_slowdown_callback(factor: float, batch_seconds: float | None = None) -> Any:
+    """A Keras callback padding batches with ``BatchPadder``; list it before ``FlwrFederatedCallback``
+    so the batch times a semi-sync node measures include the sleep.
     """
     import keras
 
     class _Slowdown(keras.callbacks.Callback):
         def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-            self._warm = False  # the first batch traces the graph: not a batch time to scale
+            self.padder = BatchPadder(factor, batch_seconds)
 
         def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-            self._began = time.perf_counter()
+            self.padder.begin()
 
         def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-            if self._warm:
-                elapsed = time.perf_counter() - self._began
-                target = factor * (elapsed if batch_seconds is None else batch_seconds)
-                time.sleep(max(0.0, target - elapsed))
-            self._warm = True
+            self.padder.end()
+
+    return _Slowdown()
+
+
+def make_lightning_slowdown_callback(package: Any, factor: float, batch_seconds: float | None = None) -> Any:
+    """The Lightning twin of ``make_slowdown_callback`` (``package``: ``lightning.pytorch`` or
+    ``pytorch_lightning``); list it before ``FlwrFederatedCallback``.
+    """
+
+    class _Slowdown(package.Callback):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            self.padder = BatchPadder(factor, batch_seconds)
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self.padder.begin()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self.padder.end()
 
     return _Slowdown()
 
@@ -89,7 +125,6 @@ def worker_callbacks(task: NodeTask, callbacks: list[Any], test_data: tuple[Any,
     (federation first), then evaluation and the time budget, then the progress reporter (last in ``callbacks``).
     """
     import keras
-    import numpy as np
 
     extra = task.config.extra
     before: list[Any] = []
@@ -100,19 +135,7 @@ def worker_callbacks(task: NodeTask, callbacks: list[Any], test_data: tuple[Any,
         before.append(make_slowdown_callback(factor, extra.get("batch_seconds")))
 
     if extra.get("eval_each_epoch"):
-        x_test, y_test = test_data
-
-        class _Evaluate(keras.callbacks.Callback):
-            """Test accuracy of the (just federated) model at each epoch end, with the wall time."""
-
-            def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-                if logs is None:
-                    return
-                predictions = np.asarray(self.model(x_test, training=False))
-                logs["test_accuracy"] = float(np.mean(predictions.argmax(axis=-1) == y_test))
-                logs["time"] = time.monotonic() - started
-
-        after.append(_Evaluate())
+        after.append(_federated_model_evaluator(callbacks, test_data, started))
 
     budget = extra.get("time_budget")
     if budget:
@@ -123,3 +146,49 @@ def worker_callbacks(task: NodeTask, callbacks: list[Any], test_data: tuple[Any,
 
         after.append(_TimeBudget())
     return [*before, *callbacks[:-1], *after, *callbacks[-1:]]
+
+
+def _federated_model_evaluator(callbacks: list[Any], test_data: tuple[Any, Any], started: float) -> Any:
+    """A Keras callback testing the model right after each federation, so every mode is judged alike.
+
+    Semi-sync nodes federate mid-epoch (after their step budget) and async FedBuff
+    nodes sometimes not at all: testing at each epoch end would measure a
+    locally drifted model in one mode and a fresh aggregate in another. The
+    result of the latest federation in an epoch (and when it happened) goes into
+    that epoch's logs, so it reaches the node's history.
+    """
+    import keras
+    import numpy as np
+
+    x_test, y_test = test_data
+    node = next((c.node for c in callbacks if getattr(c, "node", None) is not None), None)
+
+    class _Evaluate(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self._federations = 0
+            self._pending: tuple[float, float] | None = None  # (accuracy, time) not yet in an epoch's logs
+
+        def _test(self) -> None:
+            predictions = np.asarray(self.model(x_test, training=False))
+            accuracy = float(np.mean(predictions.argmax(axis=-1) == y_test))
+            self._pending = (accuracy, time.monotonic() - started)
+
+        def _test_if_federated(self) -> None:
+            if node is not None and node.stats.federations != self._federations:
+                self._federations = node.stats.federations
+                self._test()
+
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            self._test_if_federated()  # semi-sync: a step budget may have just federated
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            if node is None:
+                self._test()  # not federating: every epoch's model
+            else:
+                self._test_if_federated()
+            if logs is not None and self._pending is not None:
+                logs["test_accuracy"], logs["time"] = self._pending
+                self._pending = None
+
+    return _Evaluate()

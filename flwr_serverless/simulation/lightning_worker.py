@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from flwr_serverless.simulation.heterogeneity import make_lightning_slowdown_callback, slowdown_factor
 from flwr_serverless.simulation.keras_worker import _make_node, load_node_data, node_result
 
 if TYPE_CHECKING:
@@ -118,9 +119,11 @@ def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
         node = _make_node(task, [p.detach().numpy().copy() for p in net.state_dict().values()])
         fed = FlwrFederatedCallback(node, proximal_mu=float(config.extra.get("proximal_mu", 0.0)))
     reporter = progress_cls(task, progress, started, fed)
+    factor, batch_seconds = slowdown_factor(task), config.extra.get("batch_seconds")
+    slowdown = make_lightning_slowdown_callback(pl, factor, batch_seconds) if factor > 1 or batch_seconds else None
     trainer = pl.Trainer(
         max_epochs=config.epochs, accelerator="cpu", devices=1,
-        callbacks=[c for c in (fed, reporter) if c is not None],
+        callbacks=[c for c in (slowdown, fed, reporter) if c is not None],  # slowdown first: semi-sync times it
         enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
         num_sanity_val_steps=0, deterministic=False,
     )
