@@ -8,13 +8,15 @@ the end of the budget is the final accuracy. We report the
 time to reach target accuracies, the final accuracy and store requests, and
 write JSON and a PNG to benchmarks/results/.
 
-    python benchmarks/heterogeneous.py [--budget 40] [--targets 0.8,0.9] [--modes sync,async,...]
+    python benchmarks/heterogeneous.py [--budget 60] [--targets 0.8,0.9] [--modes sync,async,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -61,13 +63,18 @@ def run_mode(name: str, budget: float, seed: int) -> tuple[SimulationResult, flo
                               seed=seed, baselines=False, store_url=None, sync_timeout=5.0, min_nodes=1,
                               extra=extra)
     started = time.monotonic()
-    result = run_simulation(config)
+    # A mode that overruns its budget by a minute dumps every thread's stack: a hang is diagnosed, not guessed.
+    faulthandler.dump_traceback_later(budget + 60, exit=False, file=sys.stderr)
+    try:
+        result = run_simulation(config)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     return result, time.monotonic() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=40.0, help="wall-clock seconds of training per mode")
+    parser.add_argument("--budget", type=float, default=60.0, help="wall-clock seconds of training per mode")
     parser.add_argument("--targets", default="0.8,0.9", help="test accuracies to time")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--seed", type=int, default=0)

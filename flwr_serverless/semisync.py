@@ -9,7 +9,8 @@ Then every node reads all profiles and plans
     B_k   = t_max / t_k                             (this node's steps per round)
 
 so fast nodes do proportionally more steps and all nodes reach each barrier at
-about the same time. Framework callbacks need two duck-typed hooks only:
+about the same time. Aggregation weighs each node by its dataset size |D_k|.
+Framework callbacks need two duck-typed hooks only:
 ``record_batch_time(node, seconds)`` after each batch and ``step_budget(node)``
 (``None``: federate at epoch end; an int: federate after that many batches,
 fractional epochs allowed).
@@ -114,11 +115,24 @@ class SemiSyncFederatedNode(SyncFederatedNode):
         profiling = self.round == 0 or self.reestimate
         if profiling:
             self._publish_profile(header, steps)
+        if self._own_profile is not None:
+            header.extra["dataset_size"] = self._own_profile["dataset_size"]  # our aggregation weight
         self._batch_times, self._batch_ends = [], []
         result = super()._federate(arrays, header)
         if profiling:
             self._plan()
         return result
+
+    def _weight(self, header: UpdateHeader) -> float:
+        """|D_k|, as in the paper: a fast node processes more examples per round but holds no more data.
+
+        Weighting by examples processed would let fast nodes drown out the slow nodes' data. The size
+        travels in each object's header, so every reader weighs a node alike (bit-identical rounds).
+        """
+        size = header.extra.get("dataset_size")
+        if isinstance(size, (int, float)) and not isinstance(size, bool) and size > 0:
+            return float(size)
+        return float(header.num_examples)
 
     def _wait_for_round(self, prefix: str, *args: Any, **kwargs: Any) -> dict:
         arrived = time.time()

@@ -199,3 +199,30 @@ def test_lightning_callback_federates_after_the_semisync_step_budget():
     for node in nodes:
         assert node.local_steps == 10 + (rounds - 1) * node.budget
     assert fast.stats.partial_rounds == slow.stats.partial_rounds == 0
+
+
+def test_semisync_weighs_nodes_by_dataset_size_not_by_examples_processed():
+    """A fast node processes more examples per round; its weight stays its dataset size |D_k|."""
+    store = open_store(f"memory://semisync-{uuid.uuid4().hex[:8]}")
+    nodes = [SemiSyncFederatedNode(store, lambda_=1.0, num_nodes=2, node_id=f"n{i}", timeout=10, reestimate=False)
+             for i in range(2)]
+    results: dict[tuple[int, int], list] = {}
+
+    def federate(index: int, round_number: int, value: float, examples: int, steps: int) -> None:
+        node = nodes[index]
+        for i in range(5):
+            node.record_batch_time(0.01, ended_at=i * 0.01)
+        results[index, round_number], _ = node.update_parameters(
+            [np.full(2, value, dtype=np.float32)], examples, round_number, num_steps=steps)
+
+    rounds = [((0, 0, 1.0, 100, 4), (1, 0, 3.0, 300, 10)),  # cold start: one epoch each
+              ((0, 1, 1.0, 3000, 94), (1, 1, 3.0, 300, 10))]  # node 0 went through its data 30 times
+    for calls in rounds:
+        threads = [threading.Thread(target=federate, args=call) for call in calls]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=20)
+    expected = (100 * 1.0 + 300 * 3.0) / 400  # by dataset size; by examples it would be about 1.18
+    for index in (0, 1):
+        assert np.allclose(results[index, 1][0], expected)
