@@ -102,7 +102,8 @@ def test_only_rank_zero_talks_to_the_store_and_other_ranks_take_the_broadcast() 
     node = RecordingNode()
     callback = FlwrFederatedCallback(node, num_examples_per_epoch=10)
     names = callback.federated_names(module)
-    from_rank_zero = ([np.full(module.state_dict()[n].shape, 7.0, np.float32) for n in names], {"acc": 0.5})
+    # Rank zero's weights, metrics and its semi-sync step budget (3 batches from now on).
+    from_rank_zero = ([np.full(module.state_dict()[n].shape, 7.0, np.float32) for n in names], {"acc": 0.5}, 3)
     broadcasts: list[Any] = []
 
     def broadcast(obj: Any, src: int = 0) -> Any:
@@ -117,6 +118,12 @@ def test_only_rank_zero_talks_to_the_store_and_other_ranks_take_the_broadcast() 
     assert node.calls == [] and broadcasts == [None]
     assert all(torch.equal(p, torch.full_like(p, 7.0)) for p in module.parameters())
     assert callback.last_federated_metrics == {"acc": 0.5}
+    # The broadcast budget rules this rank too: no federation at epoch end, one after the third batch.
+    callback.on_train_epoch_end(trainer, module)
+    for batch_idx in range(3):
+        assert len(broadcasts) == 1
+        callback.on_train_batch_end(trainer, module, None, (torch.zeros(2, 4), torch.zeros(2)), batch_idx)
+    assert len(broadcasts) == 2 and node.calls == []
 
 
 def test_sync_nodes_hold_identical_state_dicts_after_every_round() -> None:
