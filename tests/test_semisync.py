@@ -69,19 +69,27 @@ def _train(node: SemiSyncFederatedNode, factor: float, rounds: int, seed: int, e
         raise
 
 
-def test_semisync_fast_node_does_more_steps_and_nodes_meet_at_the_barrier():
-    """Node 1's batches take 4x as long (60 ms vs 15 ms); both should still reach the barriers together."""
+def _race_fast_and_slow(train: Any, rounds: int, join_timeout: float, **options: Any) -> list:
+    """Two semi-sync nodes (lambda 2) on one store, node 1's batches 4x slower, each trained in a thread."""
     store = open_store(f"memory://semisync-{uuid.uuid4().hex[:8]}")
-    rounds = 6
-    nodes = [SemiSyncFederatedNode(store, lambda_=2.0, num_nodes=2, node_id=f"n{i}", timeout=60) for i in range(2)]
+    nodes = [SemiSyncFederatedNode(store, lambda_=2.0, num_nodes=2, node_id=f"n{i}", timeout=60, **options)
+             for i in range(2)]
     errors: list = []
-    threads = [threading.Thread(target=_train, args=(node, factor, rounds, i, errors))
+    threads = [threading.Thread(target=train, args=(node, factor, rounds, i, errors))
                for i, (node, factor) in enumerate(zip(nodes, (1.0, 4.0)))]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=80)
-    assert not errors and all(n.round == rounds for n in nodes)
+        thread.join(timeout=join_timeout)
+    assert not errors, errors
+    return nodes
+
+
+def test_semisync_fast_node_does_more_steps_and_nodes_meet_at_the_barrier():
+    """Node 1's batches take 4x as long (60 ms vs 15 ms); both should still reach the barriers together."""
+    rounds = 6
+    nodes = _race_fast_and_slow(_train, rounds, join_timeout=80)
+    assert all(n.round == rounds for n in nodes)
 
     fast, slow = nodes
     t_fast = fast.profiles["n0"]["seconds_per_batch"]
@@ -177,18 +185,8 @@ def _lightning_training(node: SemiSyncFederatedNode, factor: float, rounds: int,
 def test_lightning_callback_federates_after_the_semisync_step_budget():
     """Lightning nodes of 15 ms and 60 ms batches: after the cold-start epoch each federates after its budget."""
     pytest.importorskip("lightning")
-    store = open_store(f"memory://semisync-{uuid.uuid4().hex[:8]}")
     rounds = 4
-    nodes = [SemiSyncFederatedNode(store, lambda_=2.0, num_nodes=2, node_id=f"n{i}", timeout=60, reestimate=False)
-             for i in range(2)]
-    errors: list = []
-    threads = [threading.Thread(target=_lightning_training, args=(node, factor, rounds, i, errors))
-               for i, (node, factor) in enumerate(zip(nodes, (1.0, 4.0)))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=90)
-    assert not errors, errors
+    nodes = _race_fast_and_slow(_lightning_training, rounds, join_timeout=90, reestimate=False)
     assert all(n.round >= rounds for n in nodes)
     fast, slow = nodes
     t_fast, t_slow = (fast.profiles[n]["seconds_per_batch"] for n in ("n0", "n1"))
