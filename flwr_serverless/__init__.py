@@ -17,7 +17,7 @@ from flwr_serverless.errors import (
     StoreError,
     SyncTimeoutError,
 )
-from flwr_serverless.nodes import AsyncFederatedNode, FederatedNode, SyncFederatedNode
+from flwr_serverless.node import AsyncFederatedNode, FederatedNode, Federating, SemiSyncFederatedNode, SyncFederatedNode
 from flwr_serverless.stores import (
     FsspecStore,
     InMemoryFolder,
@@ -35,6 +35,7 @@ __all__ = [
     "AsyncFederatedNode",
     "DuplicateNodeIdError",
     "FederatedNode",
+    "Federating",
     "FlwrServerlessError",
     "FsspecStore",
     "InMemoryFolder",
@@ -44,6 +45,7 @@ __all__ = [
     "PreconditionFailedError",
     "S3Folder",
     "S3Store",
+    "SemiSyncFederatedNode",
     "Store",
     "StoreConfigurationError",
     "StoreError",

@@ -66,3 +66,16 @@ class SyncTimeoutError(FlwrServerlessError, TimeoutError):
 
 class DuplicateNodeIdError(FlwrServerlessError):
     """Another live node already uses this node id in the experiment."""
+
+
+class IncompatiblePeersError(FlwrServerlessError):
+    """A sync node found peers in several rounds in a row, but none whose tensors match its model."""
+
+    def __init__(self, node_id: str, rounds: int, reasons: dict[str, str]) -> None:
+        self.node_id = node_id
+        self.reasons = reasons
+        detail = "; ".join(f"{key}: {reason}" for key, reason in sorted(reasons.items())) or "?"
+        super().__init__(
+            f"node {node_id}: {rounds} rounds in a row without a compatible peer (it would train alone "
+            f"without saying so). Check that every node builds the same model. Last reasons: {detail}"
+        )

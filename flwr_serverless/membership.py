@@ -1,25 +1,14 @@
-"""Who owns a node id: one live node per id and experiment, with a lease so restarts can rejoin.
+"""Who is in the experiment: member records, their lease, and leaving.
 
-Two jobs started with the same ``node_id`` would overwrite each other's
-weights under ``nodes/<id>`` and silently halve the federation, so the second
-one must be refused. A node crashing and starting again under its id must not
-be refused forever, though. The member object ``members/<id>`` therefore holds
-
-    {"node_id", "owner" (random token), "host", "pid", "joined", "heartbeat", "lease"}
-
-It is created with a create-only write. A node finding it taken may take it
-over (compare-and-swap on the tag it read) when
-
-* the owner token is its own (the node was restored from ``state_dict()``,
-  or a retried create had in fact landed), or
-* the owner ran on this host and its process is gone (a crash, then a restart), or
-* the owner's heartbeat is older than its lease (it stopped, on any host).
-
-Otherwise it raises ``DuplicateNodeIdError`` naming the id and the owner. A
-live owner refreshes its heartbeat from its federation calls, at most every
-``lease / 4`` seconds (one small PUT), so the lease must exceed the longest
-gap between two federations. Backends without conditional writes cannot
-decide this atomically: the node warns and writes its member object plainly.
+``members/<node_id>`` holds one small JSON record per node: owner token, host,
+pid, when it joined, its last heartbeat, its lease and its status (``active``
+or ``left``). A node claims its record when it first federates, refreshes the
+heartbeat while it trains or waits (at most every lease/4), and marks itself
+``left`` when training ends. Readers classify each record with ``member_state``
+(pure, clock injected): a member is live, has left, or is dead (lease expired,
+or its process is gone on the same host). Barriers wait for live members only;
+objects of members that left or died before a reader joined are leftovers of
+an earlier run and are not aggregated.
 """
 
 from __future__ import annotations
@@ -30,8 +19,12 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from flwr_serverless import layout
+from flwr_serverless.deadline import NO_DEADLINE, Deadline
 from flwr_serverless.errors import (
     ConditionalWritesUnsupportedError,
     DuplicateNodeIdError,
@@ -43,9 +36,10 @@ from flwr_serverless.stores.base import Store
 
 logger = logging.getLogger("flwr_serverless")
 
-MEMBERS_PREFIX = "members/"
-DEFAULT_LEASE = 300.0  # seconds without a heartbeat after which another owner may take the id over
+MEMBERS_PREFIX = layout.MEMBERS
+DEFAULT_LEASE = 300.0  # seconds without a heartbeat after which a member counts as dead
 _CLAIM_ROUNDS = 8
+LIVE, LEFT, EXPIRED, GONE = "live", "left", "expired", "gone"
 
 
 def new_owner_token() -> str:
@@ -53,7 +47,7 @@ def new_owner_token() -> str:
     return uuid.uuid4().hex
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -63,49 +57,108 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class Membership:
-    """The claim of one node on ``members/<node_id>``: join once, then keep the lease fresh."""
+def check_lease(lease: float) -> float:
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
+        raise ValueError(f"member_lease must be a positive number of seconds, got {lease!r}")
+    return float(lease)
 
-    def __init__(self, store: Store, node_id: str, owner: str, lease: float = DEFAULT_LEASE) -> None:
-        if lease <= 0:
-            raise ValueError("the member lease must be positive")
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """The content of ``members/<node_id>`` (wall-clock times: hosts need clocks synced well within a lease)."""
+
+    node_id: str
+    owner: str
+    host: str
+    pid: int
+    joined: float
+    heartbeat: float
+    lease: float = DEFAULT_LEASE
+    status: str = "active"  # "active" or "left"
+    left: float | None = None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def parse(cls, raw: bytes) -> MemberRecord | None:
+        """The record in ``raw``, or None when it is unreadable (a reader then treats the node as unknown)."""
+        try:
+            info = json.loads(raw)
+            record = cls(
+                node_id=str(info["node_id"]), owner=str(info.get("owner", "")), host=str(info.get("host", "")),
+                pid=int(info.get("pid", -1)), joined=float(info.get("joined", 0.0)),
+                heartbeat=float(info.get("heartbeat", info.get("joined", 0.0))),
+                lease=float(info.get("lease", DEFAULT_LEASE)), status=str(info.get("status", "active")),
+                left=None if info.get("left") is None else float(info["left"]),
+            )
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+        return record if record.lease > 0 else None
+
+
+def member_state(record: MemberRecord, now: float, host: str | None = None,
+                 alive: Callable[[int], bool] = pid_alive) -> str:
+    """``live``, ``left``, ``expired`` (lease ran out) or ``gone`` (its process on this host has exited)."""
+    if record.status == "left":
+        return LEFT
+    if now - record.heartbeat > record.lease:
+        return EXPIRED
+    here = socket.gethostname() if host is None else host
+    if record.host == here and record.pid > 0 and record.pid != os.getpid() and not alive(record.pid):
+        return GONE
+    return LIVE
+
+
+def ended_before(record: MemberRecord, moment: float) -> bool:
+    """True when the member had left, or its lease had run out, before ``moment`` (it belongs to an earlier run)."""
+    if record.status == "left":
+        return record.left is not None and record.left < moment
+    return record.heartbeat + record.lease < moment
+
+
+class Membership:
+    """This node's claim on ``members/<node_id>``: join once, keep the lease fresh, leave at the end."""
+
+    def __init__(self, store: Store, node_id: str, owner: str, lease: float = DEFAULT_LEASE,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.node_id = node_id
         self.owner = owner
-        self.lease = float(lease)
-        self.key = f"{MEMBERS_PREFIX}{node_id}"
+        self.lease = check_lease(lease)
+        self.key = layout.member_key(node_id)
+        self.clock = clock
         self.tag: str | None = None
+        self.joined_at: float | None = None
+        self.took_over = False  # the id belonged to an earlier instance: its leftovers are ours to clean
         self.lost = False  # another owner took the id over while we were silent past our lease
+        self.left = False
         self._refreshed = 0.0
 
-    def _record(self) -> bytes:
-        now = time.time()
-        info = {
-            "node_id": self.node_id,
-            "owner": self.owner,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "joined": now,
-            "heartbeat": now,
-            "lease": self.lease,
-        }
-        return json.dumps(info).encode()
+    def _record(self, **changes: Any) -> MemberRecord:
+        now = self.clock()
+        base = MemberRecord(self.node_id, self.owner, socket.gethostname(), os.getpid(),
+                            joined=self.joined_at if self.joined_at is not None else now, heartbeat=now,
+                            lease=self.lease)
+        return replace(base, **changes)
 
-    def join(self) -> None:
+    def join(self, deadline: Deadline = NO_DEADLINE) -> None:
         """Claim the id. Raises ``DuplicateNodeIdError`` while another live node owns it; ``StoreError`` if down."""
-        data = self._record()
+        with deadline.applied():
+            self._claim()
+        self._refreshed = time.monotonic()
+
+    def _claim(self) -> None:
+        self.joined_at = self.clock()
+        data = self._record().to_bytes()
         if not self.store.supports_conditional_writes:
-            logger.warning(
-                "store %r has no conditional writes: node %s cannot detect another node using the same id",
-                self.store, self.node_id,
-            )
+            logger.warning("store %r has no conditional writes: node %s cannot detect another node using the same id",
+                           self.store, self.node_id)
             self.store.put(self.key, data)
-            self._refreshed = time.monotonic()
             return
         for _ in range(_CLAIM_ROUNDS):
             try:
                 self.tag = self.store.put_if_absent(self.key, data)
-                self._refreshed = time.monotonic()
                 return
             except PreconditionFailedError:
                 pass
@@ -119,62 +172,69 @@ class Membership:
             except PreconditionFailedError:
                 continue  # someone else wrote it meanwhile: look again
             if reason != "same owner":
+                self.took_over = True
                 logger.warning("node %s takes over its node id: %s", self.node_id, reason)
-            self._refreshed = time.monotonic()
             return
         raise DuplicateNodeIdError(f"node id {self.node_id!r}: {self.key} kept changing; is another node racing?")
 
     def _takeover_reason(self, raw: bytes) -> str:
         """Why we may take the id over; raises ``DuplicateNodeIdError`` when we may not."""
-        try:
-            info: dict[str, Any] = json.loads(raw)
-            if not isinstance(info, dict):
-                raise TypeError
-        except (ValueError, TypeError):
+        record = MemberRecord.parse(raw)
+        if record is None:
             return "the member object was unreadable"
-        if info.get("owner") == self.owner:
+        if record.owner == self.owner:
             return "same owner"
-        host, pid = info.get("host"), info.get("pid")
-        if host == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid):
-            return f"its previous process (pid {pid} on {host}) is gone"
-        try:
-            heartbeat = float(info.get("heartbeat", info.get("joined", 0.0)))
-            lease = float(info.get("lease", DEFAULT_LEASE))
-        except (TypeError, ValueError):
-            return "the member object was unreadable"
-        age = time.time() - heartbeat
-        if age > lease:
-            return f"the previous owner's lease expired ({age:.0f}s since its heartbeat, lease {lease:.0f}s)"
+        state = member_state(record, self.clock())
+        if state == GONE:
+            return f"its previous process (pid {record.pid} on {record.host}) is gone"
+        if state == LEFT:
+            return "the previous owner left the experiment"
+        age = self.clock() - record.heartbeat
+        if state == EXPIRED:
+            return f"the previous owner's lease expired ({age:.0f}s since its heartbeat, lease {record.lease:.0f}s)"
         raise DuplicateNodeIdError(
             f"node id {self.node_id!r} is already used by a live node in this experiment "
-            f"(owner {info.get('owner')!s:.8}... on host {host!r}, pid {pid}, heartbeat {age:.0f}s ago, "
-            f"lease {lease:.0f}s). Give this node another node_id; to resume that node, restore its "
+            f"(owner {record.owner:.8}... on host {record.host!r}, pid {record.pid}, heartbeat {age:.0f}s ago, "
+            f"lease {record.lease:.0f}s). Give this node another node_id; to resume that node, restore its "
             "state_dict() (which carries the owner token), or start again after its lease expired."
         )
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, deadline: Deadline = NO_DEADLINE, force: bool = False) -> None:
         """Refresh the lease if due (at most every lease/4 seconds); never raises on store faults."""
-        if self.lost or time.monotonic() - self._refreshed < self.lease / 4:
+        if self.lost or self.left or (not force and time.monotonic() - self._refreshed < self.lease / 4):
             return
-        data = self._record()
+        self._write(self._record(), deadline, "refresh its membership")
+
+    def leave(self, deadline: Deadline = NO_DEADLINE) -> None:
+        """Mark the record ``left`` so barriers stop waiting for this node; never raises on store faults."""
+        if self.lost or self.left:
+            return
+        if self._write(self._record(status="left", left=self.clock()), deadline, "record that it left"):
+            self.left = True
+
+    def _write(self, record: MemberRecord, deadline: Deadline, what: str) -> bool:
+        data = record.to_bytes()
         try:
-            if self.tag is None:
-                self.store.put(self.key, data)
-            else:
-                self.tag = self.store.put_if_match(self.key, data, self.tag)
+            with deadline.applied():
+                if self.tag is None or not self.store.supports_conditional_writes:
+                    self.store.put(self.key, data)
+                else:
+                    self.tag = self.store.put_if_match(self.key, data, self.tag)
             self._refreshed = time.monotonic()
+            return True
         except PreconditionFailedError:
             self._check_still_owner()
         except (StoreError, ConditionalWritesUnsupportedError) as exc:
-            logger.info("node %s could not refresh its membership (will retry): %s", self.node_id, exc)
+            logger.info("node %s could not %s (will retry): %s", self.node_id, what, exc)
+        return False
 
     def _check_still_owner(self) -> None:
         try:
             raw, tag = self.store.get_with_tag(self.key)
-            owner = json.loads(raw).get("owner")
-        except (StoreError, ValueError, AttributeError):
+        except StoreError:
             return
-        if owner == self.owner:  # our own earlier write (a retried PUT that had landed): refresh next time
+        record = MemberRecord.parse(raw)
+        if record is not None and record.owner == self.owner:  # our own earlier write (a retried PUT had landed)
             self.tag = tag
             return
         self.lost = True
@@ -182,3 +242,37 @@ class Membership:
             "node %s: another node took over this node id (it was silent longer than its %.0fs lease); "
             "two jobs now publish as %s", self.node_id, self.lease, self.node_id,
         )
+
+
+class Roster:
+    """The member records of an experiment, read with one LIST; records are re-read only when their tag changed."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cache: dict[str, tuple[str, MemberRecord | None]] = {}  # key -> (tag, record)
+
+    def read(self, deadline: Deadline = NO_DEADLINE) -> dict[str, MemberRecord]:
+        """node id -> record for every readable member record (raises ``StoreError`` if the LIST fails)."""
+        with deadline.applied():
+            listing = self.store.list(layout.MEMBERS)
+            records: dict[str, MemberRecord] = {}
+            for key, info in listing.items():
+                node_id = layout.parse_member_key(key)
+                if node_id is None:
+                    continue
+                cached = self._cache.get(key)
+                if cached is None or cached[0] != info.tag:
+                    try:
+                        cached = (info.tag, MemberRecord.parse(self.store.get(key)))
+                    except ObjectNotFoundError:
+                        continue
+                    self._cache[key] = cached
+                if cached[1] is not None and cached[1].node_id == node_id:
+                    records[node_id] = cached[1]
+        for gone in set(self._cache) - set(listing):
+            del self._cache[gone]
+        return records
+
+
+def live_members(records: Mapping[str, MemberRecord], now: float) -> set[str]:
+    return {node_id for node_id, record in records.items() if member_state(record, now) == LIVE}

@@ -33,7 +33,7 @@ def test_lonely_async_node_returns_own_weights_without_waiting(store):
     result, metrics = node.update_parameters(weights, num_examples=10, epoch=0, metrics={"loss": 0.5})
     assert time.monotonic() - start < 5
     assert all(np.array_equal(a, b) for a, b in zip(result, weights))
-    assert metrics == {"loss": 0.5}
+    assert metrics == {"loss": 0.5, "num_examples": 10.0, "num_nodes": 1.0}  # the original reported both too
 
 
 def test_async_nodes_average_by_examples_and_pull_only_changed_peers(store_url):
@@ -101,15 +101,29 @@ def test_sync_nodes_hold_identical_weights_equal_to_fedavg(store_url):
     assert remaining == ["00000001", "00000002"]
 
 
+class FakeClock:
+    """An injected monotonic clock: sleeping advances it at once."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += max(seconds, 0.0)
+
+
 def test_sync_node_with_dead_peer_times_out_naming_it(store_url):
     alive = SyncFederatedNode(_open(store_url), num_nodes=2, timeout=20, node_id="alive")
     doomed = SyncFederatedNode(_open(store_url), num_nodes=2, timeout=20, node_id="doomed")
     _run_sync_round([alive, doomed], {"alive": _model(1), "doomed": _model(2)}, {"alive": 1, "doomed": 1})
-    alive.timeout = 1.5  # "doomed" is now dead
-    start = time.monotonic()
+    alive.timeout = 1.5  # "doomed" is silent from now on (its lease has not run out yet)
+    clock = FakeClock()
+    alive.clock, alive.sleep = clock.now, clock.sleep
     with pytest.raises(SyncTimeoutError, match="missing nodes: doomed") as info:
         alive.update_parameters(_model(3), 1, 1)
-    assert 1.5 <= time.monotonic() - start < 6
+    assert 1.5 * 0.75 <= clock.t <= 1.5  # waited until the deadline less the download reserve, not longer
     assert info.value.missing == ["doomed"] and info.value.present == ["alive"]
 
 

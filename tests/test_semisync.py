@@ -85,6 +85,7 @@ def _race_fast_and_slow(train: Any, rounds: int, join_timeout: float, **options:
     return nodes
 
 
+@pytest.mark.slow  # asserts wall-clock ratios and waits: noisy on a loaded 2-core machine
 def test_semisync_fast_node_does_more_steps_and_nodes_meet_at_the_barrier():
     """Node 1's batches take 4x as long (60 ms vs 15 ms); both should still reach the barriers together."""
     rounds = 6
@@ -119,6 +120,7 @@ def _sleep_training(node: SemiSyncFederatedNode, seconds_per_batch: float, epoch
         errors.append(exc)
 
 
+@pytest.mark.slow  # asserts wall-clock ratios and waits: noisy on a loaded 2-core machine
 def test_semisync_budgets_match_batch_times_and_nobody_waits_long():
     """t_fast = 10 ms, t_slow = 40 ms, 10 batches an epoch, lambda 2: t_max = 0.8 s, budgets 80 and 20."""
     store = open_store(f"memory://semisync-{uuid.uuid4().hex[:8]}")

@@ -92,7 +92,7 @@ def _slow_weight(unit: str, k: int = 10) -> tuple[float, float]:
         fast.update_parameters(_w(0), num_examples=100, num_steps=k)
     slow.update_parameters(_w(1), num_examples=100, num_steps=4 * k)  # trained from scratch, saw nothing
     result, _ = fast.update_parameters(_w(0), num_examples=100, num_steps=k)
-    slow_header = fast._peers["slow"].update.header
+    slow_header = fast.peers.cached["slow"][1].header
     return float(result[0][0, 0]), fast.policy.staleness_of(slow_header)
 
 

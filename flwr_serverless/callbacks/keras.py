@@ -187,7 +187,7 @@ class FlwrFederatedCallback(keras.callbacks.Callback):
         weights = self.model.get_weights()
         steps, self._steps = self._steps, 0
         new_weights, aggregated = self.node.update_parameters(
-            weights, num_examples, epoch, metrics=_numeric_logs(logs), num_steps=steps
+            weights, num_examples, epoch=epoch, metrics=_numeric_logs(logs), num_steps=steps
         )
         if new_weights is not None:
             self.model.set_weights([np.asarray(w) for w in new_weights])

@@ -191,7 +191,7 @@ def make_callback_class(package: ModuleType) -> type:
             if trainer.is_global_zero:
                 arrays = [self._to_numpy(state[n]) for n in names]
                 new_arrays, aggregated = self.node.update_parameters(
-                    arrays, num_examples, trainer.current_epoch,
+                    arrays, num_examples, epoch=trainer.current_epoch,
                     metrics=_numeric_metrics(trainer.callback_metrics),
                     num_steps=trainer.global_step - self._start_step,
                 )

@@ -1,0 +1,24 @@
+"""Federated nodes: an ``Exchange`` (all I/O) composed with a mode's pure decisions.
+
+Follow a federation from a callback to the store: the callback calls
+``update_parameters`` (``Federating`` protocol); the node claims its member
+record, encodes its weights (``codec``), and its mode decides what to read and
+how to weigh it (``modes``); the ``Exchange`` does every store call under the
+call's deadline; ``aggregation`` does the math.
+"""
+
+from flwr_serverless.exchange import NodeStats
+from flwr_serverless.node.async_node import AsyncFederatedNode
+from flwr_serverless.node.base import FederatedNode
+from flwr_serverless.node.protocol import Federating
+from flwr_serverless.node.semisync_node import SemiSyncFederatedNode
+from flwr_serverless.node.sync_node import SyncFederatedNode
+
+__all__ = [
+    "AsyncFederatedNode",
+    "FederatedNode",
+    "Federating",
+    "NodeStats",
+    "SemiSyncFederatedNode",
+    "SyncFederatedNode",
+]

@@ -1,0 +1,220 @@
+"""A barrier per round over the experiment's live members; every node aggregates the same set."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from flwr.server.strategy import Strategy
+
+from flwr_serverless import layout
+from flwr_serverless.aggregation import Contribution
+from flwr_serverless.codec import UpdateHeader
+from flwr_serverless.deadline import Deadline
+from flwr_serverless.errors import IncompatiblePeersError, StoreError, SyncTimeoutError
+from flwr_serverless.exchange import is_transient
+from flwr_serverless.modes.synchronous import Barrier, barrier, check_counts, current_members, entry_round
+from flwr_serverless.node.base import FederatedNode
+from flwr_serverless.stores import ObjectInfo, Store
+
+logger = logging.getLogger("flwr_serverless")
+
+POLL_FIRST, POLL_MAX, POLL_GROWTH = 0.05, 1.0, 1.5
+DOWNLOAD_RESERVE = 0.25  # share of ``timeout`` (at most 30 s) kept for the downloads after a timed-out barrier
+
+
+def _check_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+class SyncFederatedNode(FederatedNode):
+    """A barrier per round: wait until every live member published round r, then all aggregate the same set.
+
+    ``num_nodes`` members must have joined for the experiment to start; after
+    that a round waits for the members that are live now. Members that left
+    are not awaited; members whose lease expired (or whose process is gone on
+    this host) are dropped from the barrier with a warning. ``min_nodes`` is
+    how few may make a round (default 1). At ``timeout`` a round still missing
+    live members continues when ``min_nodes`` allows (partial), else raises
+    ``SyncTimeoutError`` naming them. ``max_incompatible_rounds`` rounds in a
+    row with peers but none compatible raise ``IncompatiblePeersError``.
+    """
+
+    def __init__(self, store: Store | str | None = None, strategy: Strategy | str | None = None, *,
+                 num_nodes: int | None = None, timeout: float = 300.0, min_nodes: int | None = None,
+                 max_incompatible_rounds: int = 3, **options: Any) -> None:
+        self.num_nodes, self.min_nodes = check_counts(num_nodes, min_nodes)
+        self.timeout = _check_positive("timeout", timeout)
+        if isinstance(max_incompatible_rounds, bool) or not isinstance(max_incompatible_rounds, int) \
+                or max_incompatible_rounds < 1:
+            raise ValueError(f"max_incompatible_rounds must be a positive integer, got {max_incompatible_rounds!r}")
+        self.max_incompatible_rounds = max_incompatible_rounds
+        super().__init__(store, strategy, **options)
+        self.round = 0
+        self.started = False  # the experiment is under way: num_nodes no longer gates a round
+        self._round_checked = False  # first federation: look up the experiment's current round
+        self._incompatible = 0
+        self._announced: set[str] = set()  # members already reported as dropped or departed
+        self.sleep = time.sleep  # barrier polling (tests inject their own)
+
+    def _deadline(self) -> Deadline:
+        """The whole call (join, publish, barrier, downloads, outages included) ends within ``timeout``."""
+        return Deadline.after(self.timeout, self.clock)
+
+    @staticmethod
+    def round_prefix(round_number: int) -> str:
+        return layout.round_prefix(round_number)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "round": self.round}
+
+    def load_state_dict(self, state: Any) -> None:
+        super().load_state_dict(state)
+        self.round = int(state.get("round", self.round))
+        self._round_checked = False
+
+    # -- joining -----------------------------------------------------------------------
+    def _on_joined(self, deadline: Deadline) -> None:
+        """A takeover of our id: round objects under it are an earlier instance's, not ours to count."""
+        if self.membership is not None and self.membership.took_over and not self._round_checked:
+            try:
+                for key in self.exchange.list(layout.ROUNDS, deadline):
+                    parsed = layout.parse_round_key(key)
+                    if parsed is not None and parsed.node_id == self.node_id and parsed.round >= self.round:
+                        self.exchange.delete_quietly(key, deadline)
+            except StoreError as exc:
+                logger.info("node %s could not clean its earlier instance's rounds: %s", self.node_id, exc)
+
+    def _enter(self, deadline: Deadline) -> None:
+        """Start at the experiment's current round, so a restarted or late node never waits alone."""
+        exchange = self.exchange
+        listing = exchange.list(layout.ROUNDS, deadline)
+        records = self.roster.read(deadline)
+        rounds = layout.rounds_by_number(listing)
+        # Members of this run, and publishers without a record (a store or peer without membership).
+        current = set(current_members(records, self.wall_clock(), self._joined_at()))
+        current |= {node for nodes in rounds.values() for node in nodes if node not in records}
+        target, under_way = entry_round(self.node_id, rounds, current, self.round)
+        self._round_checked = True
+        self.started = self.started or under_way
+        if target != self.round:
+            logger.info("node %s joins the experiment at round %d (had round %d)", self.node_id, target, self.round)
+            self.round = target
+        for number, nodes in rounds.items():
+            if number < target - 1 and self.node_id in nodes:
+                exchange.delete_quietly(layout.round_key(number, self.node_id), deadline)
+
+    def _joined_at(self) -> float:
+        membership = self.membership
+        return membership.joined_at if membership is not None and membership.joined_at is not None \
+            else self.wall_clock()
+
+    # -- a round -------------------------------------------------------------------------
+    def _weight(self, header: UpdateHeader) -> float:
+        return float(header.num_examples)
+
+    def _federate(self, arrays: list[np.ndarray], header: UpdateHeader,
+                  deadline: Deadline) -> tuple[list[np.ndarray], dict[str, float]]:
+        if not self._round_checked:
+            try:
+                self._enter(deadline)
+            except StoreError as exc:  # store away: stay at our round, the barrier wait copes with the outage
+                if not is_transient(exc):
+                    raise
+                logger.warning("node %s could not look up the current round (will retry): %s", self.node_id, exc)
+        header.round = self.round
+        self.exchange.publish(layout.round_key(self.round, self.node_id), self._encode(arrays, header), deadline)
+        # Our own weights as peers decode them (little-endian, contiguous), without hashing them twice.
+        own_arrays = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for a in arrays]
+        listing, state = self._wait_for_round(deadline)
+        others = [listing[layout.round_key(self.round, n)] for n in sorted(state.counted - {self.node_id})]
+        peers, headers = self._gather(others, deadline)
+        self._check_compatibility(others, peers)
+        own = Contribution(self.node_id, own_arrays, self._weight(header), header.num_examples, header.metrics)
+        result = self._aggregate(own, peers, [header, *headers], server_round=self.round + 1)
+        if self.round >= 2:
+            self.exchange.delete_quietly(layout.round_key(self.round - 2, self.node_id), deadline)
+        self.round += 1
+        self.started = True
+        return result
+
+    def _gather(self, others: list[ObjectInfo], deadline: Deadline) -> tuple[list[Contribution], list[UpdateHeader]]:
+        peers: list[Contribution] = []
+        headers: list[UpdateHeader] = []
+        for info, outcome in zip(others, self.exchange.fetch_many(others, deadline)):
+            if isinstance(outcome, StoreError):
+                self.exchange.store_failure(info.key, outcome, f"in round {self.round}")
+            elif outcome is not None:
+                h = outcome.header
+                peers.append(Contribution(h.node_id, outcome.arrays, self._weight(h), h.num_examples, h.metrics))
+                headers.append(h)
+        return peers, headers
+
+    def _check_compatibility(self, others: list[ObjectInfo], peers: list[Contribution]) -> None:
+        """Peers present but none usable, round after round: say so instead of training alone."""
+        rejections = {info.key: self.stats.rejections[info.key] for info in others
+                      if info.key in self.stats.rejections}
+        if others and not peers and len(rejections) == len(others):
+            self._incompatible += 1
+            if self._incompatible >= self.max_incompatible_rounds:
+                raise IncompatiblePeersError(self.node_id, self._incompatible, rejections)
+        else:
+            self._incompatible = 0
+
+    def _wait_for_round(self, deadline: Deadline) -> tuple[dict[str, ObjectInfo], Barrier]:
+        """Poll the round's listing and the member records until the barrier says go (or the deadline)."""
+        prefix = layout.round_prefix(self.round)
+        reserve = min(DOWNLOAD_RESERVE * self.timeout, 30.0)
+        wait_until = Deadline(None if deadline.at is None else deadline.at - reserve, deadline.clock)
+        delay = POLL_FIRST
+        listing: dict[str, ObjectInfo] = {}
+        records: dict[str, Any] = {}
+        while True:
+            try:
+                listing = self.exchange.list(prefix, deadline)
+                records = self.roster.read(deadline)
+            except StoreError as exc:  # an outage: keep waiting (up to the deadline) for the store to return
+                if not is_transient(exc):
+                    raise
+                self.stats.store_failures += 1
+                logger.warning("node %s: store unavailable during round %d barrier: %s", self.node_id, self.round, exc)
+            if self.membership is not None:
+                self.membership.heartbeat(deadline)  # a long wait must not let our own lease run out
+            state = self._barrier(listing, records)
+            if state.complete:
+                return listing, state
+            if wait_until.expired:
+                return listing, self._timed_out(state)
+            self.sleep(min(delay, wait_until.remaining()))
+            delay = min(delay * POLL_GROWTH, POLL_MAX)
+
+    def _barrier(self, listing: dict[str, ObjectInfo], records: dict[str, Any]) -> Barrier:
+        published = {k.rsplit("/", 1)[-1] for k in listing if layout.parse_round_key(k) is not None}
+        state = barrier(self.node_id, published, records, now=self.wall_clock(), joined_at=self._joined_at(),
+                        num_nodes=self.num_nodes, min_nodes=self.min_nodes, started=self.started)
+        for node in sorted((state.dropped | state.departed) - self._announced):
+            self._announced.add(node)
+            if node in state.dropped:
+                self.stats.dropped_members += 1
+                logger.warning("node %s: round %d no longer waits for %s (its lease expired or its process is "
+                               "gone)", self.node_id, self.round, node)
+            else:
+                logger.info("node %s: %s has left the experiment", self.node_id, node)
+        return state
+
+    def _timed_out(self, state: Barrier) -> Barrier:
+        present = sorted(state.counted)
+        missing = sorted(state.waiting_for)
+        unknown = 0 if self.started else self.num_nodes - state.members_seen
+        if unknown > 0:
+            missing.append(f"{unknown} node(s) that never joined")
+        if self.min_nodes is not None and len(present) >= self.min_nodes:
+            self.stats.partial_rounds += 1
+            logger.warning("node %s: round %d continues with %d node(s) after %.1fs, without %s", self.node_id,
+                           self.round, len(present), self.timeout, ", ".join(missing))
+            return state
+        raise SyncTimeoutError(self.round, self.timeout, present, missing)
