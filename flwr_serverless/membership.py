@@ -142,13 +142,17 @@ class Membership:
                             lease=self.lease)
         return replace(base, **changes)
 
-    def join(self, deadline: Deadline = NO_DEADLINE) -> None:
-        """Claim the id. Raises ``DuplicateNodeIdError`` while another live node owns it; ``StoreError`` if down."""
+    def join(self, deadline: Deadline = NO_DEADLINE, before_takeover: Callable[[], None] | None = None) -> None:
+        """Claim the id. Raises ``DuplicateNodeIdError`` while another live node owns it; ``StoreError`` if down.
+
+        ``before_takeover`` runs when the id belonged to an earlier instance, before our claim is
+        visible: its leftovers can be removed while readers still see them as an ended member's.
+        """
         with deadline.applied():
-            self._claim()
+            self._claim(before_takeover)
         self._refreshed = time.monotonic()
 
-    def _claim(self) -> None:
+    def _claim(self, before_takeover: Callable[[], None] | None) -> None:
         self.joined_at = self.clock()
         data = self._record().to_bytes()
         if not self.store.supports_conditional_writes:
@@ -167,6 +171,8 @@ class Membership:
             except ObjectNotFoundError:
                 continue  # deleted meanwhile: try to create it again
             reason = self._takeover_reason(raw)
+            if reason != "same owner" and before_takeover is not None:
+                before_takeover()
             try:
                 self.tag = self.store.put_if_match(self.key, data, tag)
             except PreconditionFailedError:

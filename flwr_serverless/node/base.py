@@ -94,7 +94,7 @@ class FederatedNode(ABC):
         store = store if store is not None else shared_folder  # `shared_folder` is the original's name
         if store is None:
             raise TypeError("a store (or shared_folder) is required: a Store or a URL such as s3://bucket/prefix")
-        self.node_id = layout.check_node_id(node_id or f"node-{uuid.uuid4().hex[:8]}")
+        self.node_id = layout.check_node_id(node_id if node_id is not None else f"node-{uuid.uuid4().hex[:8]}")
         self.strategy: Strategy = resolve_strategy(strategy)
         self.member_lease = check_lease(member_lease)
         self.owner_token = owner_token or new_owner_token()
@@ -217,8 +217,8 @@ class FederatedNode(ABC):
         """Whether this call federates at all (client sampling); a skipped call touches no store."""
         return True
 
-    def _on_joined(self, deadline: Deadline) -> None:
-        """After the member record is claimed (a takeover may leave leftovers of our own id to clean)."""
+    def _before_takeover(self, deadline: Deadline) -> None:
+        """Our id belonged to an earlier instance: clean what it left before our claim makes it count."""
         return None
 
     def _encode(self, arrays: Sequence[np.ndarray], header: UpdateHeader) -> bytes:
@@ -258,13 +258,12 @@ class FederatedNode(ABC):
             return
         membership = Membership(self.store, self.node_id, self.owner_token, self.member_lease, self.wall_clock)
         try:
-            membership.join(deadline)
+            membership.join(deadline, before_takeover=lambda: self._before_takeover(deadline))
         except StoreError as exc:
             self.stats.store_failures += 1
             logger.warning("node %s could not join yet (will retry next federation): %s", self.node_id, exc)
             return
         self.membership = membership
-        self._on_joined(deadline)
 
     def _check_local_spec(self, arrays: list[np.ndarray], names: Sequence[str] | None, framework: str | None) -> None:
         spec = [(tuple(a.shape), a.dtype) for a in arrays]

@@ -78,9 +78,9 @@ class SyncFederatedNode(FederatedNode):
         self._round_checked = False
 
     # -- joining -----------------------------------------------------------------------
-    def _on_joined(self, deadline: Deadline) -> None:
-        """A takeover of our id: round objects under it are an earlier instance's, not ours to count."""
-        if self.membership is not None and self.membership.took_over and not self._round_checked:
+    def _before_takeover(self, deadline: Deadline) -> None:
+        """Round objects under our id are an earlier instance's: peers must never count them as ours."""
+        if not self._round_checked:
             try:
                 for key in self.exchange.list(layout.ROUNDS, deadline):
                     parsed = layout.parse_round_key(key)
