@@ -297,7 +297,8 @@ def test_layout_builds_and_parses_every_key() -> None:
 
 
 def test_readme_store_layout_lists_every_key_of_the_protocol() -> None:
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
     section = readme.split("## Store layout", 1)[1].split("\n## ", 1)[0]
     for pattern, _ in layout.LAYOUT:
         assert pattern in section, pattern
