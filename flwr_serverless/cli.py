@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from flwr_serverless.errors import FlwrServerlessError
 from flwr_serverless.simulation.data import DATASETS
 from flwr_serverless.simulation.heterogeneity import parse_factors
 from flwr_serverless.simulation.runner import (
@@ -81,7 +82,37 @@ def build_parser() -> argparse.ArgumentParser:
     het.add_argument("--batch-seconds", type=float, default=None, metavar="S",
                      help="pad every batch to (its node's factor x S) seconds, so the emulated speeds hold "
                           "even when threads compete for cores")
+    _add_admin_commands(commands)
     return parser
+
+
+def _add_admin_commands(commands: Any) -> None:
+    """``inspect`` and ``clean``: see and reset an experiment prefix (see flwr_serverless/admin.py)."""
+    for name, text in (("inspect", "show an experiment's members (status, last epoch/round, objects) and rounds"),
+                       ("clean", "delete the objects of members that are no longer live (or everything)")):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("url", help="the experiment prefix: s3://bucket/prefix, a folder, memory://name ...")
+        command.add_argument("--storage-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE")
+        if name == "clean":
+            command.add_argument("--older-than", default=None, metavar="DURATION",
+                                 help="only members whose newest object is older than this (90s, 15m, 2h, 1d)")
+            command.add_argument("--all", action="store_true", help="delete every object under the prefix")
+            command.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+
+
+def _admin(args: argparse.Namespace, out: TextIO) -> int:
+    from flwr_serverless.admin import clean_experiment, format_view, inspect_experiment, parse_duration
+    from flwr_serverless.stores import open_store
+
+    store = open_store(args.url, **dict(args.storage_option))
+    if args.command == "inspect":
+        print(format_view(inspect_experiment(store)), file=out)
+        return 0
+    older = parse_duration(args.older_than) if args.older_than is not None else None
+    deleted = clean_experiment(store, older_than=older, everything=args.all, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {len(deleted)} object(s)" + "".join(f"\n  {k}" for k in deleted), file=out)
+    return 0
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -206,7 +237,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args, out)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        if args.command in ("inspect", "clean"):
+            return _admin(args, out)
+    except (ValueError, RuntimeError, FileNotFoundError, FlwrServerlessError) as exc:
         print(f"flwr-serverless {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 2

@@ -308,3 +308,28 @@ def test_member_record_round_trips_and_rejects_garbage() -> None:
     record = _record("a", 5.0)
     assert MemberRecord.parse(record.to_bytes()) == record
     assert MemberRecord.parse(b"{") is None and MemberRecord.parse(json.dumps([1]).encode()) is None
+
+
+# -- inspect and clean -------------------------------------------------------------------------------------------------
+def test_inspect_and_clean_an_experiment_prefix(tmp_path: Any) -> None:
+    from flwr_serverless.cli import main
+
+    url = str(tmp_path / "exp")
+    store = open_store(url)
+    _leftover(store, "old", 1.0, ago=3600)
+    node = AsyncFederatedNode(url, node_id="current")
+    node.update_parameters(_w(1.0), num_examples=1, epoch=4)
+    out = __import__("io").StringIO()
+    assert main(["inspect", url], out=out) == 0
+    text = out.getvalue()
+    assert "current" in text and "live" in text and "old" in text and "expired" in text
+    out = __import__("io").StringIO()
+    assert main(["clean", url, "--older-than", "10m"], out=out) == 0
+    assert "deleted 2 object(s)" in out.getvalue()
+    assert sorted(store.list("")) == ["members/current", "nodes/current"]
+    assert main(["clean", url, "--all"], out=__import__("io").StringIO()) == 0
+    assert store.list("") == {}
+    with pytest.raises(ValueError, match="older-than"):
+        from flwr_serverless.admin import parse_duration
+
+        parse_duration("soon")
