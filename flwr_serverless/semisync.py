@@ -116,7 +116,7 @@ class SemiSyncFederatedNode(SyncFederatedNode):
         if profiling:
             self._publish_profile(header, steps)
         if self._own_profile is not None:
-            header.extra["dataset_size"] = self._own_profile["dataset_size"]  # our aggregation weight
+            header.dataset_size = self._own_profile["dataset_size"]  # our aggregation weight
         self._batch_times, self._batch_ends = [], []
         result = super()._federate(arrays, header)
         if profiling:
@@ -129,9 +129,8 @@ class SemiSyncFederatedNode(SyncFederatedNode):
         Weighting by examples processed would let fast nodes drown out the slow nodes' data. The size
         travels in each object's header, so every reader weighs a node alike (bit-identical rounds).
         """
-        size = header.extra.get("dataset_size")
-        if isinstance(size, (int, float)) and not isinstance(size, bool) and size > 0:
-            return float(size)
+        if header.dataset_size is not None and header.dataset_size > 0:
+            return float(header.dataset_size)
         return float(header.num_examples)
 
     def _wait_for_round(self, prefix: str, *args: Any, **kwargs: Any) -> dict:

@@ -101,7 +101,7 @@ def test_wrong_format_version():
     top["__metadata__"]["flwr_serverless"] = json.dumps(meta)
     raw = json.dumps(top).encode()
     _rejected(struct.pack("<Q", len(raw)) + raw + data[8 + n :], "unsupported format version")
-    assert FORMAT == "flwr-serverless/1"
+    assert FORMAT == "flwr-serverless/2"
 
 
 def test_absurd_header_size():
