@@ -33,12 +33,29 @@ from typing import Any
 import numpy as np
 
 from flwr_serverless.compat import TensorSpec, default_names, incompatibility
-from flwr_serverless.compression import EncodedTensor, Spec, decode_tensor, encode_tensor, parse_compression, \
-    parse_spec, part_suffixes
+from flwr_serverless.compression import (
+    EncodedTensor,
+    Spec,
+    decode_tensor,
+    encode_tensor,
+    parse_compression,
+    parse_spec,
+    part_suffixes,
+)
 from flwr_serverless.dtypes import DTYPES, dtype_name
 from flwr_serverless.errors import InvalidObjectError, KeyframeRequiredError
-from flwr_serverless.header import FORMAT, FORMAT_V1, FORMATS, KeyframeRef, UpdateHeader, header_fields, \
-    is_valid_node_id, parse_hash, parse_header, parse_keyframe
+from flwr_serverless.header import (
+    FORMAT,
+    FORMAT_V1,
+    FORMATS,
+    KeyframeRef,
+    UpdateHeader,
+    header_fields,
+    is_valid_node_id,
+    parse_hash,
+    parse_header,
+    parse_keyframe,
+)
 
 try:
     import blake3 as _blake3

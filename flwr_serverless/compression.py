@@ -191,10 +191,7 @@ def sparse_encode(current: np.ndarray, keyframe: np.ndarray, k: int) -> tuple[np
     squared norm of the change sent, squared norm of the change left out)."""
     flat, base = current.reshape(-1), keyframe.reshape(-1)
     moved = np.abs(flat - base)
-    if k < flat.size:
-        indices = np.argpartition(moved, flat.size - k)[flat.size - k:]
-    else:
-        indices = np.arange(flat.size)
+    indices = np.argpartition(moved, flat.size - k)[flat.size - k:] if k < flat.size else np.arange(flat.size)
     indices = indices[moved[indices] > 0]
     indices.sort()
     wide = moved if moved.dtype.itemsize >= 4 else moved.astype(np.float32)  # float16 squares overflow

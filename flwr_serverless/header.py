@@ -91,18 +91,18 @@ def header_fields(header: UpdateHeader) -> dict[str, Any]:
     if not is_valid_node_id(header.node_id):
         raise ValueError(f"node id {header.node_id!r} is not a plain name")
     fields: dict[str, Any] = {
-        "node_id": header.node_id, "round": header.round, "timestamp": float(header.timestamp),
-        "metrics": clean_metrics(header.metrics),
-        "dataset_size": int(header.dataset_size) if isinstance(header.dataset_size, np.integer) else header.dataset_size,
+        "node_id": header.node_id, "timestamp": float(header.timestamp), "metrics": clean_metrics(header.metrics),
         "framework": header.framework, "extra": dict(header.extra),
     }
-    for name in _COUNTERS:
+    for name in (*_COUNTERS, "round", "dataset_size"):
         value = getattr(header, name)
         fields[name] = int(value) if isinstance(value, np.integer) else value
     for name, value in fields.items():  # the writer gets the reader's checks first, as a ValueError
         if name in _COUNTERS or name in ("round", "dataset_size"):
             _check_int(value, name, optional=name in ("round", "dataset_size"),
                        low=1 if name == "dataset_size" else 0, fail=ValueError)
+    if not 0 <= fields["timestamp"] < 1e11:  # also NaN
+        raise ValueError(f"header field 'timestamp' must be seconds since the epoch, got {header.timestamp!r}")
     if header.framework is not None and not _FRAMEWORK.match(str(header.framework)):
         raise ValueError(f"framework {header.framework!r} is not a short lowercase name (e.g. {FRAMEWORKS})")
     return fields

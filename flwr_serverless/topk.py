@@ -33,7 +33,7 @@ class TopKCompressor:
             raise ValueError(f"top-k fraction must be in (0, 0.5) (sparse entries cost 2x dense ones), got {fraction}")
         if keyframe_every < 1:
             raise ValueError(f"keyframe_every must be at least 1, got {keyframe_every}")
-        if not 0.0 < max_error or math.isnan(max_error):
+        if not max_error > 0.0:  # NaN fails too
             raise ValueError(f"max_error must be a positive relative error, got {max_error}")
         if min_size < 0:
             raise ValueError(f"min_size must be >= 0, got {min_size}")
