@@ -34,18 +34,22 @@ A delta must be relative to something the reader has. The writer keeps a
     if encoded is None:                            # first call, every K updates, or error too high
         full = encode(arrays, header, names, secret)                 # lossless
         store.put(f"keyframes/{node_id}", full)    # FIRST: no delta may name a missing keyframe
-        store.put(f"nodes/{node_id}", full)        # a full object is a valid latest object too
         compressor.set_keyframe(arrays, object_ref(full))
-    else:
-        store.put(f"nodes/{node_id}", encode(encoded, header, names, secret, keyframe=compressor.keyframe_ref))
+        encoded = compressor.compress(arrays)      # an empty delta against the new keyframe
+    store.put(f"nodes/{node_id}", encode(encoded, header, names, secret, keyframe=compressor.keyframe_ref))
 
-A reader keeps, per peer, the last lossless object it decoded from that peer
-(``update.lossless``). ``decode(data, key, keyframe=cached)`` raises
+(Putting ``full`` itself at ``nodes/<id>`` works too and saves readers one
+GET at keyframe time, at the price of uploading the model twice.)
+
+A reader keeps, per peer, the keyframe it last decoded for that peer (any
+object with ``update.lossless``). ``decode(data, key, keyframe=cached)`` raises
 ``KeyframeRequiredError`` (an ``InvalidObjectError``, carrying ``ref``) when the
 object is a delta against another keyframe; the reader then GETs
-``keyframes/<node_id>``, decodes it, and decodes the delta again with it. If the
-fetched keyframe is not ``ref`` either (the writer republished between the two
-GETs) the peer is skipped this time; its next object names the new keyframe.
+``keyframes/<node_id>``, decodes it (a lossless object of that node whose
+``(header.seq, payload_hash)`` is ``ref``), and decodes the delta again with it.
+If the fetched keyframe is not ``ref`` either (the writer republished between
+the two GETs) the peer is skipped this time; its next object names the new
+keyframe. A keyframe is validated like any object (signature, hash, shapes).
 """
 
 from __future__ import annotations
@@ -191,7 +195,7 @@ def sparse_encode(current: np.ndarray, keyframe: np.ndarray, k: int) -> tuple[np
     squared norm of the change sent, squared norm of the change left out)."""
     flat, base = current.reshape(-1), keyframe.reshape(-1)
     moved = np.abs(flat - base)
-    indices = np.argpartition(moved, flat.size - k)[flat.size - k:] if k < flat.size else np.arange(flat.size)
+    indices = _top(moved, k)
     indices = indices[moved[indices] > 0]
     indices.sort()
     wide = moved if moved.dtype.itemsize >= 4 else moved.astype(np.float32)  # float16 squares overflow
@@ -199,6 +203,24 @@ def sparse_encode(current: np.ndarray, keyframe: np.ndarray, k: int) -> tuple[np
     sent = float(np.dot(wide[indices], wide[indices]))
     index_dtype = "<u4" if flat.size <= 1 << 32 else "<u8"
     return indices.astype(index_dtype), flat[indices], sent, max(total - sent, 0.0)
+
+
+def _top(moved: np.ndarray, k: int) -> np.ndarray:
+    """Flat indices of the ``k`` largest entries: a threshold from a strided sample keeps ~1.5k candidates
+    (one cheap pass), and only those are partitioned; the full partition is the fallback."""
+    n = moved.size
+    if k >= n:
+        return np.arange(n)
+    sample = moved[:: max(1, n // 65536)]
+    rank = min(sample.size - 1, int(sample.size * (1 - 1.5 * k / n)))
+    if sample.size >= 1024 and rank > 0:
+        threshold = np.partition(sample, rank)[rank]
+        candidates = np.flatnonzero(moved >= threshold if threshold > 0 else moved > 0)
+        if threshold == 0 and candidates.size <= k:  # fewer than k entries moved at all: all of them
+            return candidates
+        if candidates.size >= k:
+            return candidates[np.argpartition(moved[candidates], candidates.size - k)[candidates.size - k:]]
+    return np.argpartition(moved, n - k)[n - k:]
 
 
 def sparse_decode(keyframe: np.ndarray, indices: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -46,6 +46,7 @@ class TopKCompressor:
         self.deltas_since_keyframe = 0
         self.residual_norms: list[float] = []  # |what the last delta left out| per tensor
         self.last_error: float | None = None  # |W - R| / |W| of the last delta
+        self.last_captured: float | None = None  # share of |W - K|^2 the last delta carried
 
     def compress(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray | EncodedTensor] | None:
         """Delta-encode ``arrays``; None when the node must publish a lossless keyframe instead."""
@@ -54,7 +55,7 @@ class TopKCompressor:
             return None
         out: list[np.ndarray | EncodedTensor] = []
         residuals: list[float] = []
-        left_out = total = 0.0
+        left_out = total = carried = 0.0
         for array, base in zip(arrays, self.keyframe):
             array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
             if array.dtype.kind == "f":
@@ -65,7 +66,8 @@ class TopKCompressor:
                 residuals.append(0.0)
                 continue
             k = max(1, math.ceil(self.fraction * array.size))
-            indices, values, _, missed = sparse_encode(array, base, k)
+            indices, values, sent, missed = sparse_encode(array, base, k)
+            carried += sent
             parts = {SEP + "indices": indices, SEP + "values": values}
             out.append(EncodedTensor("topk", array.dtype, tuple(array.shape), parts))
             residuals.append(math.sqrt(missed))
@@ -74,6 +76,7 @@ class TopKCompressor:
         if error > self.max_error:
             return None  # the keyframe is too far behind: a fresh one costs less than a bad model
         self.residual_norms, self.last_error = residuals, error
+        self.last_captured = carried / (carried + left_out) if carried + left_out > 0 else 1.0
         self.deltas_since_keyframe += 1
         return out
 

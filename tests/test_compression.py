@@ -15,6 +15,7 @@ from flwr_serverless.compression import (
     from_bf16_bits,
     parse_compression,
     quantize_int8,
+    sparse_encode,
     to_bf16_bits,
 )
 from flwr_serverless.errors import InvalidObjectError, KeyframeRequiredError
@@ -122,29 +123,31 @@ def test_topk_is_refused_without_a_compressor():
 
 
 # -- top-k deltas against a keyframe ----------------------------------------------------------------------------
-def _publish(compressor: TopKCompressor, arrays: list[np.ndarray], seq: int) -> bytes:
-    """What a node does (see the compression module docstring); returns the nodes/<id> object."""
+def _publish(compressor: TopKCompressor, arrays: list[np.ndarray], seq: int) -> tuple[bytes, bytes | None]:
+    """What a node does (see the compression module docstring): (nodes/<id> object, keyframes/<id> object)."""
     header = UpdateHeader("w", seq=seq)
-    encoded = compressor.compress(arrays)
+    encoded, full = compressor.compress(arrays), None
     if encoded is None:
         full = encode(arrays, header)
         compressor.set_keyframe(arrays, object_ref(full))
-        return full
-    return encode(encoded, header, keyframe=compressor.keyframe_ref)
+        encoded = compressor.compress(arrays)
+    return encode(encoded, header, keyframe=compressor.keyframe_ref), full
 
 
 def test_topk_delta_needs_its_keyframe_and_rebuilds_the_sent_entries_exactly():
     base = _model()
     compressor = TopKCompressor(0.05, min_size=100)
-    keyframe_object = _publish(compressor, base, 1)
+    first, keyframe_object = _publish(compressor, base, 1)
     keyframe = decode(keyframe_object, "keyframes/w")
     assert keyframe.lossless and compressor.keyframe_ref == object_ref(keyframe_object)
+    assert len(first) < 2000  # an empty delta: only the small tensors travel
+    assert all(np.array_equal(a, b) for a, b in zip(decode(first, "nodes/w", keyframe=keyframe).arrays, base))
     moved = [a.copy() for a in base]
     moved[0][3, 4] += 1.0
     moved[0][10:20] += 0.001  # a small drift of 800 entries: k = 256, so most of it is left out
     moved[1][:] += 0.5  # 80 elements, below min_size: travels raw
-    delta = _publish(compressor, moved, 2)
-    assert len(delta) < len(keyframe_object) / 3
+    delta, no_keyframe = _publish(compressor, moved, 2)
+    assert no_keyframe is None and len(delta) < len(keyframe_object) / 3
     with pytest.raises(KeyframeRequiredError) as info:
         decode(delta, "nodes/w")
     assert info.value.ref == compressor.keyframe_ref and "keyframe seq 1" in info.value.reason
@@ -161,18 +164,18 @@ def test_topk_delta_needs_its_keyframe_and_rebuilds_the_sent_entries_exactly():
 def test_topk_error_feedback_sends_what_accumulates():
     base = [np.zeros(2000, np.float32)]
     compressor = TopKCompressor(0.001, keyframe_every=100, max_error=10.0, min_size=0)  # k = 2
-    keyframe = decode(_publish(compressor, base, 1), "k")
+    keyframe = decode(_publish(compressor, base, 1)[1], "k")
     current = base[0].copy()
     current[0] = 5.0  # large, sent at once
     current[1] = 4.0
-    seen = decode(_publish(compressor, [current], 2), "k", keyframe=keyframe).arrays[0]
+    seen = decode(_publish(compressor, [current], 2)[0], "k", keyframe=keyframe).arrays[0]
     assert seen[0] == 5.0 and seen[1] == 4.0
     current[7] = 0.5  # third largest: left out, but it stays in the next delta's candidates
     for step in range(3, 8):
         current[7] += 2.0  # keeps drifting: overtakes the others and is sent with its current value
-        seen = decode(_publish(compressor, [current], step), "k", keyframe=keyframe).arrays[0]
+        seen = decode(_publish(compressor, [current], step)[0], "k", keyframe=keyframe).arrays[0]
     assert seen[7] == current[7] == 10.5
-    assert compressor.deltas_since_keyframe == 6
+    assert compressor.deltas_since_keyframe == 7  # the empty delta after the keyframe counts too
 
 
 def test_topk_republishes_the_keyframe_every_k_deltas_and_when_the_error_grows():
@@ -290,3 +293,23 @@ def test_part_names_cannot_collide():
     with pytest.raises(ValueError, match="collides"):
         encode([np.ones(10, np.float32), np.ones(3, np.float32)], UpdateHeader("n"), names=["w", "w::scales"],
                compression="int8")
+
+
+@pytest.mark.parametrize(("size", "k"), [(200_000, 2_000), (200_000, 60_000), (3_000, 30), (50, 49)])
+def test_sparse_selection_is_the_exact_top_k(size, k):
+    rng = np.random.default_rng(size + k)
+    keyframe = rng.standard_normal(size).astype(np.float32)
+    current = keyframe + rng.standard_t(3, size).astype(np.float32)
+    indices, values, sent, missed = sparse_encode(current, keyframe, k)
+    moved = np.abs(current - keyframe)
+    assert indices.dtype == np.uint32 and np.array_equal(indices, np.sort(np.argpartition(moved, size - k)[-k:]))
+    assert np.array_equal(values, current[indices])
+    assert sent + missed == pytest.approx(float(np.sum(moved.astype(np.float64) ** 2)), rel=1e-4)
+
+
+def test_unchanged_entries_are_never_sent():
+    keyframe = np.zeros(100_000, np.float32)
+    current = keyframe.copy()
+    current[[5, 70_000]] = [1.0, -2.0]
+    indices, values, _, missed = sparse_encode(current, keyframe, 1000)
+    assert indices.tolist() == [5, 70_000] and values.tolist() == [1.0, -2.0] and missed == 0.0
