@@ -56,8 +56,8 @@ def drift(arrays: list[np.ndarray], rng: np.random.Generator, scale: float) -> l
     return [a + (scale * rng.standard_t(3, a.size)).astype(np.float32) for a in arrays]
 
 
-def timed(function: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    times, result = [], function()  # warm-up: first calls pay for imports and page faults
+def timed(function: Callable[[], Any], repeat: int, warm: bool = True) -> tuple[float, Any]:
+    times, result = [], function() if warm else None  # warm-up: first calls pay for imports and page faults
     for _ in range(repeat):
         start = time.perf_counter()
         result = function()
@@ -72,13 +72,25 @@ def errors(decoded: list[np.ndarray], truth: list[np.ndarray]) -> tuple[float, f
     return diff / norm, worst
 
 
-def stateless(model: list[np.ndarray], codec: str | None, repeat: int) -> dict[str, Any]:
+def stateless(model: list[np.ndarray], codecs: list[str | None], repeat: int) -> list[dict[str, Any]]:
+    """Encode and decode with each codec, interleaved round by round so machine load hits all alike."""
     header = UpdateHeader("bench", seq=1)
-    encode_s, data = timed(lambda: encode(model, header, compression=codec), repeat)
-    decode_s, decoded = timed(lambda: decode(data, "nodes/bench"), repeat)
-    relative, worst = errors(decoded.arrays, model)
-    return {"encoding": codec or "none", "bytes_per_update": len(data), "encode_s": encode_s, "decode_s": decode_s,
-            "relative_error": relative, "max_abs_error": worst}
+    times: dict[str | None, dict[str, list[float]]] = {c: {"encode": [], "decode": []} for c in codecs}
+    objects = {c: encode(model, header, compression=c) for c in codecs}  # warm-up
+    for _ in range(repeat):
+        for codec in codecs:
+            seconds, objects[codec] = timed(lambda c=codec: encode(model, header, compression=c), 1, warm=False)
+            times[codec]["encode"].append(seconds)
+            seconds, _ = timed(lambda c=codec: decode(objects[c], "nodes/bench"), 1, warm=False)
+            times[codec]["decode"].append(seconds)
+    rows = []
+    for codec in codecs:
+        relative, worst = errors(decode(objects[codec], "nodes/bench").arrays, model)
+        rows.append({"encoding": codec or "none", "bytes_per_update": len(objects[codec]),
+                     "encode_s": statistics.median(times[codec]["encode"]),
+                     "decode_s": statistics.median(times[codec]["decode"]),
+                     "relative_error": relative, "max_abs_error": worst})
+    return rows
 
 
 def topk(model: list[np.ndarray], fraction: float, updates: int, scale: float, seed: int) -> dict[str, Any]:
@@ -138,15 +150,22 @@ def hashing(model: list[np.ndarray], repeat: int) -> dict[str, float]:
         return go
 
     parts = encode_parts(model, UpdateHeader("bench"))
-    return {
-        "sha256_s": timed(run(hashlib.sha256), repeat)[0],
-        "blake3_1_thread_s": timed(run(lambda: blake3.blake3(max_threads=1)), repeat)[0],
-        "blake3_auto_threads_s": timed(run(lambda: blake3.blake3(max_threads=blake3.blake3.AUTO)), repeat)[0],
-        "encode_parts_s": timed(lambda: encode_parts(model, UpdateHeader("bench")), repeat)[0],
-        "join_s": timed(lambda: b"".join(parts), repeat)[0],
-        "encode_sha256_s": timed(lambda: encode(model, UpdateHeader("bench"), payload_hash="sha256"), repeat)[0],
-        "encode_blake3_s": timed(lambda: encode(model, UpdateHeader("bench")), repeat)[0],
+    cases: dict[str, Callable[[], Any]] = {
+        "sha256_s": run(hashlib.sha256),
+        "blake3_1_thread_s": run(lambda: blake3.blake3(max_threads=1)),
+        "blake3_auto_threads_s": run(lambda: blake3.blake3(max_threads=blake3.blake3.AUTO)),
+        "encode_parts_s": lambda: encode_parts(model, UpdateHeader("bench")),
+        "join_s": lambda: b"".join(parts),
+        "encode_sha256_s": lambda: encode(model, UpdateHeader("bench"), payload_hash="sha256"),
+        "encode_blake3_s": lambda: encode(model, UpdateHeader("bench")),
     }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for case in cases.values():
+        case()  # warm-up
+    for _ in range(repeat):  # interleaved, so machine load hits every case alike
+        for name, case in cases.items():
+            times[name].append(timed(case, 1, warm=False)[0])
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -170,7 +189,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axes[2].set_yscale("log")
     axes[2].set_ylabel("|R - W| / |W| (top-k: worst delta)")
     for ax in axes:
-        ax.tick_params(axis="x", rotation=30)
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.suptitle(f"Compressed updates, {rows[0]['params'] / 1e6:.0f}M float32 parameters")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -187,7 +206,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = make_model(args.params)
-    rows = [stateless(model, codec, args.repeat) for codec in (None, "fp16", "bf16", "int8")]
+    rows = stateless(model, [None, "fp16", "bf16", "int8"], args.repeat)
     rows += [topk(model, float(f), args.updates, float(d), seed=1)
              for d in args.drifts.split(",") for f in args.fractions.split(",")]
     floor = rows[0]

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from flwr_serverless.compat import TensorSpec, default_names, incompatibility
+from flwr_serverless.compat import TensorSpec, check_compatible, default_names, incompatibility
 from flwr_serverless.compression import (
     EncodedTensor,
     Spec,
@@ -62,8 +62,9 @@ try:
 except ImportError:  # pragma: no cover - blake3 is a dependency; SHA-256 keeps working without it
     _blake3 = None
 
-__all__ = ["FORMAT", "FORMAT_V1", "DecodedUpdate", "KeyframeRef", "UpdateHeader", "decode", "dtype_name", "encode",
-           "encode_parts", "is_valid_node_id", "object_ref", "read_header"]
+__all__ = ["FORMAT", "FORMAT_V1", "DecodedUpdate", "KeyframeRef", "KeyframeRequiredError", "UpdateHeader",
+           "check_compatible", "decode", "dtype_name", "encode", "encode_parts", "is_valid_node_id", "object_ref",
+           "read_header"]
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 HASHES = ("blake3", "sha256")
