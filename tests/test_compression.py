@@ -313,3 +313,20 @@ def test_unchanged_entries_are_never_sent():
     current[[5, 70_000]] = [1.0, -2.0]
     indices, values, _, missed = sparse_encode(current, keyframe, 1000)
     assert indices.tolist() == [5, 70_000] and values.tolist() == [1.0, -2.0] and missed == 0.0
+
+
+def test_signed_deltas_cover_the_keyframe_they_name():
+    compressor = TopKCompressor(0.01, min_size=0)
+    base = np.ones(5000, np.float32)
+    _, keyframe_object = _publish(compressor, [base], 1)
+    moved = base.copy()
+    moved[:10] += 0.01
+    encoded = compressor.compress([moved])
+    assert encoded is not None and isinstance(encoded[0], EncodedTensor)
+    delta = encode(encoded, UpdateHeader("w", seq=2), secret=b"s", keyframe=compressor.keyframe_ref)
+    keyframe = decode(keyframe_object, "keyframes/w")
+    assert np.array_equal(decode(delta, "nodes/w", secret=b"s", keyframe=keyframe).arrays[0], moved)
+    forged = rewrite(delta, lambda f: f["keyframe"].update(seq=7))
+    _rejected(forged, "bad signature", secret=b"s", keyframe=keyframe)
+    with pytest.raises(ValueError, match="keyframe="):
+        encode(encoded, UpdateHeader("w", seq=3))
