@@ -5,13 +5,17 @@ Layout of one object (readable by the ``safetensors`` library too)::
     8 bytes    little-endian uint64 N: length of the JSON header
     N bytes    UTF-8 JSON, padded with spaces to a multiple of 8:
                {"__metadata__": {"flwr_serverless": "<update header as JSON>"},
-                "t0000": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]}, ...}
-    payload    the tensors back to back, little-endian, C order
+                "dense/kernel": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]}, ...}
+    payload    the stored tensors back to back, little-endian, C order
 
-The update header (see ``UpdateHeader``) carries the format version, who wrote
-the object and what it was trained from, the tensor order and a SHA-256 of the
-payload; with a secret it also carries an HMAC-SHA256 over header and payload.
-A reader validates all of it (and finiteness) before anything reaches aggregation.
+The update header (``flwr_serverless.header``) carries the format version, who
+wrote the object and what it was trained from, the tensor names in model order,
+how compressed tensors are stored (``compression.py``), the keyframe a top-k
+delta is relative to, and a hash of the payload (BLAKE3 by default, SHA-256
+accepted). With a secret it also carries an HMAC-SHA256 over the header and
+layout, which covers the payload through its hash. A reader validates all of it
+(and finiteness) before anything reaches aggregation; version-1 objects
+(``flwr-serverless/1``, SHA-256) still decode.
 """
 
 from __future__ import annotations
@@ -21,139 +25,160 @@ import hmac
 import json
 import math
 import mmap
-import re
 import struct
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from flwr_serverless.errors import InvalidObjectError
+from flwr_serverless.compat import TensorSpec, check_compatible, default_names, incompatibility
+from flwr_serverless.compression import (
+    EncodedTensor,
+    Spec,
+    decode_tensor,
+    encode_tensor,
+    parse_compression,
+    parse_spec,
+    part_suffixes,
+)
+from flwr_serverless.dtypes import DTYPES, dtype_name
+from flwr_serverless.errors import InvalidObjectError, KeyframeRequiredError
+from flwr_serverless.header import (
+    FORMAT,
+    FORMAT_V1,
+    FORMATS,
+    KeyframeRef,
+    UpdateHeader,
+    header_fields,
+    is_valid_node_id,
+    parse_hash,
+    parse_header,
+    parse_keyframe,
+)
 
-FORMAT = "flwr-serverless/1"
+try:
+    import blake3 as _blake3
+except ImportError:  # pragma: no cover - blake3 is a dependency; SHA-256 keeps working without it
+    _blake3 = None
+
+__all__ = ["FORMAT", "FORMAT_V1", "DecodedUpdate", "KeyframeRef", "KeyframeRequiredError", "UpdateHeader",
+           "check_compatible", "decode", "dtype_name", "encode", "encode_parts", "is_valid_node_id", "object_ref",
+           "read_header"]
+
 MAX_HEADER_BYTES = 16 * 1024 * 1024
-_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-
-# safetensors dtype names <-> numpy dtypes (little-endian)
-_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"),
-    "U32": np.dtype("<u4"),
-    "U16": np.dtype("<u2"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("bool"),
-}
-_NAMES = {(dt.kind, dt.itemsize): name for name, dt in _DTYPES.items()}
-
-Scalar = bool | int | float | str
-
-
-def is_valid_node_id(node_id: str) -> bool:
-    """Node ids are plain names: letters, digits, '_', '-', '.'; no '/', '..' or control characters."""
-    return bool(_NODE_ID.match(node_id)) and ".." not in node_id
-
-
-@dataclass
-class UpdateHeader:
-    """Who published an update and what it was trained from (everything staleness needs)."""
-
-    node_id: str
-    epoch: int = 0  # the node's own epoch / publication counter
-    round: int | None = None  # sync round, when the node is synchronous
-    num_examples: int = 0  # examples trained since the last federation
-    local_steps: int = 0  # cumulative optimizer steps of this node
-    base_version: int = 0  # community version the local training started from
-    base_steps: int = 0  # total community steps already included in that base
-    timestamp: float = field(default_factory=time.time)
-    metrics: dict[str, Scalar] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+HASHES = ("blake3", "sha256")
+_THREADED_HASH_BYTES = 8 << 20  # below this, BLAKE3's worker threads cost more than they save
 
 
 @dataclass
 class DecodedUpdate:
     header: UpdateHeader
-    names: list[str]
-    arrays: list[np.ndarray]  # read-only views on the object's bytes
+    names: list[str]  # the writer's tensor names (``t0000``... when it supplied none)
+    arrays: list[np.ndarray]  # uncompressed tensors: read-only views on the object's bytes
+    payload_hash: str = ""  # "blake3:<hex>" / "sha256:<hex>": names this object as a keyframe
+    keyframe: KeyframeRef | None = None  # what a top-k delta was rebuilt from
+    encodings: dict[str, str] = field(default_factory=dict)  # compressed tensor name -> codec
+
+    @property
+    def lossless(self) -> bool:
+        """Every tensor is exactly what the writer had: the object can serve as that writer's keyframe."""
+        return not self.encodings
 
 
-def dtype_name(dtype: np.dtype) -> str:
-    dt = np.dtype(dtype)
-    name = _NAMES.get((dt.kind, dt.itemsize))
-    if name is None:
-        raise TypeError(f"dtype {dt} cannot be stored (supported: {', '.join(_DTYPES)})")
-    return name
+def _hasher(algorithm: str, size: int) -> Any:
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if _blake3 is None:
+        raise RuntimeError("BLAKE3 objects need the 'blake3' package (pip install blake3)")
+    threads = _blake3.blake3.AUTO if size >= _THREADED_HASH_BYTES else 1
+    return _blake3.blake3(max_threads=threads)
 
 
 def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _signature(secret: bytes, header_fields: Mapping[str, Any], layout: Mapping[str, Any]) -> str:
-    # The header carries the payload's SHA-256, so signing header + layout covers the payload too.
+def _signature(secret: bytes, header_fields: dict[str, Any], layout: dict[str, Any]) -> str:
+    # The header carries the payload's hash, so signing header + layout covers the payload too.
     return hmac.new(secret, _canonical({"header": header_fields, "layout": layout}), hashlib.sha256).hexdigest()
 
 
-def _clean_metrics(metrics: Mapping[str, Any]) -> dict[str, Scalar]:
-    clean: dict[str, Scalar] = {}
-    for key, value in metrics.items():
-        if isinstance(value, (bool, str)):
-            clean[str(key)] = value
-        elif isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(float(value)):
-            clean[str(key)] = value.item() if isinstance(value, np.generic) else value
-    return clean
-
-
-def encode(
-    arrays: Sequence[np.ndarray],
+def encode_parts(
+    arrays: Sequence[np.ndarray | EncodedTensor],
     header: UpdateHeader,
     names: Sequence[str] | None = None,
     secret: bytes | None = None,
-) -> bytes:
-    """Serialize tensors plus header; the result is one self-describing object."""
-    if not is_valid_node_id(header.node_id):
-        raise ValueError(f"node id {header.node_id!r} is not a plain name")
-    names = list(names) if names is not None else [f"t{i:04d}" for i in range(len(arrays))]
+    *,
+    compression: str | None = None,
+    keyframe: KeyframeRef | None = None,
+    payload_hash: str = "blake3",
+) -> list[bytes | memoryview]:
+    """``encode`` as a list of buffers (framing, then each tensor's bytes), for stores that can write them
+    without joining: the tensors are not copied."""
+    fields = header_fields(header)
+    names = list(names) if names is not None else default_names(len(arrays))
     if len(names) != len(arrays) or len(set(names)) != len(names):
         raise ValueError("tensor names must be unique, one per array")
-    if "__metadata__" in names:
-        raise ValueError("'__metadata__' is not a tensor name")
+    if payload_hash not in HASHES:
+        raise ValueError(f"payload_hash must be one of {HASHES}, got {payload_hash!r}")
+    codec, _ = parse_compression(compression)
+    if codec == "topk":
+        raise ValueError("compression='topk:...' needs a TopKCompressor: pass its compress() output as arrays")
+
+    stored: list[tuple[str, np.ndarray]] = []
+    encodings: dict[str, Any] = {}
+    for name, item in zip(names, arrays):
+        item = item if isinstance(item, EncodedTensor) else encode_tensor(np.asarray(item), codec)
+        if isinstance(item, EncodedTensor):
+            encodings[name] = item.spec()
+            stored += [(name + suffix, item.parts[suffix]) for suffix in part_suffixes(item.codec)]
+        else:
+            stored.append((name, item))
+    part_names = [name for name, _ in stored]
+    if "__metadata__" in part_names or len(set(part_names)) != len(part_names):
+        raise ValueError("a tensor name is '__metadata__' or collides with another tensor's stored part name")
+    if any(spec["codec"] == "topk" for spec in encodings.values()) and keyframe is None:
+        raise ValueError("top-k deltas need keyframe= (the compressor's keyframe_ref)")
 
     chunks: list[memoryview] = []
     layout: dict[str, Any] = {}
-    digest = hashlib.sha256()
+    total = sum(np.asarray(a).nbytes for _, a in stored)
+    digest = _hasher(payload_hash, total)
     offset = 0
-    for name, array in zip(names, arrays):
+    for name, array in stored:
         array = np.asarray(array)
-        stored = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        view = memoryview(stored.reshape(-1).view(np.uint8))
+        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        view = memoryview(data.reshape(-1).view(np.uint8))
         layout[name] = {"dtype": dtype_name(array.dtype), "shape": list(array.shape),
                         "data_offsets": [offset, offset + view.nbytes]}
         digest.update(view)
         chunks.append(view)
         offset += view.nbytes
 
-    fields = asdict(header)
-    fields["metrics"] = _clean_metrics(header.metrics)
-    fields["format"] = FORMAT
-    fields["tensor_names"] = names
-    fields["payload_sha256"] = digest.hexdigest()
+    fields.update(format=FORMAT, tensor_names=names, payload_hash=f"{payload_hash}:{digest.hexdigest()}",
+                  encodings=encodings, keyframe=None if keyframe is None else
+                  {"seq": keyframe.seq, "payload_hash": keyframe.payload_hash})
     if secret:
         fields["signature"] = _signature(secret, fields, layout)
-    json_header = json.dumps({"__metadata__": {"flwr_serverless": json.dumps(fields, allow_nan=False)}, **layout})
-    raw = json_header.encode()
+    meta = {"__metadata__": {"flwr_serverless": json.dumps(fields, allow_nan=False)}}
+    raw = json.dumps({**meta, **layout}).encode()
     raw += b" " * (-len(raw) % 8)
-    return b"".join([struct.pack("<Q", len(raw)), raw, *chunks])
+    return [struct.pack("<Q", len(raw)), raw, *chunks]
 
 
-def read_header(data: bytes | memoryview, key: str) -> tuple[dict[str, Any], dict[str, Any], int]:
+def encode(arrays: Sequence[np.ndarray | EncodedTensor], header: UpdateHeader, names: Sequence[str] | None = None,
+           secret: bytes | None = None, **options: Any) -> bytes:
+    """Serialize tensors plus header into one self-describing object.
+
+    ``compression`` ("fp16", "bf16", "int8") compresses float tensors; top-k
+    deltas come from ``TopKCompressor.compress`` (pass them as ``arrays`` with
+    ``keyframe=``). ``payload_hash`` is "blake3" (default) or "sha256".
+    """
+    return b"".join(encode_parts(arrays, header, names, secret, **options))
+
+
+def read_header(data: bytes | memoryview | mmap.mmap, key: str) -> tuple[dict[str, Any], dict[str, Any], int]:
     """Parse and sanity-check the framing; returns (update fields, tensor layout, payload start)."""
     if len(data) < 8:
         raise InvalidObjectError(key, f"truncated: {len(data)} bytes is shorter than the 8-byte length prefix")
@@ -169,31 +194,44 @@ def read_header(data: bytes | memoryview, key: str) -> tuple[dict[str, Any], dic
         fields = json.loads(top["__metadata__"]["flwr_serverless"])
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise InvalidObjectError(key, f"not a flwr-serverless weights object ({type(exc).__name__})") from None
-    if not isinstance(fields, dict) or fields.get("format") != FORMAT:
+    if not isinstance(fields, dict) or fields.get("format") not in FORMATS:
         version = fields.get("format") if isinstance(fields, dict) else None
-        raise InvalidObjectError(key, f"unsupported format version {version!r} (expected {FORMAT!r})")
+        raise InvalidObjectError(key, f"unsupported format version {str(version)[:40]!r} (this reader reads "
+                                      f"{', '.join(FORMATS)})")
     layout = {name: spec for name, spec in top.items() if name != "__metadata__"}
     return fields, layout, 8 + header_len
+
+
+def object_ref(data: bytes | memoryview, key: str = "<encoded>") -> KeyframeRef:
+    """The (seq, payload hash) naming an encoded object, for ``TopKCompressor.set_keyframe``."""
+    fields, _, _ = read_header(data, key)
+    algorithm, digest = parse_hash(fields.get("payload_hash"), key)
+    return KeyframeRef(parse_header(fields, key).seq, f"{algorithm}:{digest}")
 
 
 def decode(
     data: bytes | memoryview | mmap.mmap,
     key: str,
-    expected: Sequence[tuple[tuple[int, ...], np.dtype]] | None = None,
+    expected: Sequence[TensorSpec] | None = None,
     secret: bytes | None = None,
     check_finite: bool = True,
+    *,
+    keyframe: DecodedUpdate | None = None,
+    expected_names: Sequence[str] | None = None,
+    framework: str | None = None,
 ) -> DecodedUpdate:
     """Validate and decode one object. Raises ``InvalidObjectError(key, reason)`` on any problem.
 
-    ``expected`` lists the local model's (shape, dtype) per tensor; objects that
-    do not match it are rejected instead of being averaged into the model.
+    ``expected`` lists the local model's (shape, dtype) per tensor (and
+    ``expected_names`` / ``framework`` its names and layout family, see
+    ``compat.check_compatible``); objects that do not match are rejected
+    instead of being averaged into the model. A top-k delta needs ``keyframe``,
+    the writer's lossless object it names, else ``KeyframeRequiredError``.
     """
     fields, layout, start = read_header(data, key)
-    payload = memoryview(data)[start:]
     names = fields.get("tensor_names")
-    if not isinstance(names, list) or sorted(map(str, names)) != sorted(layout):
-        raise InvalidObjectError(key, "tensor names in header and layout disagree")
-
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise InvalidObjectError(key, "header field 'tensor_names' must be a list of distinct strings")
     if secret:
         claimed = fields.pop("signature", None)
         if not isinstance(claimed, str):
@@ -202,13 +240,53 @@ def decode(
             raise InvalidObjectError(key, "bad signature (forged, or signed with another secret)")
     else:
         fields.pop("signature", None)
+    v1 = fields["format"] == FORMAT_V1
+    algorithm, digest = ("sha256", fields.get("payload_sha256")) if v1 else parse_hash(fields.get("payload_hash"), key)
+    header = parse_header(fields, key)
+    specs = _encodings(fields, names, key)
+    ref = None if v1 else parse_keyframe(fields.get("keyframe"), key)
 
-    arrays: list[np.ndarray] = []
+    expected_parts = [(n + s, n) for n in names for s in (part_suffixes(specs[n].codec) if n in specs else ("",))]
+    if sorted(part for part, _ in expected_parts) != sorted(layout):
+        raise InvalidObjectError(key, "tensor names in header and layout disagree")
+    payload = memoryview(data)[start:]
+    parts = _views(layout, [part for part, _ in expected_parts], payload, key)
+    hasher = _hasher(algorithm, len(payload))
+    hasher.update(payload)
+    if not isinstance(digest, str) or not hmac.compare_digest(hasher.hexdigest(), digest):
+        raise InvalidObjectError(key, "checksum mismatch: payload corrupted")
+
+    logical = [(specs[n].shape, specs[n].dtype) if n in specs else (parts[n].shape, parts[n].dtype) for n in names]
+    reason = incompatibility(names, logical, header.framework, expected, expected_names, framework)
+    if reason is not None:
+        raise InvalidObjectError(key, reason)
+    arrays = _rebuild(names, specs, parts, header, ref, keyframe, key)
+    if check_finite:
+        for name, array in zip(names, arrays):
+            if array.dtype.kind == "f" and not _all_finite(array):
+                raise InvalidObjectError(key, f"tensor {name!r} contains NaN or Inf")
+    return DecodedUpdate(header=header, names=list(names), arrays=arrays, payload_hash=f"{algorithm}:{digest}",
+                         keyframe=ref if any(s.codec == "topk" for s in specs.values()) else None,
+                         encodings={n: s.codec for n, s in specs.items()})
+
+
+def _encodings(fields: dict[str, Any], names: list[str], key: str) -> dict[str, Spec]:
+    encodings = fields.get("encodings", {})
+    if fields["format"] == FORMAT_V1 or encodings is None:
+        return {}
+    if not isinstance(encodings, dict) or not set(encodings) <= set(names):
+        raise InvalidObjectError(key, "header field 'encodings' must map tensor names to encodings")
+    return {name: parse_spec(spec, key, name) for name, spec in encodings.items()}
+
+
+def _views(layout: dict[str, Any], order: list[str], payload: memoryview, key: str) -> dict[str, np.ndarray]:
+    """Zero-copy views of the stored tensors, each checked against its bytes and stored back to back."""
+    views: dict[str, np.ndarray] = {}
     offset = 0
-    for name in names:
+    for name in order:
         spec = layout[name]
         try:
-            dtype = _DTYPES[spec["dtype"]]
+            dtype = DTYPES[spec["dtype"]]
             shape = tuple(int(d) for d in spec["shape"])
             begin, end = (int(x) for x in spec["data_offsets"])
         except (KeyError, TypeError, ValueError):
@@ -219,57 +297,35 @@ def decode(
             raise InvalidObjectError(key, f"tensor {name!r}: shape {shape} does not fit {end - begin} bytes")
         if end > len(payload):
             raise InvalidObjectError(key, f"truncated: payload is {len(payload)} bytes, tensor {name!r} ends at {end}")
-        arrays.append(np.frombuffer(payload[begin:end], dtype=dtype).reshape(shape))
+        views[name] = np.frombuffer(payload[begin:end], dtype=dtype).reshape(shape)
         offset = end
     if offset != len(payload):
         raise InvalidObjectError(key, f"payload is {len(payload)} bytes but tensors cover {offset}")
+    return views
 
-    if hashlib.sha256(payload).hexdigest() != fields.get("payload_sha256"):
-        raise InvalidObjectError(key, "checksum mismatch: payload corrupted")
 
-    if expected is not None:
-        if len(expected) != len(arrays):
-            raise InvalidObjectError(key, f"has {len(arrays)} tensors, the local model has {len(expected)}")
-        for index, (array, (shape, dtype)) in enumerate(zip(arrays, expected)):
-            if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype).newbyteorder("<"):
-                raise InvalidObjectError(
-                    key,
-                    f"tensor {index} ({names[index]}) is {array.dtype}{list(array.shape)}, "
-                    f"the local model has {np.dtype(dtype)}{list(shape)}",
-                )
-    if check_finite:
-        for name, array in zip(names, arrays):
-            if array.dtype.kind == "f" and not _all_finite(array):
-                raise InvalidObjectError(key, f"tensor {name!r} contains NaN or Inf")
-
-    header = _header_from_fields(fields, key)
-    return DecodedUpdate(header=header, names=[str(n) for n in names], arrays=arrays)
+def _rebuild(names: list[str], specs: dict[str, Spec], parts: dict[str, np.ndarray], header: UpdateHeader,
+             ref: KeyframeRef | None, keyframe: DecodedUpdate | None, key: str) -> list[np.ndarray]:
+    """Uncompressed tensors as they are; compressed ones back in their original dtype."""
+    if any(spec.codec == "topk" for spec in specs.values()):
+        if ref is None:
+            raise InvalidObjectError(key, "top-k deltas but no 'keyframe' in the header")
+        if keyframe is None or (keyframe.header.seq, keyframe.payload_hash) != (ref.seq, ref.payload_hash):
+            raise KeyframeRequiredError(key, ref)
+        if keyframe.header.node_id != header.node_id or not keyframe.lossless or len(keyframe.arrays) != len(names):
+            raise InvalidObjectError(key, "the keyframe given is not a lossless object of the same node and model")
+    arrays = []
+    for index, name in enumerate(names):
+        if name not in specs:
+            arrays.append(parts[name])
+            continue
+        own = {suffix: parts[name + suffix] for suffix in part_suffixes(specs[name].codec)}
+        base = keyframe.arrays[index] if keyframe is not None and specs[name].codec == "topk" else None
+        arrays.append(decode_tensor(specs[name], own, key, name, base))
+    return arrays
 
 
 def _all_finite(array: np.ndarray, chunk: int = 1 << 16) -> bool:
     """``np.isfinite(array).all()`` in slices, so the check allocates a small mask, not one per tensor."""
     flat = array.reshape(-1)
     return all(np.isfinite(flat[start:start + chunk]).all() for start in range(0, flat.size, chunk))
-
-
-def _header_from_fields(fields: dict[str, Any], key: str) -> UpdateHeader:
-    try:
-        header = UpdateHeader(
-            node_id=str(fields["node_id"]),
-            epoch=int(fields.get("epoch", 0)),
-            round=None if fields.get("round") is None else int(fields["round"]),
-            num_examples=int(fields.get("num_examples", 0)),
-            local_steps=int(fields.get("local_steps", 0)),
-            base_version=int(fields.get("base_version", 0)),
-            base_steps=int(fields.get("base_steps", 0)),
-            timestamp=float(fields.get("timestamp", 0.0)),
-            metrics=_clean_metrics(fields.get("metrics") or {}),
-            extra=dict(fields.get("extra") or {}),
-        )
-    except (KeyError, TypeError, ValueError):
-        raise InvalidObjectError(key, "header fields are missing or of the wrong type") from None
-    if not is_valid_node_id(header.node_id):
-        raise InvalidObjectError(key, f"node id {header.node_id!r} is not a plain name")
-    if header.num_examples < 0 or header.local_steps < 0:
-        raise InvalidObjectError(key, "negative example or step counts")
-    return header

@@ -51,6 +51,18 @@ class InvalidObjectError(FlwrServerlessError):
         super().__init__(f"rejected object {key!r}: {reason}")
 
 
+class KeyframeRequiredError(InvalidObjectError):
+    """A top-k delta names a keyframe the reader does not hold: fetch ``keyframes/<node_id>`` and decode again.
+
+    ``ref`` (a ``header.KeyframeRef``: seq and payload hash) is what the fetched keyframe must be.
+    """
+
+    def __init__(self, key: str, ref: object) -> None:
+        self.ref = ref
+        super().__init__(key, f"a top-k delta against keyframe seq {getattr(ref, 'seq', '?')}, which the reader "
+                              "does not hold (fetch the writer's keyframe object, then decode again)")
+
+
 class SyncTimeoutError(FlwrServerlessError, TimeoutError):
     """A synchronous round did not gather enough nodes before its timeout."""
 

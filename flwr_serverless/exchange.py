@@ -76,7 +76,8 @@ class Exchange:
         self.spool = PeerSpool(peer_cache, cache_dir)
         self.stats = stats if stats is not None else NodeStats()
         self.expected: list[TensorSpec] | None = None  # the local model's tensors, once known
-        self.expected_names: list[str] | None = None
+        self.expected_names: list[str] | None = None  # compared only where names are stable (torch keys)
+        self.framework: str | None = None  # "keras" / "torch": objects of the other layout are refused
         self.bad_tags: dict[str, str] = {}  # key -> tag of an object already rejected (not downloaded again)
 
     # -- calls --------------------------------------------------------------------------
@@ -132,7 +133,9 @@ class Exchange:
                 raise InvalidObjectError(key, f"object is {info.size} bytes, over the limit of {self.max_object_bytes}")
             with deadline.applied():
                 data = self.spool.fetch(self.store, key)
-            update = decode(data, key, expected=self.expected, secret=self.secret)
+            names = self.expected_names if self.framework == "torch" else None  # Keras auto-names vary by process
+            update = decode(data, key, expected=self.expected, secret=self.secret, expected_names=names,
+                            framework=self.framework)
             if update.header.node_id != expected_id:
                 raise InvalidObjectError(key, f"header says node {update.header.node_id!r}, key says {expected_id!r}")
             return update

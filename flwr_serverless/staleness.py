@@ -5,14 +5,14 @@ Provenance (set by every node before it publishes, see ``Provenance.stamp``)
 Each object's header carries
 
 * ``local_steps``: the publisher's cumulative optimizer steps;
-* ``extra["seq"]``: how many objects the publisher has published (1, 2, ...);
+* ``seq``: how many objects the publisher has published (1, 2, ...);
 * ``base_version``: the publisher's *community version* when it last aggregated,
   defined as the sum of ``seq`` over the objects it aggregated then (its own
   included), i.e. the number of distinct updates, of all nodes, already folded
   into the weights it continued training from;
 * ``base_steps``: the sum of ``local_steps`` over those same objects, i.e. the
   community steps already folded into that base;
-* ``extra["base_own_seq"]`` / ``extra["base_own_steps"]``: its own ``seq`` and
+* ``base_own_seq`` / ``base_own_steps``: its own ``seq`` and
   ``local_steps`` at that aggregation, so a reader can tell the publisher's own
   new work apart from the community's.
 
@@ -46,9 +46,6 @@ from flwr_serverless.aggregation import weighted_sum
 from flwr_serverless.codec import UpdateHeader
 
 STALENESS_UNITS = ("steps", "versions")
-SEQ = "seq"
-BASE_OWN_SEQ = "base_own_seq"
-BASE_OWN_STEPS = "base_own_steps"
 
 
 # -- staleness functions ------------------------------------------------------------
@@ -105,13 +102,6 @@ def parse_staleness(spec: str | StalenessFunction | None) -> StalenessFunction:
 
 
 # -- provenance ---------------------------------------------------------------------
-def _extra_int(header: UpdateHeader, key: str) -> int:
-    try:
-        return int(header.extra.get(key, 0))
-    except (TypeError, ValueError):
-        return 0
-
-
 @dataclass
 class Provenance:
     """What a node's next object was trained from; advanced at every aggregation."""
@@ -127,14 +117,14 @@ class Provenance:
         self.seq += 1
         header.base_version = self.base_version
         header.base_steps = self.base_steps
-        header.extra.update({SEQ: self.seq, BASE_OWN_SEQ: self.base_own_seq, BASE_OWN_STEPS: self.base_own_steps})
+        header.seq, header.base_own_seq, header.base_own_steps = self.seq, self.base_own_seq, self.base_own_steps
 
     def advance(self, own: UpdateHeader, participants: Iterable[UpdateHeader]) -> None:
         """The node now continues from an aggregate of ``participants`` (its own object included)."""
         headers = list(participants)
-        self.base_version = sum(_extra_int(h, SEQ) for h in headers)
+        self.base_version = sum(h.seq for h in headers)
         self.base_steps = sum(h.local_steps for h in headers)
-        self.base_own_seq = _extra_int(own, SEQ)
+        self.base_own_seq = own.seq
         self.base_own_steps = own.local_steps
 
 
@@ -148,23 +138,23 @@ class CommunityView:
     @classmethod
     def of(cls, headers: Iterable[UpdateHeader]) -> CommunityView:
         headers = list(headers)
-        return cls(sum(_extra_int(h, SEQ) for h in headers), sum(h.local_steps for h in headers))
+        return cls(sum(h.seq for h in headers), sum(h.local_steps for h in headers))
 
 
 def staleness(header: UpdateHeader, view: CommunityView, unit: str = "steps") -> float:
     """u of one update relative to ``view`` (see the module docstring for the exact formulas)."""
     if unit == "versions":
-        own_new = _extra_int(header, SEQ) - _extra_int(header, BASE_OWN_SEQ)
+        own_new = header.seq - header.base_own_seq
         return float(max(0, view.version - header.base_version - own_new))
     if unit == "steps":
-        own_new = header.local_steps - _extra_int(header, BASE_OWN_STEPS)
+        own_new = header.local_steps - header.base_own_steps
         return float(max(0, view.steps - header.base_steps - own_new))
     raise ValueError(f"staleness unit must be one of {', '.join(STALENESS_UNITS)}, got {unit!r}")
 
 
 def new_updates(header: UpdateHeader, last_seen_seq: int) -> int:
     """How many objects a peer published since the one we last aggregated (>= 1 when its object changed)."""
-    seq = _extra_int(header, SEQ)
+    seq = header.seq
     return max(seq - last_seen_seq, 1) if seq else 1
 
 
@@ -234,7 +224,7 @@ class AsyncPolicy:
         for update in updates:
             header: UpdateHeader = update.header  # type: ignore[attr-defined]
             last = self.last_seen.get(header.node_id)
-            if last is None or _extra_int(header, SEQ) != last:
+            if last is None or header.seq != last:
                 total += new_updates(header, last or 0)
         return total
 
@@ -247,7 +237,7 @@ class AsyncPolicy:
     def aggregated(self, updates: Sequence[object], fresh: int) -> None:
         for update in updates:
             header: UpdateHeader = update.header  # type: ignore[attr-defined]
-            self.last_seen[header.node_id] = _extra_int(header, SEQ)
+            self.last_seen[header.node_id] = header.seq
         self.new_updates_log.append(fresh)
 
     def staleness_of(self, header: UpdateHeader) -> float:

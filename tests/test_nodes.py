@@ -134,8 +134,8 @@ def test_sync_node_that_never_saw_its_peers_says_so(store):
 
 
 def test_sync_partial_aggregation_when_min_nodes_allows(store_url):
-    a = SyncFederatedNode(_open(store_url), num_nodes=3, min_nodes=2, timeout=1.0, node_id="a")
-    b = SyncFederatedNode(_open(store_url), num_nodes=3, min_nodes=2, timeout=1.0, node_id="b")
+    a = SyncFederatedNode(_open(store_url), num_nodes=3, min_nodes=2, timeout=4.0, node_id="a")
+    b = SyncFederatedNode(_open(store_url), num_nodes=3, min_nodes=2, timeout=4.0, node_id="b")
     results = _run_sync_round([a, b], {"a": _model(1), "b": _model(2)}, {"a": 1, "b": 3})
     assert all(np.array_equal(x, y) for x, y in zip(results["a"], results["b"]))
     np.testing.assert_allclose(results["a"][0], (_model(1)[0] + 3 * _model(2)[0]) / 4, rtol=1e-6)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from flwr_serverless import AsyncFederatedNode, SyncFederatedNode
-from flwr_serverless.codec import UpdateHeader, encode
+from flwr_serverless.codec import FORMAT, UpdateHeader, encode
 from flwr_serverless.errors import DuplicateNodeIdError
 from flwr_serverless.membership import Membership
 from flwr_serverless.stores import open_store
@@ -37,7 +37,7 @@ def _flip_payload_byte(data: bytes) -> bytes:
 
 
 HOSTILE: dict[str, tuple[Callable[[str], bytes], str]] = {
-    "format": (lambda n: _valid(n).replace(b"flwr-serverless/1", b"flwr-serverless/9"), "unsupported format"),
+    "format": (lambda n: _valid(n).replace(FORMAT.encode(), b"flwr-serverless/9"), "unsupported format"),
     "checksum": (lambda n: _flip_payload_byte(_valid(n)), "checksum"),
     "truncated": (lambda n: _valid(n)[:-7], "truncated"),
     "count": (lambda n: _valid(n, [np.ones((4, 3), np.float32)]), "tensors, the local model has"),

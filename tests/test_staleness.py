@@ -73,9 +73,9 @@ def test_published_headers_carry_provenance():
     b.update_parameters(_w(1), num_examples=10, num_steps=7)  # b aggregates a(1) + b(1)
     a.update_parameters(_w(2), num_examples=10, num_steps=5)
     header_a = decode(store.get("nodes/a"), "nodes/a").header
-    assert (header_a.local_steps, header_a.extra["seq"]) == (10, 2)
+    assert (header_a.local_steps, header_a.seq) == (10, 2)
     assert (header_a.base_version, header_a.base_steps) == (1, 5)
-    assert (header_a.extra["base_own_seq"], header_a.extra["base_own_steps"]) == (1, 5)
+    assert (header_a.base_own_seq, header_a.base_own_steps) == (1, 5)
     assert (b.provenance.base_version, b.provenance.base_steps) == (2, 12)
     assert (a.provenance.base_version, a.provenance.base_steps) == (3, 17)  # a(2) + b(1); 10 + 7 steps
 
@@ -156,7 +156,7 @@ def test_fedbuff_never_aggregates_fewer_than_k_new_updates():
     assert kept_local >= sum(n.policy.buffered for n in nodes)
     for node in nodes:  # buffered calls still published: the stored object is the node's latest
         key = f"nodes/{node.node_id}"
-        assert decode(store.get(key), key).header.extra["seq"] == node.provenance.seq == node.local_steps
+        assert decode(store.get(key), key).header.seq == node.provenance.seq == node.local_steps
 
 
 def test_participation_skips_federation_without_touching_the_store():

@@ -50,9 +50,7 @@ def valid_profile(data: object) -> bool:
 
 def dataset_weight(header: UpdateHeader) -> float:
     """|D_k| from the header (every reader weighs a node alike: bit-identical rounds); else examples."""
-    size = getattr(header, "dataset_size", None)
-    if size is None:
-        size = header.extra.get("dataset_size")
+    size = header.dataset_size
     if isinstance(size, (int, float)) and not isinstance(size, bool) and size > 0:
         return float(size)
     return float(header.num_examples)

@@ -222,6 +222,7 @@ class FederatedNode(ABC):
         return None
 
     def _encode(self, arrays: Sequence[np.ndarray], header: UpdateHeader) -> bytes:
+        header.framework = self._framework
         return encode(arrays, header, names=self._tensor_names, secret=self.secret)
 
     def _aggregate(self, own: Contribution, peers: list[Contribution], headers: Sequence[UpdateHeader],
@@ -278,4 +279,4 @@ class FederatedNode(ABC):
                 raise ValueError(f"node {self.node_id}: tensor_names must be unique, one per tensor")
             self._tensor_names = exchange.expected_names = names
         if framework is not None:
-            self._framework = str(framework)
+            self._framework = exchange.framework = str(framework)

@@ -70,7 +70,7 @@ class SemiSyncFederatedNode(SyncFederatedNode):
             # |D_k| and beta_k come from the cold-start epoch: examples and steps of one full epoch.
             size = max(int(header.num_examples), 1)
             self._own_profile = {"dataset_size": size, "batch_size": -(-size // max(steps, 1))}
-        header.extra["dataset_size"] = self._own_profile["dataset_size"]  # our aggregation weight (TODO: typed field)
+        header.dataset_size = self._own_profile["dataset_size"]  # our aggregation weight, read by every peer
         t_k = self.batch_clock.close_round()
         if profiling:
             self._publish_profile(t_k, deadline)

@@ -1,0 +1,303 @@
+"""Compressed tensors: half precision, int8 with per-chunk scales, top-k deltas against a keyframe.
+
+A node chooses ``compression`` (None | "fp16" | "bf16" | "int8" | "topk:<fraction>");
+every reader decodes any of them back to each tensor's original dtype and shape,
+so nodes with different settings federate together. Integer and boolean tensors
+are never compressed, and neither is a tensor an encoding cannot represent (a
+float32 weight beyond the float16 range stays float32 under "fp16").
+
+How each encoding is stored (every part is a plain safetensors tensor, so the
+object stays valid safetensors; ``name`` is the tensor's name):
+
+* ``fp16``: ``name`` F16, original shape.
+* ``bf16``: ``name`` U16 holding bfloat16 bits (numpy has no bfloat16;
+  ``torch.from_numpy(a).view(torch.bfloat16)`` reads it), round to nearest even.
+* ``int8``: ``name`` I8 (original shape) and ``name::scales`` F32, one per chunk
+  of ``chunk`` consecutive elements (C order), symmetric: ``x ~ q * scale``,
+  ``scale = max|x| / 127`` over the chunk.
+* ``topk``: ``name::indices`` (U32, or U64 past 2**32 elements; strictly
+  increasing flat indices) and ``name::values`` (original dtype): the new values
+  at the entries that moved most since the writer's keyframe. The reader
+  rebuilds the tensor as ``keyframe.copy(); flat[indices] = values``.
+
+The header's ``encodings`` maps each compressed tensor to
+``{"codec", "dtype", "shape"[, "chunk"]}``; readers validate it as strictly as the
+rest of the object (see ``parse_spec`` and ``decode_tensor``).
+
+Top-k with a keyframe (``TopKCompressor`` in ``flwr_serverless.topk``)
+---------------------------------------------------------------------
+A delta must be relative to something the reader has. The writer keeps a
+*keyframe*: its own last full-precision published weights. A node uses it so::
+
+    compressor = TopKCompressor(fraction)          # one per node
+    encoded = compressor.compress(arrays)
+    if encoded is None:                            # first call, every K updates, or error too high
+        full = encode(arrays, header, names, secret)                 # lossless
+        store.put(f"keyframes/{node_id}", full)    # FIRST: no delta may name a missing keyframe
+        compressor.set_keyframe(arrays, object_ref(full))
+        encoded = compressor.compress(arrays)      # an empty delta against the new keyframe
+    store.put(f"nodes/{node_id}", encode(encoded, header, names, secret, keyframe=compressor.keyframe_ref))
+
+(Putting ``full`` itself at ``nodes/<id>`` works too and saves readers one
+GET at keyframe time, at the price of uploading the model twice.)
+
+A reader keeps, per peer, the keyframe it last decoded for that peer (any
+object with ``update.lossless``). ``decode(data, key, keyframe=cached)`` raises
+``KeyframeRequiredError`` (an ``InvalidObjectError``, carrying ``ref``) when the
+object is a delta against another keyframe; the reader then GETs
+``keyframes/<node_id>``, decodes it (a lossless object of that node whose
+``(header.seq, payload_hash)`` is ``ref``), and decodes the delta again with it.
+If the fetched keyframe is not ``ref`` either (the writer republished between
+the two GETs) the peer is skipped this time; its next object names the new
+keyframe. A keyframe is validated like any object (signature, hash, shapes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from flwr_serverless.dtypes import DTYPES, dtype_name
+from flwr_serverless.errors import InvalidObjectError
+
+CODECS = ("fp16", "bf16", "int8", "topk")
+DEFAULT_CHUNK = 4096
+MAX_CHUNK = 1 << 24
+MAX_ELEMENTS = 1 << 40  # no tensor claims more elements than this (a topk shape is not backed by bytes)
+MAX_RANK = 32
+SEP = "::"  # part names: "<tensor>::scales", "<tensor>::indices", "<tensor>::values"
+_FP16_MAX = float(np.finfo(np.float16).max)
+_MAX_SCALE = float(np.finfo(np.float32).max) / 127  # 127 * scale stays a finite float32
+_BLOCK = 1 << 20  # elements per slice: temporaries stay a few MB whatever the tensor size
+_PARTS = {"fp16": ("",), "bf16": ("",), "int8": ("", SEP + "scales"), "topk": (SEP + "indices", SEP + "values")}
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """One compressed tensor: its original dtype and shape, and the stored parts by suffix."""
+
+    codec: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    parts: dict[str, np.ndarray] = field(default_factory=dict)
+    chunk: int | None = None  # int8 only
+
+    def spec(self) -> dict[str, Any]:
+        """The header's ``encodings`` entry."""
+        spec: dict[str, Any] = {"codec": self.codec, "dtype": dtype_name(self.dtype), "shape": list(self.shape)}
+        if self.chunk is not None:
+            spec["chunk"] = self.chunk
+        return spec
+
+
+def parse_compression(option: str | None) -> tuple[str | None, float | None]:
+    """``compression=`` option -> (codec, top-k fraction); ValueError naming the option otherwise."""
+    if option is None or option in ("fp16", "bf16", "int8"):
+        return option, None
+    if isinstance(option, str) and option.startswith("topk:"):
+        try:
+            fraction = float(option[5:])
+        except ValueError:
+            fraction = math.nan
+        if 0.0 < fraction < 0.5:
+            return "topk", fraction
+        raise ValueError(f"compression={option!r}: the top-k fraction must be a number in (0, 0.5)")
+    raise ValueError(f"compression={option!r}: use None, 'fp16', 'bf16', 'int8' or 'topk:<fraction>'")
+
+
+def part_suffixes(codec: str) -> tuple[str, ...]:
+    return _PARTS[codec]
+
+
+def compressible(array: np.ndarray) -> bool:
+    return array.dtype.kind == "f" and array.size > 0
+
+
+def encode_tensor(array: np.ndarray, codec: str | None, chunk: int = DEFAULT_CHUNK) -> np.ndarray | EncodedTensor:
+    """Compress one tensor with a stateless codec; returns the array itself when it must stay raw."""
+    array = np.asarray(array)
+    if codec is None or not compressible(array):
+        return array
+    shape, dtype = tuple(array.shape), array.dtype.newbyteorder("<")
+    if codec == "fp16":
+        if array.dtype.itemsize <= 2 or not _fits_fp16(array):
+            return array
+        return EncodedTensor("fp16", dtype, shape, {"": array.astype("<f2")})
+    if codec == "bf16":
+        if array.dtype.itemsize <= 2:
+            return array
+        return EncodedTensor("bf16", dtype, shape, {"": to_bf16_bits(array)})
+    if codec == "int8":
+        if not 1 <= chunk <= MAX_CHUNK:
+            raise ValueError(f"int8 chunk must be in [1, {MAX_CHUNK}], got {chunk}")
+        q, scales = quantize_int8(array, chunk)
+        return EncodedTensor("int8", dtype, shape, {"": q, SEP + "scales": scales}, chunk)
+    raise ValueError(f"compression codec {codec!r} is not stateless (top-k needs a TopKCompressor)")
+
+
+def _fits_fp16(array: np.ndarray) -> bool:
+    """Two reductions, no temporary array (NaN fails too: a reader would reject it anyway)."""
+    return bool(float(array.max()) <= _FP16_MAX and float(array.min()) >= -_FP16_MAX)
+
+
+def to_bf16_bits(array: np.ndarray) -> np.ndarray:
+    """float -> bfloat16 bits as uint16, rounding to nearest even (the rounding torch and TPUs use)."""
+    bits = np.ascontiguousarray(array, dtype="<f4").view("<u4")
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype("<u2")
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype("<u4") << np.uint32(16)).view("<f4")
+
+
+def quantize_int8(array: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per chunk: returns (q in [-127, 127] with the array's shape, float32 scales)."""
+    flat = np.asarray(array).reshape(-1)
+    q = np.empty(flat.size, np.int8)
+    scales = np.empty(-(-flat.size // chunk), "<f4")
+    step = max(chunk, _BLOCK // chunk * chunk)
+    for start in range(0, flat.size, step):
+        rows = _rows(flat[start:start + step].astype(np.float32), chunk)
+        scale = np.abs(rows).max(axis=1) / np.float32(127)
+        inverse = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale > 0)
+        block = np.clip(np.rint(rows * inverse[:, None]), -127, 127).astype(np.int8).reshape(-1)
+        end = min(start + step, flat.size)
+        q[start:end] = block[: end - start]
+        scales[start // chunk: start // chunk + rows.shape[0]] = scale
+    return q.reshape(array.shape), scales
+
+
+def dequantize_int8(q: np.ndarray, scales: np.ndarray, chunk: int, dtype: np.dtype) -> np.ndarray:
+    flat = q.reshape(-1)
+    out = np.empty(flat.size, dtype)
+    step = max(chunk, _BLOCK // chunk * chunk)
+    for start in range(0, flat.size, step):
+        rows = _rows(flat[start:start + step].astype(np.float32), chunk)
+        block = (rows * scales[start // chunk: start // chunk + rows.shape[0], None]).reshape(-1)
+        end = min(start + step, flat.size)
+        out[start:end] = block[: end - start]
+    return out.reshape(q.shape)
+
+
+def _rows(segment: np.ndarray, chunk: int) -> np.ndarray:
+    """A slice as rows of ``chunk`` elements, the last row zero-padded."""
+    if segment.size % chunk:
+        segment = np.concatenate([segment, np.zeros(chunk - segment.size % chunk, segment.dtype)])
+    return segment.reshape(-1, chunk)
+
+
+def sparse_encode(current: np.ndarray, keyframe: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """The ``k`` entries that moved most since the keyframe: (sorted flat indices, their current values,
+    squared norm of the change sent, squared norm of the change left out)."""
+    flat, base = current.reshape(-1), keyframe.reshape(-1)
+    moved = np.abs(flat - base)
+    indices = _top(moved, k)
+    indices = indices[moved[indices] > 0]
+    indices.sort()
+    wide = moved if moved.dtype.itemsize >= 4 else moved.astype(np.float32)  # float16 squares overflow
+    total = float(np.dot(wide, wide))
+    sent = float(np.dot(wide[indices], wide[indices]))
+    index_dtype = "<u4" if flat.size <= 1 << 32 else "<u8"
+    return indices.astype(index_dtype), flat[indices], sent, max(total - sent, 0.0)
+
+
+def _top(moved: np.ndarray, k: int) -> np.ndarray:
+    """Flat indices of the ``k`` largest entries: a threshold from a strided sample keeps ~1.5k candidates
+    (one cheap pass), and only those are partitioned; the full partition is the fallback."""
+    n = moved.size
+    if k >= n:
+        return np.arange(n)
+    sample = moved[:: max(1, n // 65536)]
+    rank = min(sample.size - 1, int(sample.size * (1 - 1.5 * k / n)))
+    if sample.size >= 1024 and rank > 0:
+        threshold = np.partition(sample, rank)[rank]
+        candidates = np.flatnonzero(moved >= threshold if threshold > 0 else moved > 0)
+        if threshold == 0 and candidates.size <= k:  # fewer than k entries moved at all: all of them
+            return candidates
+        if candidates.size >= k:
+            return candidates[np.argpartition(moved[candidates], candidates.size - k)[candidates.size - k:]]
+    return np.argpartition(moved, n - k)[n - k:]
+
+
+def sparse_decode(keyframe: np.ndarray, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+    out = np.array(keyframe, copy=True, order="C")
+    out.reshape(-1)[indices] = values
+    return out
+
+
+# -- reading: every claim of a hostile header checked before it is used ---------------------------------
+@dataclass(frozen=True)
+class Spec:
+    codec: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    chunk: int | None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def parse_spec(spec: Any, key: str, name: str) -> Spec:
+    """Validate one ``encodings`` entry of a header."""
+    def bad(why: str) -> InvalidObjectError:
+        return InvalidObjectError(key, f"tensor {name!r}: encoding {why}")
+
+    if not isinstance(spec, dict) or spec.get("codec") not in CODECS:
+        raise bad(f"must name a codec in {CODECS}, got {str(spec)[:60]}")
+    codec = spec["codec"]
+    allowed = {"codec", "dtype", "shape", "chunk"} if codec == "int8" else {"codec", "dtype", "shape"}
+    if not set(spec) <= allowed or not {"dtype", "shape"} <= set(spec):
+        raise bad(f"{codec!r} has fields {sorted(spec)}, expected {sorted(allowed)}")
+    dtype = DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+    if dtype is None or dtype.kind != "f":
+        raise bad(f"original dtype must be a float type, got {str(spec['dtype'])[:20]!r}")
+    shape = spec["shape"]
+    if (not isinstance(shape, list) or len(shape) > MAX_RANK
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_ELEMENTS for d in shape)
+            or math.prod(shape) > MAX_ELEMENTS):
+        raise bad(f"shape must be at most {MAX_RANK} dimensions and {MAX_ELEMENTS} elements, got {str(shape)[:60]}")
+    chunk = spec.get("chunk")
+    if codec == "int8" and not (isinstance(chunk, int) and not isinstance(chunk, bool) and 1 <= chunk <= MAX_CHUNK):
+        raise bad(f"int8 chunk must be an integer in [1, {MAX_CHUNK}], got {str(chunk)[:20]}")
+    return Spec(codec, dtype, tuple(shape), chunk)
+
+
+def decode_tensor(spec: Spec, parts: dict[str, np.ndarray], key: str, name: str,
+                  keyframe: np.ndarray | None = None) -> np.ndarray:
+    """Rebuild one tensor in its original dtype from validated parts (top-k needs the keyframe's tensor)."""
+    def bad(why: str) -> InvalidObjectError:
+        return InvalidObjectError(key, f"tensor {name!r} ({spec.codec}): {why}")
+
+    def expect(suffix: str, kinds: tuple[np.dtype, ...], shape: tuple[int, ...] | None) -> np.ndarray:
+        part = parts[suffix]
+        if part.dtype not in kinds or (shape is not None and part.shape != shape) or (shape is None and part.ndim != 1):
+            want = "/".join(dtype_name(k) for k in kinds)
+            raise bad(f"part {name + suffix!r} is {dtype_name(part.dtype)}{list(part.shape)}, expected {want}"
+                      + (f"{list(shape)}" if shape is not None else " with one dimension"))
+        return part
+
+    if spec.codec == "fp16":
+        return expect("", (DTYPES["F16"],), spec.shape).astype(spec.dtype)
+    if spec.codec == "bf16":
+        return from_bf16_bits(expect("", (DTYPES["U16"],), spec.shape)).astype(spec.dtype, copy=False)
+    if spec.codec == "int8":
+        chunk = spec.chunk or 1
+        q = expect("", (DTYPES["I8"],), spec.shape)
+        scales = expect(SEP + "scales", (DTYPES["F32"],), (-(-spec.size // chunk),))
+        if not (np.isfinite(scales).all() and (scales >= 0).all() and (scales <= _MAX_SCALE).all()):
+            raise bad(f"scales must be finite, non-negative and at most {_MAX_SCALE:.3g}")
+        return dequantize_int8(q, scales, chunk, spec.dtype)
+    indices = expect(SEP + "indices", (DTYPES["U32"], DTYPES["U64"]), None)
+    values = expect(SEP + "values", (spec.dtype,), (indices.size,))
+    if indices.size > spec.size:
+        raise bad(f"{indices.size} entries for a tensor of {spec.size} elements")
+    if indices.size and (indices[-1] >= spec.size or not (indices[1:] > indices[:-1]).all()):
+        raise bad(f"indices must be strictly increasing (no duplicates) and below {spec.size}")
+    if keyframe is None or keyframe.shape != spec.shape or keyframe.dtype != spec.dtype:
+        raise bad("the keyframe's tensor does not match the encoding's shape and dtype")
+    return sparse_decode(keyframe, indices, values)
