@@ -1,0 +1,378 @@
+"""What the Keras and Lightning callbacks share, written once and free of any framework import.
+
+``FederatedCallbackCore`` is a mixin holding the options, the counters between
+federations, the federation sequence (checkpoint before, exchange with the node,
+load, evaluate, checkpoint after, log) and the end-of-training flush and leave.
+Each callback supplies the framework half through a few ``_hook`` methods.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from flwr_serverless.node.protocol import Federating
+
+__all__ = ["FederatedCallbackCore", "ProximalTerm", "RunningMean", "as_federating", "federated_logs", "leading_dim",
+           "numeric_metrics"]
+
+#: Exchange result every rank loads: (weights, aggregated metrics, the node's next step budget).
+Payload = tuple[list[np.ndarray], dict[str, float], int | None]
+
+
+def numeric_metrics(metrics: Mapping[str, Any] | None, suffix: str | None = "_fed") -> dict[str, float]:
+    """The finite scalars of ``metrics``, minus our own ``suffix`` echoes: only those can be averaged."""
+    out: dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        if (suffix and str(key).endswith(suffix)) or isinstance(value, bool):
+            continue
+        try:
+            number = float(value)  # numpy, torch and Keras scalars (one element) all convert
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        if math.isfinite(number):
+            out[str(key)] = number
+    return out
+
+
+def federated_logs(figures: Mapping[str, float], suffix: str, override: bool) -> dict[str, float]:
+    """Log names of the federated figures: ``<name><suffix>``, or ``<name>`` itself when overriding."""
+    return {key if override else f"{key}{suffix}": float(value) for key, value in figures.items()}
+
+
+def leading_dim(batch: Any) -> int:
+    """Examples in a batch: the leading dimension of its first array (numpy, torch, TF, JAX), any nesting."""
+    shape = getattr(batch, "shape", None)
+    if shape is not None:
+        return int(shape[0]) if len(shape) > 0 and shape[0] is not None else 1
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            size = leading_dim(item)
+            if size:
+                return size
+    return 0
+
+
+class RunningMean:
+    """Per-name means of figures over evaluation batches, each batch weighted by its examples."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+
+    def add(self, figures: Mapping[str, Any], weight: float) -> None:
+        for key, value in numeric_metrics(figures, suffix=None).items():
+            self._sums[key] = self._sums.get(key, 0.0) + value * weight
+            self._weights[key] = self._weights.get(key, 0.0) + weight
+
+    def result(self) -> dict[str, float]:
+        return {key: total / self._weights[key] for key, total in self._sums.items() if self._weights[key] > 0}
+
+
+class ProximalTerm:
+    """FedProx's local solver: after an optimizer step, w <- w - lr * mu * (w - w_fed).
+
+    The values are whatever tensors the framework holds (numpy, torch, Keras backend tensors): only
+    subtraction and scaling are used, so the math is written once for both callbacks.
+    """
+
+    def __init__(self, mu: float) -> None:
+        self.mu = float(mu)
+        self.anchor: dict[str, Any] = {}  # name -> last federated value (a copy)
+
+    @property
+    def active(self) -> bool:
+        return self.mu > 0
+
+    def set_anchor(self, named_values: Iterable[tuple[str, Any]], copy: Callable[[Any], Any]) -> None:
+        if self.active:
+            self.anchor = {name: copy(value) for name, value in named_values}
+
+    def pulled(self, name: str, value: Any, lr: float) -> Any | None:
+        """The value after the proximal step, or ``None`` for a tensor without an anchor."""
+        anchor = self.anchor.get(name)
+        return None if anchor is None else value - (lr * self.mu) * (value - anchor)
+
+
+def check_positive(option: str, value: Any, allow_none: bool = True) -> int | None:
+    """``value`` as a positive int (or ``None`` when allowed); a clear error naming the option otherwise."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{option} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+    return int(value)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temp file (same suffix, same folder), then rename it: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    write(temp)
+    os.replace(temp, path)
+
+
+# TODO(integrator): remove once nodes accept tensor_names, and have leave() and the semi-sync hooks.
+class _CurrentNode:
+    """A node of today's API seen as a ``Federating``: the only place the callbacks adapt to a node."""
+
+    def __init__(self, node: Any, accepts_names: bool) -> None:
+        self._node = node
+        self._accepts_names = accepts_names
+
+    @property
+    def node_id(self) -> str:
+        return str(self._node.node_id)
+
+    def update_parameters(self, parameters: Any, num_examples: int | None = None,
+                          metrics: Mapping[str, Any] | None = None, epoch: int | None = None, *,
+                          num_steps: int | None = None, tensor_names: Sequence[str] | None = None,
+                          framework: str | None = None) -> tuple[Any, dict[str, float]]:
+        extra = {"tensor_names": tensor_names, "framework": framework} if self._accepts_names else {}
+        return self._node.update_parameters(parameters, num_examples=num_examples, metrics=metrics, epoch=epoch,
+                                            num_steps=num_steps, **extra)
+
+    def steps_until_federation(self) -> int | None:
+        hook = getattr(self._node, "steps_until_federation", None)
+        return hook() if callable(hook) else None
+
+    def record_batch_time(self, seconds: float, ended_at: float | None = None) -> None:
+        hook = getattr(self._node, "record_batch_time", None)
+        if callable(hook):
+            hook(seconds, ended_at)
+
+    def leave(self) -> None:
+        hook = getattr(self._node, "leave", None)
+        if callable(hook):
+            hook()
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._node.state_dict())
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._node.load_state_dict(state)
+
+
+def as_federating(node: Any) -> Federating:
+    """``node`` itself when it implements ``Federating`` in full, else today's node behind the adapter above."""
+    if not callable(getattr(node, "update_parameters", None)):
+        raise TypeError(f"node must be a federated node with update_parameters(), got {type(node).__name__}")
+    params = inspect.signature(node.update_parameters).parameters
+    accepts_names = "tensor_names" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    hooks = ("steps_until_federation", "record_batch_time", "leave")
+    if accepts_names and all(callable(getattr(node, hook, None)) for hook in hooks):
+        return node  # type: ignore[no-any-return]
+    return _CurrentNode(node, accepts_names)
+# (end of the TODO(integrator) block)
+
+
+class FederatedCallbackCore:
+    """The framework-neutral half of ``FlwrFederatedCallback`` (Keras and Lightning).
+
+    Subclasses call ``_init_core`` from ``__init__`` and implement the ``_hook`` methods below.
+    """
+
+    framework: ClassVar[str]  # "keras" / "torch": tells the node how to read tensor_names
+    model_suffix: ClassVar[str]  # file suffix of a saved model
+
+    def _init_core(self, node: Any, num_examples_per_epoch: int | None, proximal_mu: float, *,
+                   postfix_for_federated_metrics: str = "_fed", override_metrics_with_aggregated_metrics: bool = False,
+                   save_model_before_aggregation: bool = False, save_model_after_aggregation: bool = False,
+                   checkpoint_dir: str | os.PathLike[str], leave_on_train_end: bool = True) -> None:
+        self._node = as_federating(node)
+        self.node = node
+        self.num_examples_per_epoch = check_positive("num_examples_per_epoch", num_examples_per_epoch)
+        if not (isinstance(proximal_mu, (int, float)) and math.isfinite(proximal_mu) and proximal_mu >= 0):
+            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu!r}")
+        if not isinstance(postfix_for_federated_metrics, str) or not postfix_for_federated_metrics:
+            raise ValueError(f"postfix_for_federated_metrics must be a non-empty string, "
+                             f"got {postfix_for_federated_metrics!r}")
+        #: FedProx: after every optimizer step, w <- w - lr * mu * (w - w_fed). 0 disables it (no extra work).
+        self.proximal_mu = float(proximal_mu)
+        self._proximal = ProximalTerm(proximal_mu)
+        self.postfix_for_federated_metrics = postfix_for_federated_metrics
+        self.override_metrics_with_aggregated_metrics = bool(override_metrics_with_aggregated_metrics)
+        self.save_model_before_aggregation = bool(save_model_before_aggregation)
+        self.save_model_after_aggregation = bool(save_model_after_aggregation)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.leave_on_train_end = bool(leave_on_train_end)
+        #: Aggregated metrics of the most recent federation (the participants' mean, without the suffix).
+        self.last_federated_metrics: dict[str, float] = {}
+        #: The federated model's figures on the evaluation data after the most recent federation ({} without it).
+        self.last_evaluation: dict[str, float] = {}
+        self._budget: int | None = None  # semi-sync: federate after this many batches (None: at epoch end)
+        self._batches = 0  # batches trained since the last federation
+        self._batch_started: float | None = None
+        self._checkpoints_in_epoch: dict[int, int] = {}
+        self._left = False
+
+    @property
+    def federated_metrics(self) -> dict[str, float]:
+        """The original flwr-serverless name for ``last_federated_metrics``."""
+        return self.last_federated_metrics
+
+    # -- framework half -------------------------------------------------------------
+    def _get_arrays(self) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _tensor_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _set_arrays(self, arrays: list[np.ndarray]) -> None:
+        raise NotImplementedError
+
+    def _named_trainables(self) -> Iterable[tuple[str, Any]]:
+        """(name, value) of the tensors FedProx anchors."""
+        raise NotImplementedError
+
+    def _copy_tensor(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def _count_examples(self) -> int:
+        """Examples trained since the last federation (all ranks), and start counting anew."""
+        raise NotImplementedError
+
+    def _optimizer_steps(self) -> int:
+        """Optimizer steps since the last federation (default: batches)."""
+        return self._batches
+
+    def _save_model(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def _evaluate(self) -> dict[str, float]:
+        """The loaded (federated) model's figures on the evaluation data; {} when none was given."""
+        return {}
+
+    def _log(self, names_values: dict[str, float], final: bool) -> None:
+        """Make the federated figures visible (``final``: from the end-of-training flush)."""
+
+    def _is_rank_zero(self) -> bool:
+        return True
+
+    def _on_rank_zero(self, exchange: Callable[[], Payload]) -> Payload:
+        """Run ``exchange`` where the store is talked to, and give its result to every rank."""
+        return exchange()
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def _start_training(self) -> None:
+        self._batches = 0
+        self._left = False
+        self._set_anchor()
+
+    def _batch_begin(self) -> None:
+        self._batch_started = time.perf_counter()
+
+    def _batch_end(self) -> None:
+        """Count the batch and time it for nodes that plan by batch time (semi-sync)."""
+        self._batches += 1
+        if self._batch_started is not None and self._is_rank_zero():
+            ended = time.perf_counter()
+            self._node.record_batch_time(ended - self._batch_started, ended)
+        self._batch_started = None
+
+    @property
+    def _budget_due(self) -> bool:
+        return self._budget is not None and self._batches >= self._budget
+
+    @property
+    def pending_batches(self) -> int:
+        """Batches trained since the last federation: what the end-of-training flush would federate."""
+        return self._batches
+
+    def _set_anchor(self) -> None:
+        self._proximal.set_anchor(self._named_trainables(), self._copy_tensor)
+
+    # -- federation ---------------------------------------------------------------------
+    def _federate(self, epoch: int, logs: Mapping[str, Any] | None, final: bool = False) -> dict[str, float]:
+        """Push, pull and aggregate, load the result; return what was logged (name -> value)."""
+        metrics = numeric_metrics(logs, self.postfix_for_federated_metrics)
+        counted = self._count_examples()
+        num_examples = self.num_examples_per_epoch if self.num_examples_per_epoch is not None else counted
+        if num_examples == 0:
+            # Weight 0 drops this node's training from the aggregate; say why instead of failing quietly.
+            warnings.warn(f"FlwrFederatedCallback counted no training examples in epoch {epoch}; if the model "
+                          "did train, pass num_examples_per_epoch", stacklevel=3)
+        steps, self._batches = self._optimizer_steps(), 0
+        tag = self._checkpoint_tag(epoch)
+        if self.save_model_before_aggregation:
+            self._write_checkpoint("before", tag, metrics)
+
+        def exchange() -> Payload:
+            arrays, aggregated = self._node.update_parameters(
+                self._get_arrays(), num_examples=num_examples, metrics=metrics, epoch=epoch, num_steps=steps,
+                tensor_names=self._tensor_names(), framework=self.framework)
+            return [np.asarray(a) for a in arrays], dict(aggregated or {}), self._node.steps_until_federation()
+
+        arrays, aggregated, self._budget = self._on_rank_zero(exchange)
+        self._set_arrays(arrays)
+        self._set_anchor()
+        self._after_federation()
+        self.last_federated_metrics = aggregated
+        self.last_evaluation = self._evaluate()
+        figures = {**aggregated, **self.last_evaluation}  # evaluation replaces the peers' mean of the same name
+        if self.save_model_after_aggregation:
+            self._write_checkpoint("after", tag, figures)
+        logged = federated_logs(figures, self.postfix_for_federated_metrics,
+                                self.override_metrics_with_aggregated_metrics)
+        self._log(logged, final)
+        return logged
+
+    def _after_federation(self) -> None:
+        """Called once the federated weights are loaded (Keras saves its state file here)."""
+
+    def _finish_training(self, epoch: int, logs: Mapping[str, Any] | None) -> None:
+        """Federate what was trained since the last federation (a partial semi-sync budget, say)."""
+        if self._batches > 0:
+            self._federate(epoch, logs, final=True)
+
+    def _leave(self) -> None:
+        """End the node's membership once per fit (rank zero), unless the user keeps it for another fit."""
+        if self.leave_on_train_end and not self._left and self._is_rank_zero():
+            self._left = True
+            self._node.leave()
+
+    # -- checkpoints and state --------------------------------------------------------
+    def _checkpoint_tag(self, epoch: int) -> str:
+        """``00003`` for an epoch's first federation, ``00003_1``... for later ones (semi-sync, final flush)."""
+        count = self._checkpoints_in_epoch.get(epoch, 0)
+        self._checkpoints_in_epoch[epoch] = count + 1
+        return f"{epoch:05d}" if count == 0 else f"{epoch:05d}_{count}"
+
+    def _write_checkpoint(self, stage: str, tag: str, metrics: Mapping[str, float]) -> None:
+        """``<checkpoint_dir>/<node_id>/model_{stage}_aggregation_<tag><suffix>`` and its metrics JSON."""
+        if not self._is_rank_zero():
+            return
+        folder = self.checkpoint_dir / self._node.node_id
+        write_atomically(folder / f"model_{stage}_aggregation_{tag}{self.model_suffix}", self._save_model)
+        text = json.dumps(dict(metrics), indent=2, sort_keys=True)
+        write_atomically(folder / f"metrics_{stage}_aggregation_{tag}.json",
+                         lambda path: path.write_text(text, encoding="utf-8"))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The node's identity, counters and (sync) round: what a restarted job needs to rejoin."""
+        return {"node": self._node.state_dict()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if state_dict.get("node"):
+            self._node.load_state_dict(state_dict["node"])
+
+    def _save_state_file(self, path: Path | None) -> None:
+        if path is not None:
+            text = json.dumps(self._node.state_dict())
+            write_atomically(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+    def _load_state_file(self, path: Path | None) -> bool:
+        if path is None or not path.exists():
+            return False
+        self._node.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
+        return True
