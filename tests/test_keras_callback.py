@@ -1,4 +1,7 @@
-"""The Keras callback: exact example counts, ``_fed`` metrics in History, and real federation over moto S3."""
+"""The Keras callback: exact example counts, ``_fed`` metrics in History, and real federation over moto S3.
+
+End of training, evaluation, checkpoints and other backends: tests/test_keras_lifecycle.py.
+"""
 
 from __future__ import annotations
 
@@ -15,25 +18,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
+from fakes import RecordingNode  # noqa: E402
+
 from flwr_serverless.callbacks.keras import FlwrFederatedCallback  # noqa: E402  (imports keras)
-
-
-class RecordingNode:
-    """Stands in for a federated node: records what the callback sends, returns shifted weights."""
-
-    def __init__(self, shift: float = 0.0, metrics: dict[str, float] | None = None) -> None:
-        self.calls: list[dict[str, Any]] = []
-        self.shift = shift
-        self.metrics = metrics
-
-    def update_parameters(self, weights: list[np.ndarray], num_examples: int, epoch: int,
-                          metrics: dict[str, float] | None = None,
-                          num_steps: int | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
-        self.calls.append({"num_examples": num_examples, "epoch": epoch, "metrics": dict(metrics or {}),
-                           "num_steps": num_steps,
-                           "weights": [np.array(w) for w in weights]})
-        fed = self.metrics if self.metrics is not None else {k: v + 1.0 for k, v in (metrics or {}).items()}
-        return [w + self.shift for w in weights], fed
 
 
 class LogsSpy(keras.callbacks.Callback):

@@ -17,7 +17,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from flwr_serverless.callbacks.core import FederatedCallbackCore, check_positive, leading_dim, numeric_metrics
+from flwr_serverless.callbacks.core import FederatedCallbackCore
+from flwr_serverless.callbacks.parts import check_positive, leading_dim, numeric_metrics
 
 __all__ = ["FlwrFederatedCallback"]
 
@@ -200,6 +201,7 @@ class FlwrFederatedCallback(keras.callbacks.Callback, FederatedCallbackCore):
         #: The logs of the most recent federation, federated figures included (as the original's ``logs``).
         self.logs: dict[str, Any] | None = None
         self._counter: _ExampleCount | _TFExampleCount | None = None
+        self._latest_logged: dict[str, float] = {}  # federated figures of the latest federation, as logged
         self._epoch = 0
         self._state_loaded = False
 
@@ -231,6 +233,8 @@ class FlwrFederatedCallback(keras.callbacks.Callback, FederatedCallbackCore):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self._budget is None:
             self._update_logs(logs, self._federate(epoch, logs))
+        elif logs is not None:  # semi-sync federated mid-epoch: History gets the latest federated figures
+            logs.update(self._latest_logged)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self.pending_batches:
@@ -241,6 +245,7 @@ class FlwrFederatedCallback(keras.callbacks.Callback, FederatedCallbackCore):
         if logs is not None:
             logs.update(logged)
         self.logs = logs
+        self._latest_logged = logged
 
     # -- the framework half of the core --------------------------------------------
     def _get_arrays(self) -> list[np.ndarray]:

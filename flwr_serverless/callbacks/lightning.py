@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from flwr_serverless.callbacks.core import FederatedCallbackCore, Payload, RunningMean, check_positive, leading_dim
+from flwr_serverless.callbacks.core import FederatedCallbackCore, Payload
+from flwr_serverless.callbacks.parts import RunningMean, check_positive, leading_dim
 
 __all__ = ["FlwrFederatedCallback", "make_callback_class"]
 
