@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from flwr_serverless.nodes import AsyncFederatedNode
+
 
 class RecordingNode:
     """Records every call in ``events``; returns the weights shifted by ``shift`` and fixed or echoed metrics.
@@ -51,3 +53,16 @@ class RecordingNode:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.state = dict(state)
+
+
+class PlannedNode(AsyncFederatedNode):
+    """A real async node with a semi-sync style budget (5 batches after its first federation) and a
+    ``leave()`` that records how many federations came before it."""
+
+    left_after: int | None = None
+
+    def steps_until_federation(self) -> int | None:
+        return 5 if self.stats.federations else None
+
+    def leave(self) -> None:
+        self.left_after = self.stats.federations

@@ -93,7 +93,7 @@ class _Core(FederatedCallbackCore):
     model_suffix = ".npy"
 
     def __init__(self, node: Any, **options: Any) -> None:
-        self._init_core(node, None, 0.0, checkpoint_dir="unused", **options)
+        self._init_core(node, **options)
         self.weights = [np.zeros(2, np.float32)]
         self.examples = 0
         self.logged: list[tuple[dict[str, float], bool]] = []

@@ -13,10 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pl = pytest.importorskip("lightning.pytorch")
 
-from fakes import RecordingNode  # noqa: E402
+from fakes import PlannedNode, RecordingNode  # noqa: E402
 
 from flwr_serverless.callbacks.lightning import FlwrFederatedCallback, make_callback_class  # noqa: E402
-from flwr_serverless.nodes import AsyncFederatedNode  # noqa: E402
 from flwr_serverless.stores import open_store  # noqa: E402
 
 
@@ -108,15 +107,6 @@ def test_leave_on_train_end_false() -> None:
 
 
 def test_real_async_node_on_memory_flushes_and_leaves_after_its_last_federation() -> None:
-    class PlannedNode(AsyncFederatedNode):
-        left_after: int | None = None
-
-        def steps_until_federation(self) -> int | None:
-            return 5 if self.stats.federations else None
-
-        def leave(self) -> None:
-            self.left_after = self.stats.federations
-
     node = PlannedNode(open_store(f"memory://lightning-leave-{uuid.uuid4().hex[:8]}"), node_id="l")
     _fit(FlwrFederatedCallback(node), epochs=2)  # 22 batches: 11, then 5 + 5, then 1 flushed
     assert node.stats.federations == 4 and node.left_after == 4 and node.local_steps == 22

@@ -98,10 +98,11 @@ class FederatedCallbackCore:
     framework: ClassVar[str]  # "keras" / "torch": tells the node how to read tensor_names
     model_suffix: ClassVar[str]  # file suffix of a saved model
 
-    def _init_core(self, node: Any, num_examples_per_epoch: int | None, proximal_mu: float, *,
+    def _init_core(self, node: Any, num_examples_per_epoch: int | None = None, proximal_mu: float = 0.0,
                    postfix_for_federated_metrics: str = "_fed", override_metrics_with_aggregated_metrics: bool = False,
                    save_model_before_aggregation: bool = False, save_model_after_aggregation: bool = False,
-                   checkpoint_dir: str | os.PathLike[str], leave_on_train_end: bool = True) -> None:
+                   checkpoint_dir: str | os.PathLike[str] = "checkpoints", leave_on_train_end: bool = True) -> None:
+        """Validate and keep the options both callbacks take (same names as their keyword arguments)."""
         self._node = as_federating(node)
         self.node = node
         self.num_examples_per_epoch = check_positive("num_examples_per_epoch", num_examples_per_epoch)

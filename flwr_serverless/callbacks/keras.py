@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from flwr_serverless.callbacks.core import FederatedCallbackCore
-from flwr_serverless.callbacks.parts import check_positive, leading_dim, numeric_metrics
+from flwr_serverless.callbacks.parts import check_given_with, check_positive, leading_dim, numeric_metrics
 
 __all__ = ["FlwrFederatedCallback"]
 
@@ -181,14 +181,10 @@ class FlwrFederatedCallback(keras.callbacks.Callback, FederatedCallbackCore):
                  state_path: str | os.PathLike[str] | None = None, checkpoint_dir: str | os.PathLike[str] = "keras",
                  leave_on_train_end: bool = True, **future_options: Any) -> None:
         super().__init__()
-        self._init_core(node, num_examples_per_epoch, proximal_mu,
-                        postfix_for_federated_metrics=postfix_for_federated_metrics,
-                        override_metrics_with_aggregated_metrics=override_metrics_with_aggregated_metrics,
-                        save_model_before_aggregation=save_model_before_aggregation,
-                        save_model_after_aggregation=save_model_after_aggregation,
-                        checkpoint_dir=checkpoint_dir, leave_on_train_end=leave_on_train_end)
-        if x_test is None and y_test is not None:
-            raise ValueError("y_test was given without x_test")
+        self._init_core(node, num_examples_per_epoch, proximal_mu, postfix_for_federated_metrics,
+                        override_metrics_with_aggregated_metrics, save_model_before_aggregation,
+                        save_model_after_aggregation, checkpoint_dir, leave_on_train_end)
+        check_given_with("y_test", y_test, "x_test", x_test)
         self.x_test, self.y_test = x_test, y_test
         self.test_batch_size = check_positive("test_batch_size", test_batch_size, allow_none=False)
         self.test_steps = check_positive("test_steps", test_steps)

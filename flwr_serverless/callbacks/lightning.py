@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from flwr_serverless.callbacks.core import FederatedCallbackCore, Payload
-from flwr_serverless.callbacks.parts import RunningMean, check_positive, leading_dim
+from flwr_serverless.callbacks.parts import RunningMean, check_given_with, check_positive, leading_dim
 
 __all__ = ["FlwrFederatedCallback", "make_callback_class"]
 
@@ -95,14 +95,10 @@ class _LightningFederation(FederatedCallbackCore):
                  save_model_before_aggregation: bool = False, save_model_after_aggregation: bool = False,
                  checkpoint_dir: str | os.PathLike[str] = "lightning", leave_on_train_end: bool = True) -> None:
         super().__init__()
-        self._init_core(node, num_examples_per_epoch, proximal_mu,
-                        postfix_for_federated_metrics=postfix_for_federated_metrics,
-                        override_metrics_with_aggregated_metrics=override_metrics_with_aggregated_metrics,
-                        save_model_before_aggregation=save_model_before_aggregation,
-                        save_model_after_aggregation=save_model_after_aggregation,
-                        checkpoint_dir=checkpoint_dir, leave_on_train_end=leave_on_train_end)
-        if eval_fn is not None and eval_dataloader is None:
-            raise ValueError("eval_fn was given without eval_dataloader")
+        self._init_core(node, num_examples_per_epoch, proximal_mu, postfix_for_federated_metrics,
+                        override_metrics_with_aggregated_metrics, save_model_before_aggregation,
+                        save_model_after_aggregation, checkpoint_dir, leave_on_train_end)
+        check_given_with("eval_fn", eval_fn, "eval_dataloader", eval_dataloader)
         self.include_buffers = include_buffers
         self.log_metrics = log_metrics
         self.eval_dataloader = eval_dataloader

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ProximalTerm", "RunningMean", "check_positive", "federated_logs", "leading_dim", "numeric_metrics",
-           "write_atomically"]
+__all__ = ["ProximalTerm", "RunningMean", "check_given_with", "check_positive", "federated_logs", "leading_dim",
+           "numeric_metrics", "write_atomically"]
 
 
 def numeric_metrics(metrics: Mapping[str, Any] | None, suffix: str | None = "_fed") -> dict[str, float]:
@@ -100,6 +100,12 @@ def check_positive(option: str, value: Any, allow_none: bool = True) -> int | No
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{option} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
     return int(value)
+
+
+def check_given_with(option: str, value: Any, required: str, required_value: Any) -> None:
+    """Refuse ``option`` without the option it only makes sense with (``y_test`` without ``x_test``)."""
+    if value is not None and required_value is None:
+        raise ValueError(f"{option} was given without {required}")
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
