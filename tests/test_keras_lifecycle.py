@@ -141,6 +141,7 @@ def test_postfix_and_override() -> None:
 
     _, history = _fit(FlwrFederatedCallback(node, override_metrics_with_aggregated_metrics=True), epochs=2)
     assert history.history["accuracy"] == [0.75, 0.75] and history.history["loss"] == [0.5, 0.5]
+    assert node.calls[-1]["metrics"]["accuracy"] != 0.75  # the node is still sent the local figures
     assert not any(k.endswith("_fed") for k in history.history)
 
 
@@ -230,14 +231,17 @@ node = RecordingNode(shift=0.5, budget=4)
 callback = FlwrFederatedCallback(node, x_test=x[:40], y_test=y[:40], proximal_mu=0.1)
 history = model.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0, callbacks=[callback])
 final = model.evaluate(x[:40], y[:40], verbose=0, return_dict=True)
+from test_fedprox import MU, _expected, _keras_fit
+prox_error = max(float(np.abs(got - want).max()) for got, want in zip(_keras_fit(MU), _expected(MU)))
 print(json.dumps({"examples": [c["num_examples"] for c in node.calls], "steps": [c["num_steps"] for c in node.calls],
                   "names": node.calls[0]["tensor_names"], "events": node.events, "fed": history.history["accuracy_fed"],
                   "final": final["accuracy"], "last": callback.last_evaluation["accuracy"],
-                  "shifted": bool(np.allclose(model.get_weights()[1], node.calls[-1]["weights"][1] + 0.5))}))
+                  "shifted": bool(np.allclose(model.get_weights()[1], node.calls[-1]["weights"][1] + 0.5)),
+                  "prox_error": prox_error}))
 """
 
 
-def test_torch_backend_counts_examples_federates_evaluates_and_leaves() -> None:
+def test_torch_backend_counts_examples_federates_evaluates_applies_fedprox_and_leaves() -> None:
     pytest.importorskip("torch")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
@@ -249,3 +253,4 @@ def test_torch_backend_counts_examples_federates_evaluates_and_leaves() -> None:
     assert out["names"] == ["sequential/dense/kernel", "sequential/dense/bias"]
     assert out["events"] == ["update"] * 4 + ["leave"] and out["shifted"]
     assert len(out["fed"]) == 2 and out["last"] == pytest.approx(out["final"])
+    assert out["prox_error"] < 1e-6  # FedProx's step on torch tensors matches the hand computation

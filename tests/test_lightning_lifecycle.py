@@ -151,12 +151,20 @@ def test_eval_fn_and_eval_steps() -> None:
     assert callback.last_evaluation == pytest.approx({"val_acc": _manual(module, test, limit=2)["val_acc"]})
 
 
+def test_an_evaluation_without_figures_warns() -> None:
+    callback = FlwrFederatedCallback(RecordingNode(), eval_dataloader=_loader(8, 8), eval_fn=lambda m, b, i: {})
+    with pytest.warns(UserWarning, match="no figures"):
+        _fit(callback, epochs=1)
+
+
 def test_postfix_and_override() -> None:
     node = RecordingNode(metrics={"acc": 0.75})
     trainer, _ = _fit(FlwrFederatedCallback(node, postfix_for_federated_metrics="_global"), epochs=1)
     assert float(trainer.callback_metrics["acc_global"]) == 0.75 and "acc_fed" not in trainer.callback_metrics
-    trainer, _ = _fit(FlwrFederatedCallback(node, override_metrics_with_aggregated_metrics=True), epochs=1)
-    assert float(trainer.callback_metrics["acc"]) == 0.75
+    node = RecordingNode(metrics={"loss": 0.125})  # the module logs "loss" too: the federated figure wins
+    trainer, _ = _fit(FlwrFederatedCallback(node, override_metrics_with_aggregated_metrics=True), epochs=2)
+    assert float(trainer.callback_metrics["loss"]) == 0.125
+    assert node.calls[1]["metrics"]["loss"] != 0.125  # ... while the node is still sent the local figure
     assert not any(k.endswith("_fed") for k in trainer.callback_metrics)
 
 

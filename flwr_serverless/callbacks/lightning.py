@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -249,7 +250,11 @@ class _LightningFederation(FederatedCallbackCore):
                     means.add(captured, weight)
         finally:
             module.train(was_training)
-        return means.result()
+        figures = means.result()
+        if not figures:
+            warnings.warn("FlwrFederatedCallback: evaluating on eval_dataloader gave no figures (validation_step "
+                          "logged no numbers); pass eval_fn", stacklevel=2)
+        return figures
 
     @torch.no_grad()
     def _proximal_step(self, trainer: Any, module: torch.nn.Module) -> None:
