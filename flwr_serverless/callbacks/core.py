@@ -244,10 +244,9 @@ class FederatedCallbackCore:
     def _after_federation(self) -> None:
         """Called once the federated weights are loaded (Keras saves its state file here)."""
 
-    def _finish_training(self, epoch: int, logs: Mapping[str, Any] | None) -> None:
+    def _finish_training(self, epoch: int, logs: Mapping[str, Any] | None) -> dict[str, float] | None:
         """Federate what was trained since the last federation (a partial semi-sync budget, say)."""
-        if self._batches > 0:
-            self._federate(epoch, logs, final=True)
+        return self._federate(epoch, logs, final=True) if self._batches > 0 else None
 
     def _leave(self) -> None:
         """End the node's membership once per fit (rank zero), unless the user keeps it for another fit."""

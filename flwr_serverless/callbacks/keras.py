@@ -233,8 +233,9 @@ class FlwrFederatedCallback(keras.callbacks.Callback, FederatedCallbackCore):
             logs.update(self._latest_logged)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self.pending_batches:
-            self._update_logs(logs, self._federate(self._epoch, logs, final=True))
+        logged = self._finish_training(self._epoch, logs)
+        if logged is not None:
+            self._update_logs(logs, logged)
         self._leave()
 
     def _update_logs(self, logs: dict[str, Any] | None, logged: dict[str, float]) -> None:
