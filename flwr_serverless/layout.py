@@ -14,6 +14,7 @@ NODES = "nodes/"
 ROUNDS = "rounds/"
 PROFILES = "profiles/"
 KEYFRAMES = "keyframes/"
+CHECKPOINTS = "keras/"
 PROFILE_SUFFIX = ".json"
 ROUND_DIGITS = 8
 
@@ -26,6 +27,7 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("rounds/<round>/<node_id>", "sync and semi-sync: what the node published for that round (8-digit round)"),
     ("profiles/<node_id>.json", "semi-sync: measured seconds per batch, dataset size, batch size"),
     ("keyframes/<node_id>", "top-k compression: the full weights that the node's sparse deltas apply to"),
+    ("keras/<node_id>/", "Keras callback checkpoints: model_{before,after}_aggregation_<epoch>.h5 and metrics JSON"),
 )
 
 

@@ -211,6 +211,11 @@ class Membership:
             return
         self._write(self._record(), deadline, "refresh its membership")
 
+    def rejoin(self, deadline: Deadline = NO_DEADLINE) -> None:
+        """Back after ``leave`` (another ``fit``): active again, same join time; never raises on store faults."""
+        if self.left and not self.lost and self._write(self._record(), deadline, "rejoin"):
+            self.left = False
+
     def leave(self, deadline: Deadline = NO_DEADLINE) -> None:
         """Mark the record ``left`` so barriers stop waiting for this node; never raises on store faults."""
         if self.lost or self.left:

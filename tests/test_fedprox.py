@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fakes import RecordingNode
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -17,13 +18,6 @@ X = RNG.random((4, 3)).astype(np.float32)
 Y = RNG.random((4, 2)).astype(np.float32)
 W0 = RNG.normal(size=(3, 2)).astype(np.float32)
 B0 = RNG.normal(size=(2,)).astype(np.float32)
-
-
-class IdentityNode:
-    """Federation that changes nothing, so the weights after fit are exactly the local solver's."""
-
-    def update_parameters(self, arrays: list[np.ndarray], *args: Any, **kwargs: Any) -> tuple[list, dict]:
-        return arrays, {}
 
 
 def _expected(mu: float) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +54,7 @@ def _lightning_fit(mu: float) -> tuple[np.ndarray, np.ndarray]:
     data = torch.utils.data.TensorDataset(torch.from_numpy(X), torch.from_numpy(Y))
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False,
-                         callbacks=[FlwrFederatedCallback(IdentityNode(), proximal_mu=mu)])
+                         callbacks=[FlwrFederatedCallback(RecordingNode(metrics={}), proximal_mu=mu)])
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     return module.layer.weight.detach().numpy().T, module.layer.bias.detach().numpy()
 
@@ -93,7 +87,7 @@ def _keras_fit(mu: float, with_callback: bool = True) -> tuple[np.ndarray, np.nd
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.set_weights([W0, B0])
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=LR), loss="mse")
-    callbacks = [FlwrFederatedCallback(IdentityNode(), num_examples_per_epoch=4, proximal_mu=mu)] \
+    callbacks = [FlwrFederatedCallback(RecordingNode(metrics={}), num_examples_per_epoch=4, proximal_mu=mu)] \
         if with_callback else []
     model.fit(X, Y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
     w, b = model.get_weights()
@@ -127,4 +121,4 @@ def test_negative_mu_is_rejected() -> None:
     from flwr_serverless.callbacks.keras import FlwrFederatedCallback
 
     with pytest.raises(ValueError, match="proximal_mu"):
-        FlwrFederatedCallback(IdentityNode(), proximal_mu=-1.0)
+        FlwrFederatedCallback(RecordingNode(metrics={}), proximal_mu=-1.0)

@@ -1,4 +1,7 @@
-"""The Keras callback: exact example counts, ``_fed`` metrics in History, and real federation over moto S3."""
+"""The Keras callback: exact example counts, ``_fed`` metrics in History, and real federation over moto S3.
+
+End of training, evaluation, checkpoints and other backends: tests/test_keras_lifecycle.py.
+"""
 
 from __future__ import annotations
 
@@ -15,25 +18,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
+from fakes import RecordingNode  # noqa: E402
+
 from flwr_serverless.callbacks.keras import FlwrFederatedCallback  # noqa: E402  (imports keras)
-
-
-class RecordingNode:
-    """Stands in for a federated node: records what the callback sends, returns shifted weights."""
-
-    def __init__(self, shift: float = 0.0, metrics: dict[str, float] | None = None) -> None:
-        self.calls: list[dict[str, Any]] = []
-        self.shift = shift
-        self.metrics = metrics
-
-    def update_parameters(self, weights: list[np.ndarray], num_examples: int, epoch: int,
-                          metrics: dict[str, float] | None = None,
-                          num_steps: int | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
-        self.calls.append({"num_examples": num_examples, "epoch": epoch, "metrics": dict(metrics or {}),
-                           "num_steps": num_steps,
-                           "weights": [np.array(w) for w in weights]})
-        fed = self.metrics if self.metrics is not None else {k: v + 1.0 for k, v in (metrics or {}).items()}
-        return [w + self.shift for w in weights], fed
 
 
 class LogsSpy(keras.callbacks.Callback):
@@ -172,5 +159,6 @@ def test_the_papers_snippet_runs_unchanged(moto_endpoint: str, s3_bucket: str, m
         nodes.append(node)
     assert nodes[0].node_id != nodes[1].node_id
     assert nodes[0].stats.federations == 1 and nodes[0].stats.peers_used == 0
-    assert nodes[1].stats.federations == 1 and nodes[1].stats.peers_used == 1  # pulled the first node's weights
-    assert nodes[1].store.stats.bytes_down > 0
+    # The first node left when its fit ended, before the second joined: an earlier run's leftover, not averaged.
+    assert nodes[1].stats.federations == 1 and nodes[1].stats.peers_used == 0
+    assert nodes[1].stats.leftovers_skipped == 1

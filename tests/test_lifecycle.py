@@ -333,3 +333,13 @@ def test_inspect_and_clean_an_experiment_prefix(tmp_path: Any) -> None:
         from flwr_serverless.admin import parse_duration
 
         parse_duration("soon")
+
+
+def test_a_node_that_left_and_federates_again_is_a_live_member_again() -> None:
+    url = f"memory://life-{uuid.uuid4().hex[:8]}"
+    node = AsyncFederatedNode(url, node_id="back")
+    node.update_parameters(_w(1.0), num_examples=1)
+    node.leave()
+    assert MemberRecord.parse(node.store.get("members/back")).status == "left"
+    node.update_parameters(_w(1.0), num_examples=1)
+    assert MemberRecord.parse(node.store.get("members/back")).status == "active"

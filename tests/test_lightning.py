@@ -13,26 +13,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("lightning")
 import lightning.pytorch as pl  # noqa: E402
+from fakes import RecordingNode  # noqa: E402
 
 from flwr_serverless.callbacks.lightning import FlwrFederatedCallback  # noqa: E402
 from flwr_serverless.nodes import SyncFederatedNode  # noqa: E402
 from flwr_serverless.simulation import SimulationConfig, run_simulation  # noqa: E402
 from flwr_serverless.stores import open_store  # noqa: E402
-
-
-class RecordingNode:
-    """Stands in for a federated node: records what the callback sends, returns shifted weights."""
-
-    def __init__(self, shift: float = 0.0) -> None:
-        self.calls: list[dict[str, Any]] = []
-        self.shift = shift
-
-    def update_parameters(self, arrays: list[np.ndarray], num_examples: int, epoch: int,
-                          metrics: dict[str, float] | None = None,
-                          num_steps: int | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
-        self.calls.append({"arrays": [a.copy() for a in arrays], "num_examples": num_examples, "epoch": epoch,
-                           "metrics": dict(metrics or {}), "num_steps": num_steps})
-        return [a + self.shift for a in arrays], {"loss": 1.5}
 
 
 class Net(pl.LightningModule):
@@ -71,7 +57,7 @@ def _trainer(callbacks: list[Any], epochs: int) -> pl.Trainer:
 
 
 def test_sends_params_and_float_buffers_counts_examples_and_loads_the_result() -> None:
-    node = RecordingNode(shift=0.25)
+    node = RecordingNode(shift=0.25, metrics={"loss": 1.5})
     module = Net()
     callback = FlwrFederatedCallback(node)
     _trainer([callback], epochs=2).fit(module, _loader(103, 10))
@@ -84,7 +70,7 @@ def test_sends_params_and_float_buffers_counts_examples_and_loads_the_result() -
     assert "loss" in node.calls[0]["metrics"] and not any(k.endswith("_fed") for k in node.calls[1]["metrics"])
     state = module.state_dict()
     # What was sent at epoch 1 is what epoch 0's shifted result trained into; the final load is shifted again.
-    for name, sent in zip(names, node.calls[-1]["arrays"]):
+    for name, sent in zip(names, node.calls[-1]["weights"]):
         assert state[name].dtype == torch.float32
         np.testing.assert_allclose(state[name].numpy(), sent + 0.25, rtol=0, atol=1e-6)
     assert callback.last_federated_metrics == {"loss": 1.5}

@@ -151,7 +151,9 @@ def test_keras_state_path_rejoins_a_sync_experiment(tmp_path: Any) -> None:
     state_path = tmp_path / "ckpt" / "federation.json"
 
     first = SyncFederatedNode(open_store(url), num_nodes=2, timeout=60)
-    model.fit(x, y, epochs=2, verbose=0, callbacks=[FlwrFederatedCallback(first, state_path=state_path)])
+    # The job "crashes" after 2 epochs: no leave, so the peer waits for it in round 2.
+    model.fit(x, y, epochs=2, verbose=0,
+              callbacks=[FlwrFederatedCallback(first, state_path=state_path, leave_on_train_end=False)])
     assert state_path.exists()
     restarted = SyncFederatedNode(open_store(url), num_nodes=2, timeout=60)  # new process, new random id
     model.fit(x, y, epochs=2, verbose=0, callbacks=[FlwrFederatedCallback(restarted, state_path=state_path)])

@@ -255,6 +255,8 @@ class FederatedNode(ABC):
         the store is down, training goes on and the claim is tried again next time.
         """
         if self.membership is not None:
+            if self.membership.left:
+                self.membership.rejoin(deadline)  # federating again after leave(): a member once more
             self.membership.heartbeat(deadline)
             return
         membership = Membership(self.store, self.node_id, self.owner_token, self.member_lease, self.wall_clock)
