@@ -22,10 +22,13 @@ from flwr_serverless.stores import (
     FsspecStore,
     InMemoryFolder,
     LocalFolder,
+    LocalStore,
+    MemoryStore,
     S3Folder,
     S3Store,
     Store,
     open_store,
+    register_store,
 )
 from flwr_serverless.strategies import make_strategy
 
@@ -40,6 +43,8 @@ __all__ = [
     "InMemoryFolder",
     "InvalidObjectError",
     "LocalFolder",
+    "LocalStore",
+    "MemoryStore",
     "ObjectNotFoundError",
     "PreconditionFailedError",
     "S3Folder",
@@ -54,4 +59,5 @@ __all__ = [
     "encode",
     "make_strategy",
     "open_store",
+    "register_store",
 ]
