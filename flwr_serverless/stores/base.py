@@ -13,7 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
-from flwr_serverless.errors import ConditionalWritesUnsupportedError, ObjectNotFoundError, StoreError
+from flwr_serverless.errors import (
+    ConditionalWritesUnsupportedError,
+    ObjectNotFoundError,
+    StoreConfigurationError,
+    StoreError,
+)
 from flwr_serverless.stores.retry import DEFAULT_POLICY, RetryPolicy, call_with_retries
 
 T = TypeVar("T")
@@ -231,6 +236,13 @@ class Store(ABC):
                 operation, key, f"{type(self).__name__} has no atomic conditional writes"
             )
 
+
+
+def refuse_options(url: str, options: dict[str, Any], backend: str) -> None:
+    """Options a backend has no use for are a mistake worth naming, not something to ignore."""
+    if options:
+        names = ", ".join(sorted(options))
+        raise StoreConfigurationError(f"store {url!r}: option(s) {names} mean nothing to {backend}")
 
 
 def url_scheme(url: str) -> str:

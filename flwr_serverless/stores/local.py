@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 from flwr_serverless.errors import PreconditionFailedError, StoreConfigurationError, StoreError
 from flwr_serverless.stores.backend_errors import describe, translated
-from flwr_serverless.stores.base import ObjectInfo, Store, check_prefix
+from flwr_serverless.stores.base import ObjectInfo, Store, check_prefix, refuse_options
 
 try:  # POSIX only; without it local compare-and-swap cannot be made safe across processes
     import fcntl
@@ -87,10 +87,7 @@ class LocalStore(Store):
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__()
-        if options:
-            raise StoreConfigurationError(
-                f"store {url!r}: option(s) {', '.join(sorted(options))} mean nothing to a local folder"
-            )
+        refuse_options(url, options, "a local folder")
         self.url = str(url)
         self.root = local_path(self.url)
         self._lock_path = os.path.join(self.root, LOCK_NAME)

@@ -16,7 +16,7 @@ import threading
 from typing import Any
 
 from flwr_serverless.errors import ObjectNotFoundError, PreconditionFailedError, StoreConfigurationError, StoreError
-from flwr_serverless.stores.base import ObjectInfo, Store, check_prefix
+from flwr_serverless.stores.base import ObjectInfo, Store, check_prefix, refuse_options
 
 SCHEME = "memory"
 
@@ -61,10 +61,7 @@ class MemoryStore(Store):
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__()
-        if options:
-            raise StoreConfigurationError(
-                f"store {url!r}: option(s) {', '.join(sorted(options))} mean nothing to a memory:// store"
-            )
+        refuse_options(url, options, "a memory:// store")
         self.url = str(url)
         self.name, self._base = split_memory_url(self.url)
         self._space = _namespace(self.name)

@@ -44,8 +44,9 @@ _BOTO3_OPTIONS = {
 class S3Store(S3ObjectStore):
     """Objects under ``s3://bucket/prefix/``; one boto3 client shared by all threads.
 
-    ``max_attempts`` is botocore's attempts per request. Its default (2) assumes our
-    own retries are on, as they are for every store unless turned off.
+    ``max_attempts`` is botocore's total attempts per request (its ``total_max_attempts``;
+    botocore's own ``max_attempts`` counts retries). The default (2) assumes our own
+    retries are on, as they are for every store unless turned off.
     """
 
     def __init__(
@@ -95,7 +96,7 @@ class S3Store(S3ObjectStore):
         import boto3
         from botocore.config import Config
 
-        config = Config(retries={"max_attempts": max_attempts, "mode": "standard"}, max_pool_connections=32)
+        config = Config(retries={"total_max_attempts": max_attempts, "mode": "standard"}, max_pool_connections=32)
         user_config = kwargs.pop("config", None)
         if user_config is not None:
             config = config.merge(user_config)

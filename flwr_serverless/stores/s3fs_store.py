@@ -32,7 +32,7 @@ class S3FsStore(S3ObjectStore):
     """Objects under ``s3://bucket/prefix/`` through an ``s3fs.S3FileSystem`` (``.fs``).
 
     Options are s3fs's (boto3 spellings are accepted too), plus ``retries``: passes of
-    s3fs's own retry loop (default 1), and ``max_attempts``: botocore's attempts per
+    s3fs's own retry loop (default 1), and ``max_attempts``: botocore's total attempts per
     request (default 2). Both defaults assume our own retries are on.
     """
 
@@ -109,6 +109,6 @@ def s3fs_options(options: dict[str, Any]) -> dict[str, Any]:
     attempts = options.pop("max_attempts", ATTEMPTS_UNDER_OUR_RETRIES)
     if attempts is not None:  # a ``retries`` entry of the user's own config_kwargs wins
         config_kwargs = dict(options.get("config_kwargs") or {})
-        config_kwargs.setdefault("retries", {"max_attempts": attempts, "mode": "standard"})
+        config_kwargs.setdefault("retries", {"total_max_attempts": attempts, "mode": "standard"})
         options["config_kwargs"] = config_kwargs
     return options
