@@ -22,10 +22,13 @@ from flwr_serverless.stores import (
     FsspecStore,
     InMemoryFolder,
     LocalFolder,
+    LocalStore,
+    MemoryStore,
     S3Folder,
     S3Store,
     Store,
     open_store,
+    register_store,
 )
 from flwr_serverless.strategies import make_strategy
 
@@ -41,6 +44,8 @@ __all__ = [
     "InMemoryFolder",
     "InvalidObjectError",
     "LocalFolder",
+    "LocalStore",
+    "MemoryStore",
     "ObjectNotFoundError",
     "PreconditionFailedError",
     "S3Folder",
@@ -56,4 +61,5 @@ __all__ = [
     "encode",
     "make_strategy",
     "open_store",
+    "register_store",
 ]

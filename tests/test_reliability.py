@@ -360,9 +360,12 @@ def test_s3_outage_async_nodes_finish_every_epoch(restartable_moto: dict[str, An
     nodes = [AsyncFederatedNode(url, node_id=f"a{i}", storage_options=options) for i in range(2)]
     kept: list[bool] = []
     done: dict[str, int] = {}
+    restarted = threading.Event()
 
     def train(node: AsyncFederatedNode, value: float) -> None:
         for epoch in range(epochs):
+            if epoch == epochs - 3:  # the last epochs run after the restart, however fast the failed ones were
+                restarted.wait(30)
             own = [np.full(100, value + epoch, np.float32)]
             failures = node.stats.store_failures
             result, _ = node.update_parameters(own, num_examples=1, epoch=epoch)
@@ -378,6 +381,7 @@ def test_s3_outage_async_nodes_finish_every_epoch(restartable_moto: dict[str, An
     restartable_moto["stop"]()
     time.sleep(3.5)  # longer than FAST's 2 s retry bound: some epochs must fail over to local weights
     restartable_moto["start"]()
+    restarted.set()
     for thread in threads:
         thread.join(120)
     assert done == {"a0": epochs, "a1": epochs}

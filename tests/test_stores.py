@@ -21,8 +21,11 @@ from flwr_serverless.stores import (
     FsspecStore,
     InMemoryFolder,
     LocalFolder,
+    LocalStore,
+    MemoryStore,
     ObjectInfo,
     S3Folder,
+    S3FsStore,
     S3Store,
     Store,
     open_store,
@@ -413,15 +416,15 @@ def test_both_s3_backends_see_the_same_objects_and_tags(moto_endpoint: str, s3_b
 
 def test_open_store_dispatch(tmp_path: Any, moto_endpoint: str, s3_bucket: str) -> None:
     memory = open_store("memory://flwr-dispatch")
-    assert isinstance(memory, FsspecStore)
+    assert isinstance(memory, MemoryStore)
     assert open_store(memory) is memory
-    assert isinstance(open_store(str(tmp_path / "plain")), FsspecStore)
-    assert isinstance(open_store(f"file://{tmp_path}/url"), FsspecStore)
+    assert isinstance(open_store(str(tmp_path / "plain")), LocalStore)
+    assert isinstance(open_store(f"file://{tmp_path}/url"), LocalStore)
     default_s3 = open_store(f"s3://{s3_bucket}/exp", endpoint_url=moto_endpoint)
     assert isinstance(default_s3, S3Store)
     assert (default_s3.bucket, default_s3.prefix) == (s3_bucket, "exp")
     assert isinstance(open_store(f"s3://{s3_bucket}/exp", endpoint_url=moto_endpoint, backend="boto3"), S3Store)
-    assert isinstance(open_store(f"s3://{s3_bucket}/exp", endpoint_url=moto_endpoint, backend="fsspec"), FsspecStore)
+    assert isinstance(open_store(f"s3://{s3_bucket}/exp", endpoint_url=moto_endpoint, backend="fsspec"), S3FsStore)
     with pytest.raises(StoreConfigurationError, match="only serves s3://"):
         open_store(str(tmp_path / "x"), backend="boto3")
     with pytest.raises(StoreConfigurationError, match="unknown backend"):

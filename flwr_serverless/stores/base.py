@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
-from flwr_serverless.errors import ConditionalWritesUnsupportedError, ObjectNotFoundError, StoreError
+from flwr_serverless.errors import (
+    ConditionalWritesUnsupportedError,
+    ObjectNotFoundError,
+    StoreConfigurationError,
+    StoreError,
+)
 from flwr_serverless.stores.retry import DEFAULT_POLICY, RetryPolicy, call_with_retries
 
 T = TypeVar("T")
@@ -97,6 +102,16 @@ class Store(ABC):
 
     def __init__(self) -> None:
         self.stats = StoreStats()
+
+    @classmethod
+    def from_url(cls, url: str, *, retry_policy: RetryPolicy = DEFAULT_POLICY, **options: Any) -> Store:
+        """Open the store at ``url``: what ``open_store`` calls for a class in the store registry.
+
+        ``retry_policy`` is the policy ``open_store`` gives the store afterwards; a backend with a
+        retry layer of its own (botocore, s3fs) sizes that layer by it, so the two never multiply.
+        The default ignores it and calls ``cls(url, **options)``.
+        """
+        return cls(url, **options)
 
     # -- public API -------------------------------------------------------
     # Stats count requests that succeeded; retried failures go to ``stats.retries``.
@@ -222,15 +237,17 @@ class Store(ABC):
             )
 
 
-def s3_listing_objects(contents: list[dict], base: str) -> Iterator[ObjectInfo]:
-    """Turn a ``list_objects_v2`` page's ``Contents`` into ObjectInfos relative to ``base`` (both S3 backends)."""
-    for item in contents:
-        name = item["Key"]
-        if name.endswith("/") or not name.startswith(base):  # folder placeholders
-            continue
-        key = name[len(base) :]
-        try:
-            check_key(key)
-        except StoreError:  # written by another tool under a name we could never GET
-            continue
-        yield ObjectInfo(key=key, tag=str(item.get("ETag", "")).strip('"'), size=int(item["Size"]))
+
+def refuse_options(url: str, options: dict[str, Any], backend: str) -> None:
+    """Options a backend has no use for are a mistake worth naming, not something to ignore."""
+    if options:
+        names = ", ".join(sorted(options))
+        raise StoreConfigurationError(f"store {url!r}: option(s) {names} mean nothing to {backend}")
+
+
+def url_scheme(url: str) -> str:
+    """``"s3"`` for ``s3://b/p``, ``""`` for a plain path; for a chained fsspec URL, the outermost scheme."""
+    first, chained, _ = str(url).partition("::")
+    if "://" in first:
+        return first.split("://", 1)[0].lower()
+    return first.lower() if chained else ""  # "simplecache::s3://..." names its outer protocol bare

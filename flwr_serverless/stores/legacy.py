@@ -12,7 +12,8 @@ import uuid
 import warnings
 from typing import Any
 
-from flwr_serverless.stores.fsspec_store import FsspecStore
+from flwr_serverless.stores.local import LocalStore
+from flwr_serverless.stores.memory import MemoryStore
 from flwr_serverless.stores.s3_store import S3Store
 
 _OLD_ARGUMENTS = ("retry_sleep_time", "max_retry", "check_at_init")
@@ -46,7 +47,7 @@ class S3Folder(S3Store):
         super().__init__(bucket, prefix, **_drop_old_arguments("S3Folder", kwargs))
 
 
-class LocalFolder(FsspecStore):
+class LocalFolder(LocalStore):
     """``LocalFolder(directory="path")``: a store in a local folder (created if missing)."""
 
     def __init__(self, directory: str = "./", **kwargs: Any) -> None:
@@ -54,7 +55,7 @@ class LocalFolder(FsspecStore):
         super().__init__(self.directory, **_drop_old_arguments("LocalFolder", kwargs))
 
 
-class InMemoryFolder(FsspecStore):
+class InMemoryFolder(MemoryStore):
     """``InMemoryFolder()``: a private ``memory://`` store, shared only with handles opened on its ``url``."""
 
     def __init__(self, **kwargs: Any) -> None:

@@ -13,9 +13,7 @@ Every ``Store`` retries through this module (see ``Store.retry_policy``);
 
 from __future__ import annotations
 
-import asyncio
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,60 +21,31 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from flwr_serverless.errors import (
-    ConditionalWritesUnsupportedError,
-    ObjectNotFoundError,
-    PreconditionFailedError,
-    StoreError,
+from flwr_serverless.errors import StoreError
+from flwr_serverless.stores.backend_errors import (  # re-exported: callers import them from here
+    TRANSIENT_CODES,
+    TRANSIENT_NAMES,
+    TRANSIENT_STATUS,
+    is_transient,
 )
 
 if TYPE_CHECKING:
     from flwr_serverless.stores.base import Store
 
 T = TypeVar("T")
-
-#: S3 error codes that mean "try again" (throttling, server-side hiccups).
-TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "InternalError",
-        "ServiceUnavailable",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "Throttling",
-        "ThrottlingException",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-        "500",
-        "502",
-        "503",
-        "504",
-    }
-)
-TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-#: botocore / aiohttp exception class names that are connection-level faults.
-TRANSIENT_NAMES = frozenset(
-    {
-        "EndpointConnectionError",
-        "ConnectionClosedError",
-        "ConnectTimeoutError",
-        "ReadTimeoutError",
-        "ResponseStreamingError",
-        "IncompleteReadError",
-        "ProxyConnectionError",
-        "ClientConnectionError",
-        "ClientConnectorError",
-        "ClientOSError",
-        "ServerDisconnectedError",
-        "ServerTimeoutError",
-        "ClientPayloadError",
-        "FSTimeoutError",
-        "IncompleteRead",
-        "RemoteDisconnected",
-    }
-)
-_NEVER_TRANSIENT = (ObjectNotFoundError, PreconditionFailedError, ConditionalWritesUnsupportedError)
-
+__all__ = [
+    "DEFAULT_POLICY",
+    "NO_RETRIES",
+    "TRANSIENT_CODES",
+    "TRANSIENT_NAMES",
+    "TRANSIENT_STATUS",
+    "RetryPolicy",
+    "as_policy",
+    "call_with_retries",
+    "is_transient",
+    "retry_deadline",
+    "with_retries",
+]
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -120,34 +89,6 @@ def retry_deadline(deadline: float | None) -> Iterator[None]:
         yield
     finally:
         _local.deadline = previous
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for faults a later attempt may not see: connection errors, timeouts, 5xx, throttling."""
-    if isinstance(exc, _NEVER_TRANSIENT):
-        return False
-    for cause in _chain(exc):
-        if isinstance(cause, _NEVER_TRANSIENT):
-            return False
-        response = getattr(cause, "response", None)
-        if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            return code in TRANSIENT_CODES or status in TRANSIENT_STATUS
-        if isinstance(cause, (ConnectionError, TimeoutError, socket.timeout, asyncio.TimeoutError)):
-            return True
-        if any(klass.__name__ in TRANSIENT_NAMES for klass in type(cause).__mro__):
-            return True
-    return False
 
 
 def backoff_delay(policy: RetryPolicy, retry_number: int) -> float:
