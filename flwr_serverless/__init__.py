@@ -18,6 +18,7 @@ from flwr_serverless.errors import (
     SyncTimeoutError,
 )
 from flwr_serverless.nodes import AsyncFederatedNode, FederatedNode, SyncFederatedNode
+from flwr_serverless.shared_folder.s3_folder import S3FolderWithPickle
 from flwr_serverless.stores import (
     FsspecStore,
     InMemoryFolder,
@@ -27,9 +28,10 @@ from flwr_serverless.stores import (
     Store,
     open_store,
 )
+from flwr_serverless.stores.legacy import SharedFolder
 from flwr_serverless.strategies import make_strategy
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AsyncFederatedNode",
@@ -43,7 +45,9 @@ __all__ = [
     "ObjectNotFoundError",
     "PreconditionFailedError",
     "S3Folder",
+    "S3FolderWithPickle",
     "S3Store",
+    "SharedFolder",
     "Store",
     "StoreConfigurationError",
     "StoreError",
