@@ -97,6 +97,17 @@ def test_federated_learning_test_run_modes(mode: str, tmp_path: Path) -> None:
         assert run.nodes[0].model_store.directory == run.nodes[1].model_store.directory
 
 
+def test_train_batches_keep_one_shape_and_resume() -> None:
+    run = FederatedLearningTestRun(num_nodes=2, batch_size=32, data_loader=_tiny_digits)
+    run.partitioned_x_train, run.partitioned_y_train, run.x_test, run.y_test = run.create_partitioned_datasets()
+    loader = run.get_train_dataloader_for_node(1)
+    partition = run.partitioned_y_train[1]
+    batches = [next(loader)[1] for _ in range(len(partition) // 32 + 2)]
+    assert {len(batch) for batch in batches} == {32}  # the short tail batch is left out
+    assert np.array_equal(batches[-2], partition[:32])  # then it starts over
+    assert set(np.concatenate(batches).tolist()) <= {5, 6, 7, 8, 9}
+
+
 def test_federated_models_start_from_common_weights() -> None:
     run = FederatedLearningTestRun(num_nodes=3, data_loader=_tiny_digits)
     run.partitioned_x_train, run.partitioned_y_train, run.x_test, run.y_test = run.create_partitioned_datasets()

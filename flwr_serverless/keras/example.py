@@ -209,10 +209,15 @@ class FederatedLearningTestRun:
         return self.models
 
     def get_train_dataloader_for_node(self, node_idx: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Endless batches of node ``node_idx``'s partition; a generator resumes where the last fit stopped."""
+        """Endless full batches of node ``node_idx``'s partition; a generator resumes where the last fit stopped.
+
+        The few examples past the last full batch are left out, so every batch has one
+        shape and Keras traces the train step once (a short batch would trace it again).
+        """
         x, y = self.partitioned_x_train[node_idx], self.partitioned_y_train[node_idx]
+        usable = max(len(x) - len(x) % self.batch_size, min(len(x), self.batch_size))
         while True:
-            for start in range(0, len(x), self.batch_size):
+            for start in range(0, usable, self.batch_size):
                 yield x[start:start + self.batch_size], y[start:start + self.batch_size]
 
     # -- training -----------------------------------------------------------------
