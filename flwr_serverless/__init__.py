@@ -18,6 +18,7 @@ from flwr_serverless.errors import (
     SyncTimeoutError,
 )
 from flwr_serverless.node import AsyncFederatedNode, FederatedNode, Federating, SemiSyncFederatedNode, SyncFederatedNode
+from flwr_serverless.shared_folder.s3_folder import S3FolderWithPickle
 from flwr_serverless.stores import (
     FsspecStore,
     InMemoryFolder,
@@ -30,9 +31,10 @@ from flwr_serverless.stores import (
     open_store,
     register_store,
 )
+from flwr_serverless.stores.legacy import SharedFolder
 from flwr_serverless.strategies import make_strategy
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AsyncFederatedNode",
@@ -49,8 +51,10 @@ __all__ = [
     "ObjectNotFoundError",
     "PreconditionFailedError",
     "S3Folder",
+    "S3FolderWithPickle",
     "S3Store",
     "SemiSyncFederatedNode",
+    "SharedFolder",
     "Store",
     "StoreConfigurationError",
     "StoreError",

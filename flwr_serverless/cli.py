@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from flwr_serverless import __version__
 from flwr_serverless.errors import FlwrServerlessError
 from flwr_serverless.simulation.data import DATASETS
 from flwr_serverless.simulation.heterogeneity import parse_factors
@@ -35,6 +36,7 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flwr-serverless", description="Federated learning without a server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     sim = commands.add_parser(
         "simulate",

@@ -59,6 +59,7 @@ class SyncFederatedNode(FederatedNode):
         self._round_checked = False  # first federation: look up the experiment's current round
         self._incompatible = 0
         self._announced: set[str] = set()  # members already reported as dropped or departed
+        self.publish_only = False  # 0.2's upload_only: publish the round's object, neither wait nor aggregate
         self.sleep = time.sleep  # barrier polling (tests inject their own)
 
     def _deadline(self) -> Deadline:
@@ -128,6 +129,10 @@ class SyncFederatedNode(FederatedNode):
                 logger.warning("node %s could not look up the current round (will retry): %s", self.node_id, exc)
         header.round = self.round
         self.exchange.publish(layout.round_key(self.round, self.node_id), self._encode(arrays, header), deadline)
+        if self.publish_only:
+            self.round += 1
+            return arrays, self._metrics([Contribution(self.node_id, arrays, 1.0, header.num_examples,
+                                                       header.metrics)])
         # Our own weights as peers decode them (little-endian, contiguous), without hashing them twice.
         own_arrays = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for a in arrays]
         listing, state = self._wait_for_round(deadline)

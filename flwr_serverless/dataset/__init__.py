@@ -1,0 +1,1 @@
+"""0.2's ``flwr_serverless.dataset`` package (one descriptive dataclass)."""
