@@ -110,10 +110,10 @@ def test_lightning_node_restarted_from_checkpoint_continues_as_the_same_node(mod
             return SyncFederatedNode(open_store(url), num_nodes=2, timeout=60, node_id=node_id)
         return AsyncFederatedNode(open_store(url), node_id=node_id)
 
-    def fit(node: Any, epochs: int, ckpt: str | None = None, save: str | None = None) -> Any:
+    def fit(node: Any, epochs: int, ckpt: str | None = None, save: str | None = None, leave: bool = True) -> Any:
         trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
                              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                             callbacks=[FlwrFederatedCallback(node)])
+                             callbacks=[FlwrFederatedCallback(node, leave_on_train_end=leave)])
         trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=10), ckpt_path=ckpt)
         if save:
             trainer.save_checkpoint(save)
@@ -123,7 +123,7 @@ def test_lightning_node_restarted_from_checkpoint_continues_as_the_same_node(mod
     thread, out = _in_thread(lambda: fit(peer, 5))
     first = make_node()  # a random id, as a job without a configured id gets
     checkpoint = str(tmp_path / "node.ckpt")
-    fit(first, 2, save=checkpoint)
+    fit(first, 2, save=checkpoint, leave=False)  # the job "crashes" after 2 epochs: it does not leave
     restarted = make_node()  # the new process knows nothing ...
     assert restarted.node_id != first.node_id
     assert fit(restarted, 5, ckpt=checkpoint) == 5  # ... until the checkpoint restores the node
