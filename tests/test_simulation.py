@@ -84,10 +84,15 @@ def test_cli_runs_end_to_end_and_prints_the_table(tmp_path: Path) -> None:
     json_path = tmp_path / "result.json"
     code = main(["simulate", "--nodes", "2", "--mode", "async", "--strategy", "fedavg",
                  "--store", f"file://{tmp_path}/cli-store", "--epochs", "2", "--dataset", "digits", "--skew", "0.9",
-                 "--batch-size", "32", "--seed", "1", "--json", str(json_path)], out=out)
+                 "--batch-size", "32", "--seed", "1", "--eval-each-epoch", "--json", str(json_path)], out=out)
     text = out.getvalue()
     assert code == 0, text
-    assert "[node-0] epoch 2/2" in text and "[node-1] epoch 1/2" in text and "acc_fed" in text
+    assert "[node-0] epoch 2/2" in text and "[node-1] epoch 1/2" in text
+    # The live line names each figure: training accuracy, the nodes' mean of it, and the federated model's test.
+    live = next(line for line in text.splitlines() if line.startswith("[node-0] epoch 2/2"))
+    assert "train acc" in live and "nodes' mean" in live and "test acc" in live and "(federated model)" in live
+    assert "acc_fed" not in text
+    assert "Peer lag in the async aggregates" in text
     for needle in ("Federated nodes", "test acc", "MB up", "requests", "rejected",
                    "standalone node-0", "standalone node-1", "centralized", "Summary: federated mean accuracy"):
         assert needle in text, needle
@@ -96,7 +101,11 @@ def test_cli_runs_end_to_end_and_prints_the_table(tmp_path: Path) -> None:
     report = json.loads(json_path.read_text())
     assert [n["node_id"] for n in report["nodes"]] == ["node-0", "node-1"]
     assert report["summary"]["centralized_accuracy"] > 0
-    assert NodeResult.from_dict(report["nodes"][0]).epochs_completed == 2
+    node = NodeResult.from_dict(report["nodes"][0])
+    assert node.epochs_completed == 2
+    assert all(0 < h["test_accuracy"] <= 1 and h["time"] > 0 for h in node.history)
+    lags = [h["peer_lag_max"] for n in report["nodes"] for h in n["history"] if "peer_lag_max" in h]
+    assert lags and all(0 <= lag <= 1 for lag in lags)  # two equal nodes: at most one epoch apart
 
 
 def test_reports_never_contain_credentials() -> None:

@@ -1,0 +1,51 @@
+"""Build a simulated node and its callback options from the typed config (shared by every framework's worker).
+
+Nodes are constructed with keyword arguments only, so the mapping from option
+to constructor argument is explicit, and tests can check it by swapping the
+node classes for recorders.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from flwr_serverless.simulation.options import strategy_key
+
+if TYPE_CHECKING:
+    from flwr_serverless.simulation.runner import NodeTask, SimulationConfig
+
+
+def make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
+    """The federated node of ``task``: async, sync or semi-sync, on a store opened for this run."""
+    from flwr_serverless.stores import open_store
+    from flwr_serverless.strategies import make_strategy
+
+    config = task.config
+    if task.run_url is None:
+        raise ValueError(f"{task.name}: a federated task needs a store URL")
+    strategy_options = dict(config.strategy_options)
+    if strategy_key(config.strategy) == "fedprox":
+        # Only for the record: the callback applies mu (see options.PROXIMAL_MU_NOTE).
+        strategy_options["proximal_mu"] = config.effective_proximal_mu
+    strategy = make_strategy(config.strategy, initial_parameters=initial_weights, **strategy_options)
+    store = open_store(task.run_url, **config.storage_options)
+    common: dict[str, Any] = {"strategy": strategy, "node_id": task.name, **config.node_options}
+    if config.mode == "semisync":
+        from flwr_serverless.semisync import SemiSyncFederatedNode
+
+        return SemiSyncFederatedNode(store, lambda_=config.semisync.lambda_, reestimate=config.semisync.reestimate,
+                                     num_nodes=config.num_nodes, timeout=config.timeout,
+                                     min_nodes=config.min_nodes, **common)
+    if config.mode == "sync":
+        from flwr_serverless.nodes import SyncFederatedNode
+
+        return SyncFederatedNode(store, num_nodes=config.num_nodes, timeout=config.timeout,
+                                 min_nodes=config.min_nodes, **common)
+    from flwr_serverless.nodes import AsyncFederatedNode
+
+    return AsyncFederatedNode(store, **config.async_options.node_kwargs(config.seed, task.index), **common)
+
+
+def callback_kwargs(config: SimulationConfig) -> dict[str, Any]:
+    """Keyword arguments of ``FlwrFederatedCallback`` (Keras and Lightning alike)."""
+    return {"proximal_mu": config.effective_proximal_mu}
