@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,63 @@ def test_models_are_small_deterministic_and_fit_each_dataset_shape() -> None:
     history = cnn.fit(images, np.arange(8) % 10, epochs=1, verbose=0)
     assert "accuracy" in history.history
     assert cnn.predict(images, verbose=0).shape == (8, 10)
+
+
+def test_baselines_are_trained_once_per_seed_and_partition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr_serverless.simulation.runner as runner
+
+    trained: list[list[str]] = []
+    real = runner.run_tasks
+
+    def counting(tasks: list, use_processes: bool, progress: object) -> list:
+        trained.append([t.role for t in tasks])
+        return real(tasks, use_processes, progress)
+
+    monkeypatch.setattr(runner, "run_tasks", counting)
+    config = SimulationConfig(num_nodes=2, mode="async", epochs=1, seed=4, store_url="memory://cache-test",
+                              baseline_cache=str(tmp_path / "baselines"))
+    first = run_simulation(config)
+    second = run_simulation(replace(config, mode="sync"))  # another mode: same partition, same baselines
+    third = run_simulation(replace(config, num_nodes=3))  # another partition: same centralized model
+    assert first.ok and second.ok and third.ok
+    baseline_phases = [roles for roles in trained if roles and "federated" not in roles]
+    assert baseline_phases == [["standalone", "standalone", "centralized"], ["standalone"] * 3]
+    assert [r.test_accuracy for r in second.standalone] == [r.test_accuracy for r in first.standalone]
+    assert second.centralized == first.centralized == third.centralized
+    assert len(list((tmp_path / "baselines").glob("*.json"))) == 3
+
+
+def test_cli_repeats_over_seeds_and_summarizes(tmp_path: Path) -> None:
+    out = io.StringIO()
+    csv_path, json_path = tmp_path / "runs.csv", tmp_path / "runs.json"
+    code = main(["simulate", "--nodes", "2", "--epochs", "1", "--no-baselines", "--seeds", "0-1", "--quiet",
+                 "--store", "memory://seeds", "--csv", str(csv_path), "--json", str(json_path)], out=out)
+    text = out.getvalue()
+    assert code == 0, text
+    assert "== seed 0 ==" in text and "== seed 1 ==" in text
+    assert "Over 2 seeds (0, 1): mean test accuracy +- 95% CI" in text
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("seed,mode,strategy") and [r.split(",")[0] for r in rows[1:]] == ["0", "1"]
+    report = json.loads(json_path.read_text())
+    assert [r["config"]["seed"] for r in report["runs"]] == [0, 1]
+    assert report["summary"]["federated"]["n"] == 2 and report["summary"]["federated"]["ci95"] is not None
+
+
+def test_fedavgm_rounds_are_numbered_by_its_own_aggregations() -> None:
+    import numpy as np
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from flwr_serverless.simulation.federation import _number_rounds_by_aggregation
+    from flwr_serverless.strategies import make_strategy
+
+    strategy = make_strategy("fedavgm", initial_parameters=[np.zeros(3, np.float32)], server_momentum=0.9)
+    _number_rounds_by_aggregation(strategy)
+
+    def fit(value: float) -> tuple[None, FitRes]:
+        return None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.full(3, value, np.float32)]), 10, {})
+
+    # A node's first aggregation can come in its 2nd federation (no peers in the 1st): Flower's FedAvgM
+    # would assert that round 1 created the momentum.
+    for server_round in (2, 3):
+        parameters, _ = strategy.aggregate_fit(server_round, [fit(1.0), fit(3.0)], [])
+        assert parameters is not None

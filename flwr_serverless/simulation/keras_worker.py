@@ -69,6 +69,8 @@ def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
     _quiet_tensorflow()
     import tensorflow as tf
 
+    tf.get_logger().setLevel("ERROR")  # one model per node and run: retracing warnings are expected
+
     from flwr_serverless.callbacks.keras import FlwrFederatedCallback
     from flwr_serverless.simulation import keras_callbacks as kc
     from flwr_serverless.simulation.heterogeneity import FederationProbe

@@ -39,7 +39,7 @@ from flwr_serverless.simulation.runner import SimulationConfig, SimulationResult
 STRATEGIES: dict[str, dict[str, Any]] = {
     "fedavg": {},
     "fedavgm": {"server_momentum": 0.9, "server_learning_rate": 1.0},
-    "fedadam": {"eta": 0.01, "eta_l": 0.01, "tau": 0.001},
+    "fedadam": {"eta": 0.01, "tau": 0.001},
 }
 
 #: The heterogeneous-speed modes (all FedAvg aggregation).
@@ -63,6 +63,7 @@ class HeteroGrid:
     targets: tuple[float, ...] = (0.8, 0.9)
     seeds: tuple[int, ...] = (0, 1, 2)
     modes: tuple[str, ...] = tuple(HETERO_MODES)
+    eval_examples: int | None = None  # the fast node tests after every (short) epoch: keep the test cheap
 
 
 @dataclass(frozen=True)
@@ -89,13 +90,17 @@ def make_grid(quick: bool, dataset: str | None = None) -> Grid:
     if dataset is None:
         dataset = "digits" if quick or not has_local_copy("fashion_mnist") else "fashion_mnist"
     if dataset == "digits":
-        hetero = HeteroGrid(batch_seconds=0.02, budget=15.0 if quick else 40.0, seeds=(0,) if quick else (0, 1, 2))
+        hetero = HeteroGrid(batch_seconds=0.02, budget=20.0 if quick else 40.0, seeds=(0,) if quick else (0, 1, 2),
+                            targets=(0.6, 0.75) if quick else (0.8, 0.9))
         return Grid("quick" if quick else "default", "digits", None, 5 if quick else 10,
-                    (0, 1) if quick else (0, 1, 2), (0, 1) if quick else (0, 1, 2), None, hetero)
-    hetero = HeteroGrid(batch_seconds=0.04, budget=30.0 if quick else 75.0, max_train_examples=6000,
-                        targets=(0.7, 0.75), seeds=(0,) if quick else (0, 1, 2))
+                    (0, 1) if quick else (0, 1, 2), (0, 1) if quick else (0, 1, 2), None, hetero,
+                    node_counts=(2, 5) if quick else (2, 3, 5))
+    # 1000 examples per node: epochs of ~1.3 s (fast), 5 s (4x) and 13 s (10x) with 40 ms batches.
+    hetero = HeteroGrid(batch_seconds=0.04, budget=30.0 if quick else 60.0, max_train_examples=3000,
+                        targets=(0.7, 0.75), seeds=(0,) if quick else (0, 1, 2), eval_examples=1000)
     return Grid("quick" if quick else "default", dataset, 3000 if quick else 12000, 2 if quick else 5,
-                (0, 1) if quick else (0, 1, 2), (0, 1) if quick else (0, 1, 2), 2000, hetero)
+                (0, 1) if quick else (0, 1, 2), (0, 1) if quick else (0, 1, 2), 2000, hetero,
+                node_counts=(2, 5) if quick else (2, 3, 5))
 
 
 @dataclass
@@ -109,26 +114,25 @@ class Cell:
 
 
 def cells(grid: Grid, cache_dir: str) -> list[Cell]:
+    """Every run, seed by seed: a grid stopped early (``--max-minutes``) has whole seeds of every table."""
     base = SimulationConfig(dataset=grid.dataset, max_train_examples=grid.max_train_examples, epochs=grid.epochs,
                             baseline_cache=str(Path(cache_dir) / "baselines"),
                             evaluation=Evaluation(eval_each_epoch=True, eval_examples=grid.eval_examples))
     out: list[Cell] = []
-    if "table1" in grid.tables:
-        for seed in grid.seeds:
+    for seed in sorted({*grid.seeds, *grid.table2_seeds, *grid.hetero.seeds}):
+        if "table1" in grid.tables and seed in grid.seeds:
             for skew in grid.skews:
                 for mode in ("sync", "async"):
-                    config = replace(base, num_nodes=2, mode=mode, skew=skew, seed=seed)
-                    out.append(Cell("table1", mode, config))
-    if "table2" in grid.tables:
-        for seed in grid.table2_seeds:
+                    out.append(Cell("table1", mode, replace(base, num_nodes=2, mode=mode, skew=skew, seed=seed)))
+        if "table2" in grid.tables and seed in grid.table2_seeds:
             for nodes in grid.node_counts:
                 for strategy in grid.strategies:
                     for mode in ("sync", "async"):
                         config = replace(base, num_nodes=nodes, mode=mode, skew=0.9, seed=seed, strategy=strategy,
                                          strategy_options=dict(STRATEGIES[strategy]))
                         out.append(Cell("table2", f"{strategy} {mode}", config))
-    if "hetero" in grid.tables:
-        out += hetero_cells(grid, base)
+        if "hetero" in grid.tables and seed in grid.hetero.seeds:
+            out += hetero_cells(grid, replace(base, seed=seed))
     return out
 
 
@@ -138,17 +142,16 @@ def hetero_cells(grid: Grid, base: SimulationConfig) -> list[Cell]:
     full = 1347 if grid.dataset == "digits" else 60000
     examples = min(h.max_train_examples or full, full)
     slow_epoch = examples / h.num_nodes / base.batch_size * h.batch_seconds * max(h.slowdown)
+    evaluation = replace(base.evaluation, eval_examples=h.eval_examples)
     out = []
-    for seed in h.seeds:
-        for name in h.modes:
-            spec = HETERO_MODES[name]
-            config = replace(base, num_nodes=h.num_nodes, skew=h.skew, seed=seed, epochs=100_000, baselines=False,
-                             max_train_examples=h.max_train_examples,
-                             heterogeneity=Heterogeneity(slowdown=h.slowdown, batch_seconds=h.batch_seconds,
-                                                         time_budget=h.budget), **spec)
-            if config.mode != "async":
-                config = replace(config, sync_timeout=max(10.0, 3 * slow_epoch), min_nodes=1)
-            out.append(Cell("hetero", name, config, {"budget": h.budget}))
+    for name in h.modes:
+        config = replace(base, num_nodes=h.num_nodes, skew=h.skew, epochs=100_000, baselines=False,
+                         max_train_examples=h.max_train_examples, evaluation=evaluation,
+                         heterogeneity=Heterogeneity(slowdown=h.slowdown, batch_seconds=h.batch_seconds,
+                                                     time_budget=h.budget), **HETERO_MODES[name])
+        if config.mode != "async":
+            config = replace(config, sync_timeout=max(10.0, 3 * slow_epoch), min_nodes=1)
+        out.append(Cell("hetero", name, config, {"budget": h.budget}))
     return out
 
 
@@ -177,8 +180,12 @@ def record(cell: Cell, result: SimulationResult, seconds: float) -> dict[str, An
     }
 
 
-def run_grid(grid: Grid, cache_dir: str, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run (or load from the cache) every cell; a cell that failed is not cached, so a re-run retries it."""
+def run_grid(grid: Grid, cache_dir: str, log: Callable[[str], None] = print,
+             max_minutes: float | None = None) -> list[dict[str, Any]]:
+    """Run (or load from the cache) every cell; a cell that failed is not cached, so a re-run retries it.
+
+    After ``max_minutes`` no new run starts (cached ones are still read): the tables show what finished.
+    """
     cache = BaselineCache(Path(cache_dir) / "runs")
     todo = cells(grid, cache_dir)
     records: list[dict[str, Any]] = []
@@ -188,8 +195,11 @@ def run_grid(grid: Grid, cache_dir: str, log: Callable[[str], None] = print) -> 
         for i, cell in enumerate(todo, 1):
             key = run_key(cell.config)
             cached = cache.load(key)
-            if cached is not None:
-                records.append({**cached[0], "cached": True})
+            if cached is not None:  # the same config may feed two tables (e.g. FedAvg, 2 nodes, skew 0.9)
+                records.append({**cached[0], "table": cell.table, "label": cell.label, **cell.meta, "cached": True})
+                continue
+            if max_minutes is not None and time.monotonic() - started > 60 * max_minutes:
+                log(f"[{i}/{len(todo)}] {cell.table} {cell.label} seed={cell.config.seed}: skipped (time limit)")
                 continue
             config = replace(cell.config, store_url=f"{store_root}/{i}")
             began = time.monotonic()
@@ -230,6 +240,8 @@ def add_experiment_parser(commands: Any) -> None:
     exp.add_argument("--tables", default=None, metavar="LIST", help="subset, e.g. table1,hetero (default: all)")
     exp.add_argument("--out", default="benchmarks/results", metavar="DIR", help="where the outputs go")
     exp.add_argument("--cache", default=None, metavar="DIR", help=f"run cache (default {default_cache_dir()})")
+    exp.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                     help="start no new run after M minutes; the tables show the runs that finished")
 
 
 def run_experiment(args: Any, out: Any = None) -> int:
@@ -246,7 +258,8 @@ def run_experiment(args: Any, out: Any = None) -> int:
     cache_dir = args.cache or default_cache_dir()
     command = " ".join(["flwr-serverless experiment paper", *(["--quick"] if args.quick else []),
                         *([f"--dataset {args.dataset}"] if args.dataset else []),
-                        *([f"--tables {args.tables}"] if args.tables else []), f"--out {args.out}"])
+                        *([f"--tables {args.tables}"] if args.tables else []),
+                        *([f"--max-minutes {args.max_minutes:g}"] if args.max_minutes else []), f"--out {args.out}"])
 
     def log(line: str) -> None:
         print(line, file=out, flush=True)
@@ -254,7 +267,8 @@ def run_experiment(args: Any, out: Any = None) -> int:
     log(f"grid {grid.name} ({grid_digest(grid)}): {grid.dataset}, {len(cells(grid, cache_dir))} runs; "
         f"cache {cache_dir}")
     started = time.monotonic()
-    records = run_grid(grid, cache_dir, log)
-    paths = write_outputs(grid, records, Path(args.out), command=command, seconds=time.monotonic() - started)
+    records = run_grid(grid, cache_dir, log, max_minutes=args.max_minutes)
+    paths = write_outputs(grid, records, Path(args.out), command=command, seconds=time.monotonic() - started,
+                          planned=len(cells(grid, cache_dir)))
     log("written: " + ", ".join(str(p) for p in paths))
     return 0 if all(not r["errors"] for r in records) else 1

@@ -116,11 +116,13 @@ def hetero_claims(h: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def claims(tables: dict[str, Any]) -> list[dict[str, str]]:
+    """Every claim whose cells were all measured (a failed or missing cell leaves its claims out)."""
     out: list[dict[str, str]] = []
-    if "table1" in tables:
-        out += table1_claims(tables["table1"])
-    if "table2" in tables:
-        out += table2_claims(tables["table2"])
-    if "hetero" in tables:
-        out += hetero_claims(tables["hetero"])
+    for name, check in (("table1", table1_claims), ("table2", table2_claims), ("hetero", hetero_claims)):
+        if name not in tables:
+            continue
+        try:
+            out += check(tables[name])
+        except (TypeError, KeyError) as exc:  # a None mean or a missing row
+            out.append(_claim(f"claims of {name}", f"incomplete data ({type(exc).__name__}: {exc})", NA))
     return out

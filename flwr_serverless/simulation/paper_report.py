@@ -108,16 +108,21 @@ def _mean_reached(values: list[float | None]) -> float | None:
     return float(np.mean(hits)) if hits and len(hits) == len(values) else None
 
 
-def _cell(stat: dict[str, Any] | None, paper: float | None = None) -> str:
+def _cell(stat: dict[str, Any] | None, paper: float | None = None, seeds: int | None = None) -> str:
+    """``mean ± ci (paper)``, plus ``[n=k]`` when fewer seeds than planned finished."""
     if not stat or stat.get("mean") is None:
         text = "-"
     else:
         text = f"{stat['mean']:.3f}" + ("" if stat.get("ci95") is None else f" ± {stat['ci95']:.3f}")
+        if seeds is not None and stat.get("n", seeds) < seeds:
+            text += f" [n={stat['n']}]"
     return text if paper is None else f"{text} ({paper:.3f})"
 
 
-def markdown(grid: Any, tables: dict[str, Any], claims: list[dict[str, str]], command: str) -> str:
-    lines = [f"# Paper tables ({grid.dataset}, grid `{grid.name}`)", "", f"Made by: `{command}`", "",
+def markdown(grid: Any, tables: dict[str, Any], claims: list[dict[str, str]], command: str,
+             runs: tuple[int, int] | None = None) -> str:
+    done = "" if runs is None else f" ({runs[0]} of {runs[1]} planned runs finished)"
+    lines = [f"# Paper tables ({grid.dataset}, grid `{grid.name}`)", "", f"Made by: `{command}`{done}", "",
              "Cells: mean ± 95% CI half-width over seeds (Student's t); in parentheses the flwr-serverless "
              "paper's figure (MNIST, so compare shapes, not absolute values).", ""]
     if "table1" in tables:
@@ -126,8 +131,8 @@ def markdown(grid: Any, tables: dict[str, Any], claims: list[dict[str, str]], co
                   "| model | " + " | ".join(f"skew {s}" for s in t["skews"]) + " |",
                   "|---|" + "---|" * len(t["skews"])]
         for row in ("sync", "async", "standalone", "centralized"):
-            cells = [_cell(t["rows"][row][str(s)], PAPER_TABLE1.get((row, None if row == "centralized" else s)))
-                     for s in t["skews"]]
+            cells = [_cell(t["rows"][row][str(s)], PAPER_TABLE1.get((row, None if row == "centralized" else s)),
+                           len(grid.seeds)) for s in t["skews"]]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lag = t["async_peer_lag"]
         if lag["max"] is not None:
@@ -136,14 +141,18 @@ def markdown(grid: Any, tables: dict[str, Any], claims: list[dict[str, str]], co
         lines.append("")
     if "table2" in tables:
         t = tables["table2"]
-        lines += [f"## Table 2: skew 0.9, seeds {list(grid.table2_seeds)}", "",
+        from flwr_serverless.simulation.paper import STRATEGIES
+
+        settings = "; ".join(f"{k} {', '.join(f'{o}={v}' for o, v in opts.items()) or 'defaults'}"
+                             for k, opts in STRATEGIES.items())
+        lines += [f"## Table 2: skew 0.9, seeds {list(grid.table2_seeds)} ({settings})", "",
                   "| strategy, mode | " + " | ".join(f"{n} nodes" for n in t["nodes"]) + " |",
                   "|---|" + "---|" * len(t["nodes"])]
         for label, row in t["rows"].items():
             strategy, _, mode = label.partition(" ")
             lines.append(f"| {label} | " + " | ".join(
-                _cell(row[str(n)], PAPER_TABLE2.get((strategy, n)) if mode == "sync" else None)
-                for n in t["nodes"]) + " |")
+                _cell(row[str(n)], PAPER_TABLE2.get((strategy, n)) if mode == "sync" else None,
+                      len(grid.table2_seeds)) for n in t["nodes"]) + " |")
         lines.append("")
     if "hetero" in tables:
         h, g = tables["hetero"], grid.hetero
@@ -159,7 +168,7 @@ def markdown(grid: Any, tables: dict[str, Any], claims: list[dict[str, str]], co
                 times.append(f"{tt['mean']:.1f} s" if tt["mean"] is not None
                              else f"reached in {tt['reached']}/{tt['runs']}")
             lag = "-" if row["peer_lag_max"] is None else f"{row['peer_lag_max']:.0f}"
-            lines.append(f"| {label} | " + " | ".join(times) + f" | {_cell(row['final'])} | "
+            lines.append(f"| {label} | " + " | ".join(times) + f" | {_cell(row['final'], None, len(g.seeds))} | "
                          f"{row['epochs_per_node']} | {lag} |")
         lines.append("")
     lines += ["## Claims", "", "| claim | measured | verdict |", "|---|---|---|"]
@@ -182,8 +191,9 @@ def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def write_outputs(grid: Any, records: list[dict[str, Any]], out_dir: Path, command: str,
-                  seconds: float) -> list[Path]:
+                  seconds: float, planned: int | None = None) -> list[Path]:
     """JSON, CSV, markdown and PNGs named ``paper_<grid>.*`` under ``out_dir``."""
+    from flwr_serverless.simulation.paper import STRATEGIES
     from flwr_serverless.simulation.paper_claims import claims as find_claims
     from flwr_serverless.simulation.paper_plots import plot_all
 
@@ -197,12 +207,13 @@ def write_outputs(grid: Any, records: list[dict[str, Any]], out_dir: Path, comma
         tables["hetero"] = hetero(records, grid.hetero.targets)
     claims = find_claims(tables)
     stem = out_dir / f"paper_{grid.name}"
-    data = {"command": command, "grid": asdict(grid), "seconds": seconds, "tables": tables, "claims": claims,
-            "records": records}
+    data = {"command": command, "grid": asdict(grid), "seconds": seconds, "planned_runs": planned,
+            "strategy_options": STRATEGIES, "tables": tables, "claims": claims, "records": records}
     paths = [stem.with_suffix(".json"), stem.with_suffix(".csv"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps(data, indent=1, default=_json_default), encoding="utf-8")
     write_csv(paths[1], records)
-    paths[2].write_text(markdown(grid, tables, claims, command), encoding="utf-8")
+    runs = None if planned is None else (len(records), planned)
+    paths[2].write_text(markdown(grid, tables, claims, command, runs), encoding="utf-8")
     return paths + plot_all(grid, tables, records, stem)
 
 
