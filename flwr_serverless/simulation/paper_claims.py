@@ -2,7 +2,8 @@
 
 A verdict is only as good as its criterion, so each one is written into the
 ``measured`` text; "similar" means the difference is within the larger of the
-two 95% CI half-widths (or 0.01 when an interval is missing).
+two 95% CI half-widths (or 0.01 when an interval is missing). A similarity
+claim whose intervals are wider than ``WIDE`` cannot tell: it is "inconclusive".
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 REPRODUCES, PARTLY, FAILS, NA = "reproduces", "partly", "does not reproduce", "not measured"
+INCONCLUSIVE = "inconclusive (CIs too wide)"
+WIDE = 0.05
 
 
 def _m(stat: dict[str, Any] | None) -> float | None:
@@ -19,6 +22,12 @@ def _m(stat: dict[str, Any] | None) -> float | None:
 def _similar(a: dict[str, Any], b: dict[str, Any]) -> bool:
     tolerance = max(a.get("ci95") or 0.01, b.get("ci95") or 0.01)
     return abs(a["mean"] - b["mean"]) <= tolerance
+
+
+def _similar_verdict(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
+    if any(max(a.get("ci95") or 0.0, b.get("ci95") or 0.0) > WIDE for a, b in pairs):
+        return INCONCLUSIVE
+    return _verdict([_similar(a, b) for a, b in pairs])
 
 
 def _claim(claim: str, measured: str, verdict: str) -> dict[str, str]:
@@ -33,9 +42,9 @@ def table1_claims(t: dict[str, Any]) -> list[dict[str, str]]:
     rows, out = t["rows"], []
     low = [s for s in ("0.0", "0.9") if s in rows["sync"] and _m(rows["sync"][s]) is not None]
     if low:
-        oks = [_similar(rows["sync"][s], rows["async"][s]) for s in low]
         text = "; ".join(f"skew {s}: sync {_m(rows['sync'][s]):.3f} vs async {_m(rows['async'][s]):.3f}" for s in low)
-        out.append(_claim("Sync ≈ async at low skew", text, _verdict(oks)))
+        out.append(_claim("Sync ≈ async at low skew", text,
+                          _similar_verdict([(rows["sync"][s], rows["async"][s]) for s in low])))
         gaps = {s: _m(rows["centralized"][s]) - max(_m(rows["sync"][s]), _m(rows["async"][s])) for s in low}
         out.append(_claim("Both near centralized at low skew (gap ≤ 0.02)",
                           "; ".join(f"skew {s}: gap {g:+.3f}" for s, g in gaps.items()),
@@ -69,13 +78,13 @@ def table1_claims(t: dict[str, Any]) -> list[dict[str, str]]:
 def table2_claims(t: dict[str, Any]) -> list[dict[str, str]]:
     rows, nodes, out = t["rows"], [str(n) for n in t["nodes"]], []
     if {"fedavg sync", "fedavgm sync", "fedadam sync"} <= set(rows):
-        similar, better, parts = [], [], []
+        better, parts = [], []
         for n in nodes:
             avg, avgm, adam = rows["fedavg sync"][n], rows["fedavgm sync"][n], rows["fedadam sync"][n]
-            similar.append(_similar(avg, avgm))
             better.append(_m(adam) < min(_m(avg), _m(avgm)) and not _similar(adam, avg))
             parts.append(f"{n} nodes: {_m(avg):.3f} / {_m(avgm):.3f} / {_m(adam):.3f}")
-        out.append(_claim("FedAvg ≈ FedAvgM (sync)", "; ".join(parts), _verdict(similar)))
+        out.append(_claim("FedAvg ≈ FedAvgM (sync)", "; ".join(parts),
+                          _similar_verdict([(rows["fedavg sync"][n], rows["fedavgm sync"][n]) for n in nodes])))
         out.append(_claim("FedAdam below both (sync)", "; ".join(parts), _verdict(better)))
     if "fedavg sync" in rows and len(nodes) > 1:
         first, last = rows["fedavg sync"][nodes[0]], rows["fedavg sync"][nodes[-1]]

@@ -120,8 +120,14 @@ def _cell(stat: dict[str, Any] | None, paper: float | None = None, seeds: int | 
 
 
 def markdown(grid: Any, tables: dict[str, Any], claims: list[dict[str, str]], command: str,
-             runs: tuple[int, int] | None = None) -> str:
-    done = "" if runs is None else f" ({runs[0]} of {runs[1]} planned runs finished)"
+             runs: tuple[int, int] | None = None, records: Sequence[dict[str, Any]] = ()) -> str:
+    parts = [] if runs is None else [f"{runs[0]} of {runs[1]} planned runs finished"]
+    cached = sum(1 for r in records if r.get("cached"))
+    if cached:
+        parts.append(f"{cached} read from the run cache")
+    if records:
+        parts.append(f"{sum(r['seconds'] for r in records) / 60:.0f} min of runs")
+    done = f" ({'; '.join(parts)})" if parts else ""
     lines = [f"# Paper tables ({grid.dataset}, grid `{grid.name}`)", "", f"Made by: `{command}`{done}", "",
              "Cells: mean ± 95% CI half-width over seeds (Student's t); in parentheses the flwr-serverless "
              "paper's figure (MNIST, so compare shapes, not absolute values).", ""]
@@ -207,13 +213,14 @@ def write_outputs(grid: Any, records: list[dict[str, Any]], out_dir: Path, comma
         tables["hetero"] = hetero(records, grid.hetero.targets)
     claims = find_claims(tables)
     stem = out_dir / f"paper_{grid.name}"
-    data = {"command": command, "grid": asdict(grid), "seconds": seconds, "planned_runs": planned,
+    data = {"command": command, "grid": asdict(grid), "seconds": seconds,
+            "run_seconds": sum(r["seconds"] for r in records), "planned_runs": planned,
             "strategy_options": STRATEGIES, "tables": tables, "claims": claims, "records": records}
     paths = [stem.with_suffix(".json"), stem.with_suffix(".csv"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps(data, indent=1, default=_json_default), encoding="utf-8")
     write_csv(paths[1], records)
     runs = None if planned is None else (len(records), planned)
-    paths[2].write_text(markdown(grid, tables, claims, command, runs), encoding="utf-8")
+    paths[2].write_text(markdown(grid, tables, claims, command, runs, records), encoding="utf-8")
     return paths + plot_all(grid, tables, records, stem)
 
 
