@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # constraints.txt pins the versions this repo is tested with, so pip resolves in seconds, not minutes.
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow lint bench data paper paper-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,19 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/store_overhead.py
+
+# Fashion-MNIST for the paper tables: Debian's package puts the IDX files in /usr/share/datasets/fashion-mnist.
+# Without it the experiment falls back to scikit-learn's digits (no download).
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then echo "fashion-mnist: present"; \
+	else $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y dataset-fashion-mnist; fi
+
+# The paper tables and plots (benchmarks/results/paper_default.*): ~40 min on 2 idle cores; runs are cached.
+paper: install
+	$(VENV)/bin/flwr-serverless experiment paper
+
+paper-quick: install
+	$(VENV)/bin/flwr-serverless experiment paper --quick
 
 clean:
 	rm -rf $(VENV) demo-store .pytest_cache

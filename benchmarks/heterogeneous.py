@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from flwr_serverless.simulation.options import AsyncOptions, Evaluation, Heterogeneity, SemiSyncOptions
 from flwr_serverless.simulation.runner import SimulationConfig, SimulationResult, run_simulation
 
 RESULTS = Path(__file__).parent / "results"
@@ -35,16 +36,18 @@ BATCH_SECONDS = 0.02
 MODES: dict[str, dict[str, Any]] = {
     "sync": {"mode": "sync"},
     "async": {"mode": "async"},
-    "async+fedrec": {"mode": "async", "extra": {"staleness": "poly:0.5", "staleness_unit": "steps"}},
-    "fedasync": {"mode": "async", "extra": {"staleness": "poly:0.5", "staleness_unit": "versions", "alpha": 0.6}},
+    "async+fedrec": {"mode": "async", "async_options": AsyncOptions(staleness="poly:0.5", staleness_unit="steps")},
+    "fedasync": {"mode": "async",
+                 "async_options": AsyncOptions(staleness="poly:0.5", staleness_unit="versions", alpha=0.6)},
     # Hinge variants: no discount up to about one slow epoch of staleness, then a steep one. Under strong
     # label skew the slow nodes hold classes nobody else has, so discounting their ordinary staleness
     # (poly:0.5 above) costs those classes; the hinge only discounts pathological staleness.
-    "async+fedrec-hinge": {"mode": "async", "extra": {"staleness": "hinge:0.05,100", "staleness_unit": "steps"}},
-    "fedasync-hinge": {"mode": "async", "extra": {"staleness": "hinge:0.5,8", "staleness_unit": "versions",
-                                                  "alpha": 0.9}},
-    "fedbuff": {"mode": "async", "extra": {"buffer_size": 2}},
-    "semisync": {"mode": "semisync", "extra": {"lambda_": 1.0, "reestimate": True}},
+    "async+fedrec-hinge": {"mode": "async",
+                           "async_options": AsyncOptions(staleness="hinge:0.05,100", staleness_unit="steps")},
+    "fedasync-hinge": {"mode": "async",
+                       "async_options": AsyncOptions(staleness="hinge:0.5,8", staleness_unit="versions", alpha=0.9)},
+    "fedbuff": {"mode": "async", "async_options": AsyncOptions(buffer_size=2)},
+    "semisync": {"mode": "semisync", "semisync": SemiSyncOptions(lambda_=1.0, reestimate=True)},
 }
 
 
@@ -68,12 +71,13 @@ def last_seconds_mean(grid: np.ndarray, mean: np.ndarray, budget: float, seconds
 
 
 def run_mode(name: str, budget: float, seed: int) -> tuple[SimulationResult, float]:
-    spec = MODES[name]
-    extra = {"slowdown": SLOWDOWN, "batch_seconds": BATCH_SECONDS, "time_budget": budget, "eval_each_epoch": True,
-             **spec.get("extra", {})}
-    config = SimulationConfig(num_nodes=4, mode=spec["mode"], dataset="digits", skew=0.9, epochs=100000,
-                              seed=seed, baselines=False, store_url=None, sync_timeout=5.0, min_nodes=1,
-                              extra=extra)
+    spec = dict(MODES[name])
+    if spec["mode"] != "async":
+        spec.update(sync_timeout=5.0, min_nodes=1)  # past the budget, the survivors go on alone
+    config = SimulationConfig(num_nodes=4, dataset="digits", skew=0.9, epochs=100000, seed=seed, baselines=False,
+                              store_url=None, evaluation=Evaluation(eval_each_epoch=True),
+                              heterogeneity=Heterogeneity(slowdown=tuple(SLOWDOWN), batch_seconds=BATCH_SECONDS,
+                                                          time_budget=budget), **spec)
     started = time.monotonic()
     # A mode that overruns its budget by a minute dumps every thread's stack: a hang is diagnosed, not guessed.
     faulthandler.dump_traceback_later(budget + 60, exit=False, file=sys.stderr)

@@ -5,21 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from flwr_serverless import __version__
 from flwr_serverless.errors import FlwrServerlessError
 from flwr_serverless.simulation.data import DATASETS
-from flwr_serverless.simulation.heterogeneity import parse_factors
-from flwr_serverless.simulation.runner import (
-    MODES,
-    WORKERS,
-    NodeResult,
-    SimulationConfig,
-    SimulationResult,
-    run_simulation,
+from flwr_serverless.simulation.options import (
+    PROXIMAL_MU_NOTE,
+    AsyncOptions,
+    Evaluation,
+    Heterogeneity,
+    SemiSyncOptions,
+    parse_factors,
+    parse_seeds,
 )
+from flwr_serverless.simulation.paper import add_experiment_parser, run_experiment
+from flwr_serverless.simulation.report import ProgressPrinter, format_report
+from flwr_serverless.simulation.runner import MODES, WORKERS, SimulationConfig
 from flwr_serverless.strategies import STRATEGY_NAMES
 
 
@@ -32,6 +35,19 @@ def _key_value(text: str) -> tuple[str, Any]:
         return key, json.loads(value)
     except ValueError:
         return key, value
+
+
+def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type whose ValueError message reaches the user (argparse would print a generic one)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="async never waits; sync has a barrier per epoch; semisync one per time budget")
     sim.add_argument("--strategy", choices=STRATEGY_NAMES, default="fedavg", help="Flower aggregation strategy")
     sim.add_argument("--strategy-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                     help="extra strategy argument, e.g. proximal_mu=0.1 (repeatable)")
+                     help="Flower strategy argument, e.g. server_momentum=0.9 for fedavgm or eta=0.01 for fedadam "
+                          "(repeatable); proximal_mu=MU is taken as --proximal-mu MU")
+    sim.add_argument("--proximal-mu", type=float, default=None, metavar="MU",
+                     help="FedProx proximal term, applied by the training callback after every optimizer step "
+                          "(default 0; 0.01 with --strategy fedprox)")
     sim.add_argument("--store", default=None, metavar="URL",
                      help="shared store: s3://bucket/prefix, file:///path, memory://name, ... "
                           "(default: a new folder under the temp dir); each run uses a fresh sub-prefix")
@@ -65,27 +85,48 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--framework", choices=sorted(WORKERS), default="keras")
     sim.add_argument("--processes", action="store_true", help="one spawned process per node instead of threads")
-    sim.add_argument("--timeout", type=float, default=120.0, help="sync mode: seconds to wait for the other nodes")
-    sim.add_argument("--min-nodes", type=int, default=None, help="sync mode: continue with this many after timeout")
+    sim.add_argument("--timeout", type=float, default=None,
+                     help="sync and semisync: seconds to wait for the other nodes (default 120)")
+    sim.add_argument("--min-nodes", type=int, default=None,
+                     help="sync and semisync: continue with this many after the timeout")
     sim.add_argument("--no-baselines", action="store_true", help="skip the standalone and centralized runs")
+    sim.add_argument("--baseline-cache", default=None, metavar="DIR",
+                     help="train each baseline once per (dataset, seed, partition, epochs, model) and reuse it")
+    sim.add_argument("--seeds", type=_typed(parse_seeds), default=None, metavar="0-4",
+                     help="repeat the run for each seed (e.g. 0-4 or 1,3,7) and print mean +- 95%% CI")
+    sim.add_argument("--eval-each-epoch", action="store_true",
+                     help="test the federated model after every federation and show it in the live lines")
+    sim.add_argument("--eval-examples", type=int, default=None, metavar="N",
+                     help="with --eval-each-epoch: test on the first N test examples (the final test uses all)")
     sim.add_argument("--json", default=None, metavar="PATH", help="also write the full results as JSON")
+    sim.add_argument("--csv", default=None, metavar="PATH", help="also write one row per run as CSV")
     sim.add_argument("--quiet", action="store_true", help="no live per-epoch lines")
     het = sim.add_argument_group("staleness, semi-sync and slow nodes (see README, 'Staleness and semi-sync')")
     het.add_argument("--staleness", default=None, help="async: staleness function: constant, poly:A, hinge:A,B")
-    het.add_argument("--staleness-unit", choices=("steps", "versions"), default="steps",
+    het.add_argument("--staleness-unit", choices=("steps", "versions"), default=None,
                      help="async: staleness in unseen community steps (FedRec) or updates (FedAsync)")
     het.add_argument("--alpha", type=float, default=None, help="async: FedAsync mixing weight in (0, 1]")
     het.add_argument("--buffer-size", type=int, default=None, help="async: FedBuff, aggregate after K new updates")
     het.add_argument("--participation", type=float, default=None, help="async: probability C of federating")
-    het.add_argument("--lambda", dest="lambda_", type=float, default=2.0,
+    het.add_argument("--lambda", dest="lambda_", type=float, default=None,
                      help="semisync: round length as a multiple of the slowest node's epoch (default 2)")
-    het.add_argument("--slowdown", type=parse_factors, default=None, metavar="F0,F1,...",
+    het.add_argument("--no-reestimate", action="store_true",
+                     help="semisync: keep the first round's batch times instead of re-measuring every round")
+    het.add_argument("--slowdown", type=_typed(parse_factors), default=None, metavar="F0,F1,...",
                      help="per-node slowdown factors, e.g. 1,1,4: node 2's batches take 4x as long")
     het.add_argument("--batch-seconds", type=float, default=None, metavar="S",
                      help="pad every batch to (its node's factor x S) seconds, so the emulated speeds hold "
                           "even when threads compete for cores")
+    het.add_argument("--time-budget", type=float, default=None, metavar="S",
+                     help="stop every node's training after S seconds of wall time")
+    add_experiment_parser(commands)
     _add_admin_commands(commands)
     return parser
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The options the user set: an unset flag leaves the typed option at its default."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _add_admin_commands(commands: Any) -> None:
@@ -117,119 +158,60 @@ def _admin(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-class _ProgressPrinter:
-    """Prints one line per federated epoch as nodes finish them (called under the runner's lock)."""
-
-    def __init__(self, out: TextIO, quiet: bool) -> None:
-        self.out = out
-        self.quiet = quiet
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "error":
-            print(f"[{event.get('node')}] {event.get('role')} run failed: {event.get('error')}", file=self.out)
-        elif kind == "phase" and event.get("phase") == "federated":
-            sizes = ", ".join(str(n) for n in event.get("partition_sizes", []))
-            print(f"store: {event.get('run_url')}\npartition sizes: {sizes}", file=self.out)
-        elif kind == "phase" and event.get("phase") == "baselines":
-            print("training baselines (standalone nodes, centralized)...", file=self.out)
-        elif kind == "epoch_end" and event.get("role") == "federated" and not self.quiet:
-            print(
-                f"[{event['node']}] epoch {event['epoch']}/{event['epochs']}  loss {_fmt(event.get('loss'), '.2f')}  "
-                f"acc {_fmt(event.get('accuracy'), '.2f')}  acc_fed {_fmt(event.get('accuracy_fed'), '.2f')}",
-                file=self.out,
-            )
-        else:
-            return
-        self.out.flush()
-
-
-def _mb(num_bytes: int) -> str:
-    return f"{num_bytes / 1e6:.2f}"
-
-
-def format_report(result: SimulationResult) -> str:
-    """The end-of-run tables: federated nodes, baselines and the accuracy summary."""
-    config = result.config
-    lines = [
-        "",
-        f"Federated nodes ({config.mode}, {config.strategy}, {config.dataset}, skew {config.skew}, "
-        f"{config.epochs} epochs, {'processes' if config.use_processes else 'threads'}):",
-        f"{'node':<12} {'test acc':>8} {'epochs':>7} {'wall s':>7} {'MB up':>7} {'MB down':>8} "
-        f"{'requests':>8} {'rejected':>8}",
-    ]
-    for row in result.nodes:
-        if row.error:
-            lines.append(f"{row.node_id:<12} FAILED: {row.error}")
-            continue
-        lines.append(
-            f"{row.node_id:<12} {_fmt(row.test_accuracy):>8} {f'{row.epochs_completed}/{config.epochs}':>7} "
-            f"{row.wall_time:>7.1f} {_mb(row.bytes_up):>7} {_mb(row.bytes_down):>8} {row.requests:>8} "
-            f"{row.rejected:>8}"
-        )
-    if result.standalone or result.centralized:
-        lines += ["", "Baselines (same partitions, same epochs):", f"{'model':<24} {'test acc':>8} {'wall s':>7}"]
-        baseline_rows: list[tuple[str, NodeResult]] = [(f"standalone {r.node_id}", r) for r in result.standalone]
-        if result.centralized:
-            baseline_rows.append(("centralized (all data)", result.centralized))
-        for label, row in baseline_rows:
-            if row.error:
-                lines.append(f"{label:<24} FAILED: {row.error}")
-            else:
-                lines.append(f"{label:<24} {_fmt(row.test_accuracy):>8} {row.wall_time:>7.1f}")
-    fed, alone = result.federated_mean_accuracy, result.standalone_mean_accuracy
-    summary = f"Summary: federated mean accuracy {_fmt(fed)}"
-    if alone is not None:
-        summary += f" vs standalone mean {_fmt(alone)}"
-        if fed is not None:
-            summary += f" ({fed - alone:+.3f})"
-    if result.centralized_accuracy is not None:
-        summary += f"; centralized {_fmt(result.centralized_accuracy)}"
-    lines += ["", summary + f"  [{result.wall_time:.1f}s]"]
-    return "\n".join(lines)
+def _config(args: argparse.Namespace, out: TextIO) -> SimulationConfig:
+    strategy_options = dict(args.strategy_option)
+    proximal_mu = args.proximal_mu
+    if "proximal_mu" in strategy_options:
+        mu = strategy_options.pop("proximal_mu")
+        if proximal_mu is not None and mu != proximal_mu:
+            raise ValueError(f"--strategy-option proximal_mu={mu} contradicts --proximal-mu {proximal_mu}")
+        proximal_mu = float(mu)
+        print(f"note: --strategy-option proximal_mu={mu} is applied as --proximal-mu {mu}: {PROXIMAL_MU_NOTE}.",
+              file=out)
+    return SimulationConfig(
+        num_nodes=args.nodes, mode=args.mode, strategy=args.strategy, strategy_options=strategy_options,
+        store_url=args.store, storage_options=dict(args.storage_option), epochs=args.epochs, dataset=args.dataset,
+        data_dir=args.data_dir, skew=args.skew, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        seed=args.seed, use_processes=args.processes, framework=args.framework, sync_timeout=args.timeout,
+        min_nodes=args.min_nodes, baselines=not args.no_baselines, baseline_cache=args.baseline_cache,
+        max_train_examples=args.max_train_examples, proximal_mu=proximal_mu,
+        async_options=AsyncOptions(**_given(staleness=args.staleness, staleness_unit=args.staleness_unit,
+                                            alpha=args.alpha, buffer_size=args.buffer_size,
+                                            participation=args.participation)),
+        semisync=SemiSyncOptions(**_given(lambda_=args.lambda_, reestimate=False if args.no_reestimate else None)),
+        heterogeneity=Heterogeneity(**_given(slowdown=args.slowdown, batch_seconds=args.batch_seconds,
+                                             time_budget=args.time_budget)),
+        evaluation=Evaluation(eval_each_epoch=args.eval_each_epoch, eval_examples=args.eval_examples),
+    )
 
 
 def _simulate(args: argparse.Namespace, out: TextIO) -> int:
-    config = SimulationConfig(
-        num_nodes=args.nodes,
-        mode=args.mode,
-        strategy=args.strategy,
-        strategy_options=dict(args.strategy_option),
-        store_url=args.store,
-        storage_options=dict(args.storage_option),
-        epochs=args.epochs,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        skew=args.skew,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        use_processes=args.processes,
-        framework=args.framework,
-        sync_timeout=args.timeout,
-        min_nodes=args.min_nodes,
-        baselines=not args.no_baselines,
-        max_train_examples=args.max_train_examples,
-        extra={"staleness": args.staleness, "staleness_unit": args.staleness_unit, "alpha": args.alpha,
-               "buffer_size": args.buffer_size, "participation": args.participation, "lambda_": args.lambda_,
-               "slowdown": args.slowdown, "batch_seconds": args.batch_seconds},
-    )
+    from flwr_serverless.simulation.sweep import format_seed_summary, run_seeds, seed_summary, write_csv
+
+    config = _config(args, out)
+    config.validate()
+    seeds = args.seeds if args.seeds is not None else [config.seed]
     print(
         f"flwr-serverless simulate: {config.num_nodes} {config.mode} nodes, {config.strategy}, {config.dataset} "
-        f"(skew {config.skew}), {config.epochs} epochs, {'processes' if config.use_processes else 'threads'}",
+        f"(skew {config.skew}), {config.epochs} epochs, {'processes' if config.use_processes else 'threads'}"
+        + (f", seeds {', '.join(map(str, seeds))}" if args.seeds is not None else ""),
         file=out,
     )
-    result = run_simulation(config, progress=_ProgressPrinter(out, args.quiet))
-    print(format_report(result), file=out)
+    results = run_seeds(config, seeds, progress=ProgressPrinter(out, args.quiet))
+    for result in results:
+        print(format_report(result), file=out)
+    if args.seeds is not None:
+        print("\n" + format_seed_summary(results), file=out)
     if args.json:
+        data: dict[str, Any] = results[0].to_dict() if args.seeds is None else {
+            "runs": [r.to_dict() for r in results], "summary": seed_summary(results)}
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result.to_dict(), fh, indent=2)
+            json.dump(data, fh, indent=2)
         print(f"results written to {args.json}", file=out)
-    return 0 if result.ok else 1
+    if args.csv:
+        write_csv(args.csv, results)
+        print(f"one row per run written to {args.csv}", file=out)
+    return 0 if all(r.ok for r in results) else 1
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -239,6 +221,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args, out)
+        if args.command == "experiment":
+            return run_experiment(args, out)
         if args.command in ("inspect", "clean"):
             return _admin(args, out)
     except (ValueError, RuntimeError, FileNotFoundError, FlwrServerlessError) as exc:

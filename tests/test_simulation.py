@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -84,10 +85,15 @@ def test_cli_runs_end_to_end_and_prints_the_table(tmp_path: Path) -> None:
     json_path = tmp_path / "result.json"
     code = main(["simulate", "--nodes", "2", "--mode", "async", "--strategy", "fedavg",
                  "--store", f"file://{tmp_path}/cli-store", "--epochs", "2", "--dataset", "digits", "--skew", "0.9",
-                 "--batch-size", "32", "--seed", "1", "--json", str(json_path)], out=out)
+                 "--batch-size", "32", "--seed", "1", "--eval-each-epoch", "--json", str(json_path)], out=out)
     text = out.getvalue()
     assert code == 0, text
-    assert "[node-0] epoch 2/2" in text and "[node-1] epoch 1/2" in text and "acc_fed" in text
+    assert "[node-0] epoch 2/2" in text and "[node-1] epoch 1/2" in text
+    # The live line names each figure: training accuracy, the nodes' mean of it, and the federated model's test.
+    live = next(line for line in text.splitlines() if line.startswith("[node-0] epoch 2/2"))
+    assert "train acc" in live and "nodes' mean" in live and "test acc" in live and "(federated model)" in live
+    assert "acc_fed" not in text
+    assert "Peer lag in the async aggregates" in text
     for needle in ("Federated nodes", "test acc", "MB up", "requests", "rejected",
                    "standalone node-0", "standalone node-1", "centralized", "Summary: federated mean accuracy"):
         assert needle in text, needle
@@ -96,7 +102,11 @@ def test_cli_runs_end_to_end_and_prints_the_table(tmp_path: Path) -> None:
     report = json.loads(json_path.read_text())
     assert [n["node_id"] for n in report["nodes"]] == ["node-0", "node-1"]
     assert report["summary"]["centralized_accuracy"] > 0
-    assert NodeResult.from_dict(report["nodes"][0]).epochs_completed == 2
+    node = NodeResult.from_dict(report["nodes"][0])
+    assert node.epochs_completed == 2
+    assert all(0 < h["test_accuracy"] <= 1 and h["time"] > 0 for h in node.history)
+    lags = [h["peer_lag_max"] for n in report["nodes"] for h in n["history"] if "peer_lag_max" in h]
+    assert lags and all(0 <= lag <= 1 for lag in lags)  # two equal nodes: at most one epoch apart
 
 
 def test_reports_never_contain_credentials() -> None:
@@ -143,3 +153,63 @@ def test_models_are_small_deterministic_and_fit_each_dataset_shape() -> None:
     history = cnn.fit(images, np.arange(8) % 10, epochs=1, verbose=0)
     assert "accuracy" in history.history
     assert cnn.predict(images, verbose=0).shape == (8, 10)
+
+
+def test_baselines_are_trained_once_per_seed_and_partition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr_serverless.simulation.runner as runner
+
+    trained: list[list[str]] = []
+    real = runner.run_tasks
+
+    def counting(tasks: list, use_processes: bool, progress: object) -> list:
+        trained.append([t.role for t in tasks])
+        return real(tasks, use_processes, progress)
+
+    monkeypatch.setattr(runner, "run_tasks", counting)
+    config = SimulationConfig(num_nodes=2, mode="async", epochs=1, seed=4, store_url="memory://cache-test",
+                              baseline_cache=str(tmp_path / "baselines"))
+    first = run_simulation(config)
+    second = run_simulation(replace(config, mode="sync"))  # another mode: same partition, same baselines
+    third = run_simulation(replace(config, num_nodes=3))  # another partition: same centralized model
+    assert first.ok and second.ok and third.ok
+    baseline_phases = [roles for roles in trained if roles and "federated" not in roles]
+    assert baseline_phases == [["standalone", "standalone", "centralized"], ["standalone"] * 3]
+    assert [r.test_accuracy for r in second.standalone] == [r.test_accuracy for r in first.standalone]
+    assert second.centralized == first.centralized == third.centralized
+    assert len(list((tmp_path / "baselines").glob("*.json"))) == 3
+
+
+def test_cli_repeats_over_seeds_and_summarizes(tmp_path: Path) -> None:
+    out = io.StringIO()
+    csv_path, json_path = tmp_path / "runs.csv", tmp_path / "runs.json"
+    code = main(["simulate", "--nodes", "2", "--epochs", "1", "--no-baselines", "--seeds", "0-1", "--quiet",
+                 "--store", "memory://seeds", "--csv", str(csv_path), "--json", str(json_path)], out=out)
+    text = out.getvalue()
+    assert code == 0, text
+    assert "== seed 0 ==" in text and "== seed 1 ==" in text
+    assert "Over 2 seeds (0, 1): mean test accuracy +- 95% CI" in text
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("seed,mode,strategy") and [r.split(",")[0] for r in rows[1:]] == ["0", "1"]
+    report = json.loads(json_path.read_text())
+    assert [r["config"]["seed"] for r in report["runs"]] == [0, 1]
+    assert report["summary"]["federated"]["n"] == 2 and report["summary"]["federated"]["ci95"] is not None
+
+
+def test_fedavgm_rounds_are_numbered_by_its_own_aggregations() -> None:
+    import numpy as np
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from flwr_serverless.simulation.federation import _number_rounds_by_aggregation
+    from flwr_serverless.strategies import make_strategy
+
+    strategy = make_strategy("fedavgm", initial_parameters=[np.zeros(3, np.float32)], server_momentum=0.9)
+    _number_rounds_by_aggregation(strategy)
+
+    def fit(value: float) -> tuple[None, FitRes]:
+        return None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.full(3, value, np.float32)]), 10, {})
+
+    # A node's first aggregation can come in its 2nd federation (no peers in the 1st): Flower's FedAvgM
+    # would assert that round 1 created the momentum.
+    for server_round in (2, 3):
+        parameters, _ = strategy.aggregate_fit(server_round, [fit(1.0), fit(3.0)], [])
+        assert parameters is not None

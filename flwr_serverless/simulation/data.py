@@ -59,6 +59,11 @@ def _find_idx_dir(name: str, data_dir: str | os.PathLike[str] | None) -> Path | 
     return None
 
 
+def has_local_copy(name: str, data_dir: str | os.PathLike[str] | None = None) -> bool:
+    """True when the dataset's IDX files are on disk (``data_dir``, else the Debian package's folder)."""
+    return name == "digits" or _find_idx_dir(name, data_dir) is not None
+
+
 def _idx_path(directory: Path, base: str) -> Path | None:
     # Debian ships "train-images-idx3-ubyte.gz"; other mirrors use "train-images.idx3-ubyte".
     for stem in (base, base.replace("-idx", ".idx")):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flwr_serverless.simulation.data import load_dataset
-from flwr_serverless.simulation.heterogeneity import async_options, make_semisync_node, worker_callbacks
+from flwr_serverless.simulation.federation import callback_kwargs, make_node
 
 if TYPE_CHECKING:
     from flwr_serverless.simulation.runner import NodeTask
@@ -25,36 +25,6 @@ def _quiet_tensorflow() -> None:
     """Cut TF's start-up log noise; only effective before TensorFlow is first imported."""
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _progress_callback(task: NodeTask, progress: ProgressFn, started: float) -> Any:
-    """A Keras callback reporting each finished epoch (after federation, so ``_fed`` metrics are in)."""
-    import keras
-
-    class _Progress(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.epochs_completed = 0
-            self.history: list[dict[str, float]] = []
-
-        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-            self.epochs_completed = epoch + 1
-            numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-            self.history.append(numbers)
-            progress({
-                "event": "epoch_end",
-                "role": task.role,
-                "node": task.name,
-                "epoch": epoch + 1,
-                "epochs": task.config.epochs,
-                "loss": numbers.get("loss"),
-                "accuracy": numbers.get("accuracy"),
-                "loss_fed": numbers.get("loss_fed"),
-                "accuracy_fed": numbers.get("accuracy_fed"),
-                "elapsed": time.monotonic() - started,
-            })
-
-    return _Progress()
 
 
 def load_node_data(task: Any) -> tuple[Any, Any, Any, Any, int]:
@@ -85,29 +55,10 @@ def node_result(task: Any, node: Any, reporter: Any, test_accuracy: float, test_
     return result
 
 
-def _make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
-    from flwr_serverless.nodes import AsyncFederatedNode, SyncFederatedNode
-    from flwr_serverless.stores import open_store
-    from flwr_serverless.strategies import make_strategy
-
-    config = task.config
-    if task.run_url is None:
-        raise ValueError(f"{task.name}: a federated task needs a store URL")
-    store = open_store(task.run_url, **config.storage_options)
-    strategy = make_strategy(config.strategy, initial_parameters=initial_weights, **config.strategy_options)
-    if config.mode == "semisync":
-        return make_semisync_node(task, store, strategy)
-    if config.mode == "sync":
-        return SyncFederatedNode(
-            store,
-            strategy,
-            num_nodes=config.num_nodes,
-            timeout=config.sync_timeout,
-            min_nodes=config.min_nodes,
-            node_id=task.name,
-            **config.node_options,
-        )
-    return AsyncFederatedNode(store, strategy, node_id=task.name, **async_options(task), **config.node_options)
+def eval_slice(task: Any, x_test: Any, y_test: Any) -> tuple[Any, Any]:
+    """The test examples used for the per-federation tests (``eval_examples``; the final test uses all)."""
+    limit = task.config.evaluation.eval_examples
+    return (x_test, y_test) if limit is None else (x_test[:limit], y_test[:limit])
 
 
 def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
@@ -118,7 +69,11 @@ def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
     _quiet_tensorflow()
     import tensorflow as tf
 
+    tf.get_logger().setLevel("ERROR")  # one model per node and run: retracing warnings are expected
+
     from flwr_serverless.callbacks.keras import FlwrFederatedCallback
+    from flwr_serverless.simulation import keras_callbacks as kc
+    from flwr_serverless.simulation.heterogeneity import FederationProbe
     from flwr_serverless.simulation.models import build_keras_model
 
     config = task.config
@@ -130,17 +85,21 @@ def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
     # tf.data with an op-level seed: shuffling is reproducible per node, in threads and processes alike.
     train_data = (
         tf.data.Dataset.from_tensor_slices((x, y))
-        .shuffle(len(x), seed=config.seed * 1009 + task.index, reshuffle_each_iteration=True)
+        .shuffle(len(x), seed=task.shuffle_seed, reshuffle_each_iteration=True)
         .batch(config.batch_size)
         .prefetch(2)
     )
-    reporter = _progress_callback(task, progress, started)
-    callbacks: list[Any] = [reporter]
+    reporter = kc.Progress(task, progress, started)
     node = None
+    federated = None
     if task.role == "federated":
-        node = _make_node(task, model.get_weights())
-        callbacks.insert(0, FlwrFederatedCallback(node))
-    callbacks = worker_callbacks(task, callbacks, (x_test, y_test), started)  # slowdown, eval, time budget
+        node = make_node(task, model.get_weights())
+        federated = FlwrFederatedCallback(node, **callback_kwargs(config))
+    probe = None
+    if config.evaluation.eval_each_epoch:
+        x_eval, y_eval = eval_slice(task, x_test, y_test)
+        probe = FederationProbe(node, lambda: kc.keras_accuracy(model, x_eval, y_eval), started)
+    callbacks = kc.worker_callbacks(task, federated, reporter, probe, started)
     try:
         model.fit(train_data, epochs=config.epochs, callbacks=callbacks, shuffle=False, verbose=0)
         train_time = time.monotonic() - started

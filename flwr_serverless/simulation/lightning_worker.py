@@ -11,8 +11,15 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flwr_serverless.simulation.heterogeneity import make_lightning_slowdown_callback, slowdown_factor
-from flwr_serverless.simulation.keras_worker import _make_node, load_node_data, node_result
+from flwr_serverless.simulation.federation import callback_kwargs, make_node
+from flwr_serverless.simulation.heterogeneity import (
+    FederationProbe,
+    TimeBudget,
+    epoch_event,
+    make_lightning_slowdown_callback,
+    slowdown_factor,
+)
+from flwr_serverless.simulation.keras_worker import eval_slice, load_node_data, node_result
 
 if TYPE_CHECKING:
     from flwr_serverless.simulation.runner import NodeTask
@@ -66,28 +73,47 @@ def _lightning_classes(learning_rate: float) -> tuple[Any, Any]:
             return torch.optim.Adam(self.parameters(), lr=learning_rate)
 
     class Progress(pl.Callback):
-        """Reports each finished epoch (after the federated callback, so ``_fed`` metrics are in)."""
+        """Reports each finished epoch (after the federated callback, so ``_fed`` metrics are in); with a
+        probe, also tests the model after each federation and stops at the time budget.
+        """
 
-        def __init__(self, task: NodeTask, progress: ProgressFn, started: float, fed: Any) -> None:
+        def __init__(self, task: NodeTask, progress: ProgressFn, started: float, fed: Any,
+                     probe: FederationProbe | None, budget: TimeBudget) -> None:
             self.task, self.progress, self.started, self.fed = task, progress, started, fed
+            self.probe, self.budget = probe, budget
             self.epochs_completed = 0
             self.history: list[dict[str, float]] = []
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if self.probe is not None:
+                self.probe.after_batch()
+            if self.budget.spent():
+                trainer.should_stop = True
 
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
             numbers = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_fed")}
             if self.fed is not None:
                 numbers.update({f"{k}_fed": v for k, v in self.fed.last_federated_metrics.items()})
+            if self.probe is not None:
+                numbers.update(self.probe.epoch_end())
             self.epochs_completed = trainer.current_epoch + 1
             self.history.append(numbers)
-            self.progress({
-                "event": "epoch_end", "role": self.task.role, "node": self.task.name,
-                "epoch": self.epochs_completed, "epochs": self.task.config.epochs,
-                "loss": numbers.get("loss"), "accuracy": numbers.get("accuracy"),
-                "loss_fed": numbers.get("loss_fed"), "accuracy_fed": numbers.get("accuracy_fed"),
-                "elapsed": time.monotonic() - self.started,
-            })
+            self.progress(epoch_event(self.task, self.epochs_completed, numbers, self.started))
 
     return Classifier, Progress
+
+
+def _accuracy(module: Any, x: Any, y: Any) -> float:
+    import torch
+
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            logits = module(torch.tensor(x, dtype=torch.float32))
+        return float((logits.argmax(1) == torch.tensor(y, dtype=torch.long)).float().mean())
+    finally:
+        module.train(was_training)
 
 
 def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
@@ -110,16 +136,20 @@ def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
 
     dataset = torch.utils.data.TensorDataset(torch.tensor(x, dtype=torch.float32),
                                              torch.tensor(y, dtype=torch.long))
-    shuffle = torch.Generator().manual_seed(config.seed * 1009 + task.index)
+    shuffle = torch.Generator().manual_seed(task.shuffle_seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=shuffle)
 
     node = None
     fed = None
     if task.role == "federated":
-        node = _make_node(task, [p.detach().numpy().copy() for p in net.state_dict().values()])
-        fed = FlwrFederatedCallback(node, proximal_mu=float(config.extra.get("proximal_mu", 0.0)))
-    reporter = progress_cls(task, progress, started, fed)
-    factor, batch_seconds = slowdown_factor(task), config.extra.get("batch_seconds")
+        node = make_node(task, [p.detach().numpy().copy() for p in net.state_dict().values()])
+        fed = FlwrFederatedCallback(node, **callback_kwargs(config))
+    probe = None
+    if config.evaluation.eval_each_epoch:
+        x_eval, y_eval = eval_slice(task, x_test, y_test)
+        probe = FederationProbe(node, lambda: _accuracy(module, x_eval, y_eval), started)
+    reporter = progress_cls(task, progress, started, fed, probe, TimeBudget(config.heterogeneity.time_budget, started))
+    factor, batch_seconds = slowdown_factor(task), config.heterogeneity.batch_seconds
     slowdown = make_lightning_slowdown_callback(pl, factor, batch_seconds) if factor > 1 or batch_seconds else None
     trainer = pl.Trainer(
         max_epochs=config.epochs, accelerator="cpu", devices=1,

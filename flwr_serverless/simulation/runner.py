@@ -2,36 +2,44 @@
 
 The runner never imports a deep-learning framework itself: it partitions the
 data, hands each node a ``NodeTask`` and lets the framework's worker module
-(``keras_worker``; later ``lightning_worker``) do the training. Workers return
+(``keras_worker`` or ``lightning_worker``) do the training. Workers return
 plain dicts, so processes never pickle models.
 """
 
 from __future__ import annotations
 
-import importlib
-import multiprocessing
-import queue
 import secrets
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
+from flwr_serverless.simulation.baselines import BaselineCache, centralized_key, standalone_key
 from flwr_serverless.simulation.data import load_dataset, partition_label_skew
+from flwr_serverless.simulation.execution import WORKERS, run_tasks
+from flwr_serverless.simulation.options import (
+    FEDPROX_DEFAULT_MU,
+    AsyncOptions,
+    Evaluation,
+    Heterogeneity,
+    SemiSyncOptions,
+    check_mode,
+    check_strategy,
+    strategy_key,
+)
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
-#: framework name -> module exposing ``train_node(task, progress) -> dict``
-WORKERS: dict[str, str] = {
-    "keras": "flwr_serverless.simulation.keras_worker",
-    "lightning": "flwr_serverless.simulation.lightning_worker",
-}
 MODES = ("async", "sync", "semisync")
+DEFAULT_SYNC_TIMEOUT = 120.0
+#: node kwargs the simulation sets itself; ``node_options`` may not override them
+RESERVED_NODE_OPTIONS = frozenset({"store", "strategy", "node_id", "num_nodes", "timeout", "min_nodes", "lambda_",
+                                   "reestimate", "staleness", "staleness_unit", "alpha", "buffer_size",
+                                   "participation", "seed"})
 _SECRET_OPTION_WORDS = ("secret", "key", "token", "password", "credential")
 
 
@@ -40,9 +48,9 @@ class SimulationConfig:
     """Everything one simulation run needs; plain values only, so it crosses process boundaries."""
 
     num_nodes: int = 2
-    mode: str = "async"  # "async" (FedAvgAsync, never waits) or "sync" (barrier per epoch)
+    mode: str = "async"  # "async" (never waits), "sync" (barrier per epoch) or "semisync" (barrier per time budget)
     strategy: str = "fedavg"
-    strategy_options: dict[str, Any] = field(default_factory=dict)
+    strategy_options: dict[str, Any] = field(default_factory=dict)  # Flower strategy kwargs (server_momentum...)
     store_url: str | None = None  # None: a fresh local folder under the temp dir
     storage_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 5
@@ -54,12 +62,17 @@ class SimulationConfig:
     seed: int = 0
     use_processes: bool = False
     framework: str = "keras"
-    sync_timeout: float = 120.0
-    min_nodes: int | None = None  # sync: continue with this many nodes after the timeout
+    sync_timeout: float | None = None  # sync/semisync: seconds to wait for the others (None: 120)
+    min_nodes: int | None = None  # sync/semisync: continue with this many nodes after the timeout
     baselines: bool = True  # also train standalone nodes and a centralized model
+    baseline_cache: str | None = None  # folder: each baseline is trained once per (data, seed, partition, model)
     max_train_examples: int | None = None  # subsample the training set for quick runs
     node_options: dict[str, Any] = field(default_factory=dict)  # extra node kwargs (secret, max_object_bytes...)
-    extra: dict[str, Any] = field(default_factory=dict)  # room for worker options (staleness, slowdown...)
+    proximal_mu: float | None = None  # FedProx term, applied by the callbacks (None: 0, or 0.01 for fedprox)
+    async_options: AsyncOptions = field(default_factory=AsyncOptions)
+    semisync: SemiSyncOptions = field(default_factory=SemiSyncOptions)
+    heterogeneity: Heterogeneity = field(default_factory=Heterogeneity)
+    evaluation: Evaluation = field(default_factory=Evaluation)
 
     def validate(self) -> None:
         """Fail before any training starts, with a message naming the bad option."""
@@ -73,14 +86,55 @@ class SimulationConfig:
             raise ValueError("epochs and batch_size must be positive")
         if not 0.0 <= self.skew <= 1.0:
             raise ValueError(f"skew must be in [0, 1], got {self.skew}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.max_train_examples is not None and self.max_train_examples < 1:
+            raise ValueError(f"max_train_examples must be at least 1, got {self.max_train_examples}")
         if self.use_processes and self.store_url is not None and self.store_url.startswith("memory://"):
             raise ValueError("memory:// stores live inside one process; use threads or a file:// or s3:// store")
+        self._validate_waiting()
+        if self.proximal_mu is not None and not (0 <= self.proximal_mu < float("inf")):
+            raise ValueError(f"option proximal_mu (--proximal-mu) must be >= 0, got {self.proximal_mu}")
+        reserved = sorted(set(self.node_options) & RESERVED_NODE_OPTIONS)
+        if reserved:
+            raise ValueError(f"node_options may not set {', '.join(reserved)}: the simulation sets them")
+        check_strategy(self.strategy, self.strategy_options)
+        check_mode(self.mode, self.async_options, self.semisync)
+        self.async_options.validate()
+        self.semisync.validate()
+        self.heterogeneity.validate(self.num_nodes)
+        self.evaluation.validate()
+
+    def _validate_waiting(self) -> None:
+        if self.mode == "async" and (self.sync_timeout is not None or self.min_nodes is not None):
+            name, flag = ("sync_timeout", "--timeout") if self.sync_timeout is not None else ("min_nodes",
+                                                                                            "--min-nodes")
+            raise ValueError(f"option {name} ({flag}) applies to --mode sync and semisync only: "
+                             "async nodes never wait")
+        if self.sync_timeout is not None and not self.sync_timeout > 0:
+            raise ValueError(f"option sync_timeout (--timeout) must be positive, got {self.sync_timeout}")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.num_nodes:
+            raise ValueError(f"option min_nodes (--min-nodes) must be between 1 and {self.num_nodes}, "
+                             f"got {self.min_nodes}")
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a sync or semi-sync node waits for the others."""
+        return DEFAULT_SYNC_TIMEOUT if self.sync_timeout is None else float(self.sync_timeout)
+
+    @property
+    def effective_proximal_mu(self) -> float:
+        """The FedProx mu the callbacks apply: as given, else Flower's FedProx default for ``fedprox``, else 0."""
+        if self.proximal_mu is not None:
+            return float(self.proximal_mu)
+        return FEDPROX_DEFAULT_MU if strategy_key(self.strategy) == "fedprox" else 0.0
 
     def public_dict(self) -> dict[str, Any]:
         """The config as JSON-safe values, with credentials in options replaced by '***'."""
         data = asdict(self)
         for name in ("storage_options", "node_options"):
             data[name] = {k: ("***" if _looks_secret(k) else v) for k, v in data[name].items()}
+        data["heterogeneity"]["slowdown"] = list(self.heterogeneity.slowdown)
         return data
 
 
@@ -98,6 +152,14 @@ class NodeTask:
     train_indices: np.ndarray
     config: SimulationConfig
     run_url: str | None = None
+
+    @property
+    def shuffle_seed(self) -> int:
+        """Node k shuffles alike federated and standalone; the centralized run's depends on the seed only,
+        so the same seed gives the same centralized baseline whatever the number of nodes.
+        """
+        stream = [self.config.seed, 1] if self.role == "centralized" else [self.config.seed, 0, self.index]
+        return int(np.random.SeedSequence(stream).generate_state(1)[0])
 
 
 @dataclass
@@ -179,95 +241,6 @@ class SimulationResult:
         }
 
 
-# -- running tasks ----------------------------------------------------------------
-def _train_function(framework: str) -> Callable[[NodeTask, ProgressFn], dict[str, Any]]:
-    return importlib.import_module(WORKERS[framework]).train_node
-
-
-def _error_row(task: NodeTask, exc: BaseException) -> dict[str, Any]:
-    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    return {"node_id": task.name, "role": task.role, "error": detail}
-
-
-def _run_in_threads(tasks: list[NodeTask], progress: ProgressFn) -> list[dict[str, Any]]:
-    """One thread per task in this process (the nodes share the process' TF runtime)."""
-    results: list[dict[str, Any] | None] = [None] * len(tasks)
-
-    def run(slot: int, task: NodeTask) -> None:
-        try:
-            results[slot] = _train_function(task.config.framework)(task, progress)
-        except BaseException as exc:  # reported in the row, so one failed node does not hide the others
-            results[slot] = _error_row(task, exc)
-            progress({"event": "error", "role": task.role, "node": task.name, "error": results[slot]["error"],
-                      "traceback": traceback.format_exc()})
-
-    threads = [threading.Thread(target=run, args=(i, t), name=f"sim-{t.name}", daemon=True)
-               for i, t in enumerate(tasks)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return [r if r is not None else {"node_id": t.name, "role": t.role, "error": "no result"}
-            for r, t in zip(results, tasks)]
-
-
-def _process_main(task: NodeTask, messages: Any) -> None:
-    """Entry point of a spawned worker: train, report progress and the result through ``messages``."""
-    try:
-        row = _train_function(task.config.framework)(task, lambda event: messages.put(("progress", event)))
-    except BaseException as exc:
-        messages.put(("progress", {"event": "error", "role": task.role, "node": task.name,
-                                   "error": _error_row(task, exc)["error"], "traceback": traceback.format_exc()}))
-        row = _error_row(task, exc)
-    messages.put(("result", task.index, row))
-
-
-def _run_in_processes(tasks: list[NodeTask], progress: ProgressFn) -> list[dict[str, Any]]:
-    """One spawned process per task (separate TF runtimes, as on separate machines)."""
-    context = multiprocessing.get_context("spawn")
-    messages = context.Queue()
-    processes = {t.index: context.Process(target=_process_main, args=(t, messages), name=f"sim-{t.name}")
-                 for t in tasks}
-    for process in processes.values():
-        process.start()
-    results: dict[int, dict[str, Any]] = {}
-    dead_since: dict[int, float] = {}
-    try:
-        while len(results) < len(tasks):
-            try:
-                message = messages.get(timeout=0.5)
-            except queue.Empty:
-                now = time.monotonic()
-                for task in tasks:
-                    process = processes[task.index]
-                    if task.index in results or process.is_alive():
-                        continue
-                    # Give the queue a moment to deliver a result written just before exit.
-                    if now - dead_since.setdefault(task.index, now) > 3.0:
-                        results[task.index] = {"node_id": task.name, "role": task.role,
-                                               "error": f"worker process exited with code {process.exitcode}"}
-                continue
-            if message[0] == "progress":
-                progress(message[1])
-            elif message[0] == "result":
-                results[message[1]] = message[2]
-    finally:
-        for process in processes.values():
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
-                process.join()
-    return [results[t.index] for t in tasks]
-
-
-def _run_tasks(tasks: list[NodeTask], config: SimulationConfig, progress: ProgressFn) -> list[dict[str, Any]]:
-    if not tasks:
-        return []
-    if config.use_processes:
-        return _run_in_processes(tasks, progress)
-    return _run_in_threads(tasks, progress)
-
-
 # -- the simulation ------------------------------------------------------------------
 def make_run_url(base: str) -> str:
     """A fresh sub-prefix per run, so a re-run never sees the nodes of an earlier one."""
@@ -286,6 +259,30 @@ def _training_indices(config: SimulationConfig, num_train: int) -> np.ndarray:
         rng = np.random.default_rng(config.seed)
         indices = np.sort(rng.choice(num_train, size=config.max_train_examples, replace=False))
     return indices
+
+
+def _run_baselines(config: SimulationConfig, parts: list[np.ndarray], pool: np.ndarray,
+                   report: ProgressFn) -> tuple[list[NodeResult], NodeResult]:
+    """Standalone nodes on the same partitions and a centralized model, from ``baseline_cache`` when it has them."""
+    cache = BaselineCache(config.baseline_cache) if config.baseline_cache else None
+    keys = {"standalone": standalone_key(config), "centralized": centralized_key(config)}
+    cached = {kind: cache.load(key) if cache else None for kind, key in keys.items()}
+    tasks = []
+    if cached["standalone"] is None:
+        tasks += [NodeTask("standalone", i, f"node-{i}", part, config) for i, part in enumerate(parts)]
+    if cached["centralized"] is None:
+        tasks.append(NodeTask("centralized", len(parts), "centralized", pool, config))
+    if cache is not None and len(tasks) < len(parts) + 1:
+        report({"event": "phase", "phase": "baselines_cached", "cache": str(cache.directory),
+                "cached": sorted(kind for kind, rows in cached.items() if rows is not None)})
+    fresh = run_tasks(tasks, config.use_processes, report)
+    rows = {"standalone": cached["standalone"] or [r for r in fresh if r.get("role") == "standalone"],
+            "centralized": cached["centralized"] or [r for r in fresh if r.get("role") == "centralized"]}
+    if cache is not None:
+        for kind, key in keys.items():
+            if cached[kind] is None:
+                cache.save(key, rows[kind])
+    return [NodeResult.from_dict(r) for r in rows["standalone"]], NodeResult.from_dict(rows["centralized"][0])
 
 
 def run_simulation(config: SimulationConfig, progress: ProgressFn | None = None) -> SimulationResult:
@@ -317,16 +314,13 @@ def run_simulation(config: SimulationConfig, progress: ProgressFn | None = None)
     federated = [NodeTask("federated", i, f"node-{i}", part, config, run_url) for i, part in enumerate(parts)]
     report({"event": "phase", "phase": "federated", "run_url": run_url, "num_nodes": config.num_nodes,
             "partition_sizes": [len(p) for p in parts]})
-    nodes = [NodeResult.from_dict(row) for row in _run_tasks(federated, config, report)]
+    nodes = [NodeResult.from_dict(row) for row in run_tasks(federated, config.use_processes, report)]
 
     standalone: list[NodeResult] = []
     centralized: NodeResult | None = None
     if config.baselines:
-        baseline_tasks = [NodeTask("standalone", i, f"node-{i}", part, config) for i, part in enumerate(parts)]
-        baseline_tasks.append(NodeTask("centralized", len(parts), "centralized", pool, config))
         report({"event": "phase", "phase": "baselines"})
-        rows = [NodeResult.from_dict(row) for row in _run_tasks(baseline_tasks, config, report)]
-        standalone, centralized = rows[:-1], rows[-1]
+        standalone, centralized = _run_baselines(config, parts, pool, report)
 
     result = SimulationResult(config=config, run_url=run_url, nodes=nodes, standalone=standalone,
                               centralized=centralized, wall_time=time.monotonic() - started)

@@ -1,0 +1,208 @@
+"""Typed options of a simulation, each validated before any training, with errors naming the option.
+
+They replace an untyped dict whose keys were read (or silently not read) deep
+inside the workers. Every option names the CLI flag that sets it, so an error
+points at what the user typed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+STALENESS_UNITS = ("steps", "versions")
+#: what ``strategies.make_strategy`` gives Flower's FedProx when no mu is set
+FEDPROX_DEFAULT_MU = 0.01
+PROXIMAL_MU_NOTE = (
+    "Flower's FedProx sends mu to clients only in configure_fit, which serverless nodes never call; "
+    "the training callback applies the proximal term instead"
+)
+
+
+def _error(option: str, flag: str | None, problem: str) -> ValueError:
+    where = f"option {option}" + (f" ({flag})" if flag else "")
+    return ValueError(f"{where} {problem}")
+
+
+def _check_fraction(option: str, flag: str, value: float | None, *, zero_ok: bool = False) -> None:
+    if value is None:
+        return
+    low_ok = value >= 0.0 if zero_ok else value > 0.0
+    if math.isnan(value) or not low_ok or value > 1.0:
+        raise _error(option, flag, f"must be in {'[' if zero_ok else '('}0, 1], got {value}")
+
+
+def _check_positive(option: str, flag: str, value: float | None) -> None:
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise _error(option, flag, f"must be a positive number of seconds, got {value}")
+
+
+def _changed(options: Any) -> list[str]:
+    """The fields of a dataclass instance that differ from their defaults."""
+    default = type(options)()
+    return [f.name for f in fields(options) if getattr(options, f.name) != getattr(default, f.name)]
+
+
+@dataclass(frozen=True)
+class AsyncOptions:
+    """``AsyncFederatedNode``'s policy: staleness weighting (FedRec/FedAsync), mixing, FedBuff, sampling."""
+
+    staleness: str | None = None  # "constant", "poly:a" or "hinge:a,b" (flwr_serverless.staleness)
+    staleness_unit: str = "steps"  # "steps" (FedRec) or "versions" (FedAsync)
+    alpha: float | None = None  # FedAsync mixing weight in (0, 1]
+    buffer_size: int | None = None  # FedBuff: aggregate after K new peer updates
+    participation: float | None = None  # federate with probability C
+
+    FLAGS = {"staleness": "--staleness", "staleness_unit": "--staleness-unit", "alpha": "--alpha",
+             "buffer_size": "--buffer-size", "participation": "--participation"}
+
+    def validate(self) -> None:
+        from flwr_serverless.staleness import parse_staleness
+
+        if self.staleness is not None:
+            try:
+                parse_staleness(self.staleness)
+            except ValueError as exc:
+                raise _error("staleness", "--staleness", f"is invalid: {exc}") from None
+        if self.staleness_unit not in STALENESS_UNITS:
+            raise _error("staleness_unit", "--staleness-unit",
+                         f"must be one of {', '.join(STALENESS_UNITS)}, got {self.staleness_unit!r}")
+        _check_fraction("alpha", "--alpha", self.alpha)
+        _check_fraction("participation", "--participation", self.participation)
+        if self.buffer_size is not None and (isinstance(self.buffer_size, bool) or int(self.buffer_size) < 1
+                                             or int(self.buffer_size) != self.buffer_size):
+            raise _error("buffer_size", "--buffer-size", f"must be an integer >= 1, got {self.buffer_size}")
+
+    def node_kwargs(self, seed: int, index: int) -> dict[str, Any]:
+        """Keyword arguments of ``AsyncFederatedNode`` (each node samples participation with its own seed)."""
+        kwargs: dict[str, Any] = {"staleness_unit": self.staleness_unit}
+        for name in ("staleness", "alpha", "buffer_size", "participation"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        if self.participation is not None:
+            kwargs["seed"] = seed * 7919 + index
+        return kwargs
+
+
+@dataclass(frozen=True)
+class SemiSyncOptions:
+    """``SemiSyncFederatedNode``'s planning: round length ``lambda_`` x the slowest epoch, re-measured or not."""
+
+    lambda_: float = 2.0
+    reestimate: bool = True
+
+    FLAGS = {"lambda_": "--lambda", "reestimate": "--no-reestimate"}
+
+    def validate(self) -> None:
+        if not (self.lambda_ > 0 and math.isfinite(self.lambda_)):
+            raise _error("lambda_", "--lambda", f"must be a positive number, got {self.lambda_}")
+
+
+@dataclass(frozen=True)
+class Heterogeneity:
+    """Emulated slow machines and a wall-clock budget, the same for every mode."""
+
+    slowdown: tuple[float, ...] = ()  # node k's batches take slowdown[k] times as long (missing: 1)
+    batch_seconds: float | None = None  # pad each batch to factor x this many seconds of wall time
+    time_budget: float | None = None  # stop every node's training after this many seconds
+
+    FLAGS = {"slowdown": "--slowdown", "batch_seconds": "--batch-seconds", "time_budget": "--time-budget"}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slowdown", tuple(float(f) for f in self.slowdown))  # a list from JSON or the CLI
+
+    def validate(self, num_nodes: int) -> None:
+        bad = [f for f in self.slowdown if not (f >= 1 and math.isfinite(f))]
+        if bad:
+            raise _error("slowdown", "--slowdown", f"factors must be >= 1, got {list(self.slowdown)}")
+        if len(self.slowdown) > num_nodes:
+            raise _error("slowdown", "--slowdown",
+                         f"has {len(self.slowdown)} factors for {num_nodes} nodes; give at most one per node")
+        _check_positive("batch_seconds", "--batch-seconds", self.batch_seconds)
+        _check_positive("time_budget", "--time-budget", self.time_budget)
+
+    def factor(self, index: int, role: str) -> float:
+        """Node ``index``'s slowdown; the centralized baseline is never slowed."""
+        if role == "centralized" or index >= len(self.slowdown):
+            return 1.0
+        return float(self.slowdown[index])
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What is measured during training, beyond the final test accuracy (always on the whole test set)."""
+
+    eval_each_epoch: bool = False  # test the federated model after each federation (test_accuracy, time)
+    eval_examples: int | None = None  # those tests use the first N test examples (None: all)
+
+    FLAGS = {"eval_each_epoch": "--eval-each-epoch", "eval_examples": "--eval-examples"}
+
+    def validate(self) -> None:
+        if not isinstance(self.eval_each_epoch, bool):
+            raise _error("eval_each_epoch", "--eval-each-epoch", f"must be True or False, got {self.eval_each_epoch!r}")
+        if self.eval_examples is not None:
+            if isinstance(self.eval_examples, bool) or int(self.eval_examples) != self.eval_examples \
+                    or self.eval_examples < 1:
+                raise _error("eval_examples", "--eval-examples", f"must be an integer >= 1, got {self.eval_examples}")
+            if not self.eval_each_epoch:
+                raise _error("eval_examples", "--eval-examples", "needs --eval-each-epoch (eval_each_epoch=True)")
+
+
+def check_mode(mode: str, async_options: AsyncOptions, semisync: SemiSyncOptions) -> None:
+    """Options of one mode given with another would silently do nothing: refuse them."""
+    for options, wanted in ((async_options, "async"), (semisync, "semisync")):
+        changed = _changed(options)
+        if changed and mode != wanted:
+            name = changed[0]
+            raise _error(name, type(options).FLAGS[name], f"applies to --mode {wanted} only, not {mode}")
+
+
+def strategy_key(name: str) -> str:
+    """``"FedAvg-M"`` -> ``"fedavgm"``: the spelling ``make_strategy`` accepts."""
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def check_strategy(name: str, options: dict[str, Any]) -> None:
+    """Build the strategy once on dummy weights: an unknown name, option or value fails here, not mid-run."""
+    import inspect
+
+    import numpy as np
+
+    from flwr_serverless.strategies import make_strategy
+
+    if "proximal_mu" in options:
+        raise _error("proximal_mu", "--strategy-option", f"is not a strategy option here: {PROXIMAL_MU_NOTE}. "
+                     "Set proximal_mu= (CLI: --proximal-mu)")
+    dummy = [np.zeros(1, np.float32)]
+    try:
+        make_strategy(name, initial_parameters=dummy, **options)
+    except TypeError as exc:
+        accepted = set(inspect.signature(type(make_strategy(name, initial_parameters=dummy))).parameters)
+        unknown = [k for k in options if k not in accepted] or list(options)
+        raise _error(", ".join(unknown), "--strategy-option", f"is not accepted by {name}: {exc}") from None
+
+
+def parse_factors(text: str) -> list[float]:
+    """``"1,1,4"`` -> [1.0, 1.0, 4.0]; every factor must be >= 1."""
+    try:
+        factors = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"slowdown factors must be numbers, got {text!r}") from None
+    if any(not f >= 1 for f in factors):
+        raise ValueError(f"slowdown factors must be >= 1, got {text!r}")
+    return factors
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"1,3,7"`` -> [1, 3, 7]; ranges and lists combine (``"0-2,9"``)."""
+    seeds: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            first, sep, last = part.partition("-")
+            seeds.extend(range(int(first), int(last) + 1) if sep else [int(first)])
+    except ValueError:
+        raise ValueError(f"seeds must look like 0-4 or 1,3,7, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list without repeats, got {text!r}")
+    return seeds
