@@ -17,7 +17,14 @@ from flwr_serverless.errors import (
     StoreError,
     SyncTimeoutError,
 )
-from flwr_serverless.node import AsyncFederatedNode, FederatedNode, Federating, SemiSyncFederatedNode, SyncFederatedNode
+from flwr_serverless.node import (
+    AggregateFederatedNode,
+    AsyncFederatedNode,
+    FederatedNode,
+    Federating,
+    SemiSyncFederatedNode,
+    SyncFederatedNode,
+)
 from flwr_serverless.stores import (
     FsspecStore,
     InMemoryFolder,
@@ -32,6 +39,7 @@ from flwr_serverless.strategies import make_strategy
 __version__ = "0.2.0"
 
 __all__ = [
+    "AggregateFederatedNode",
     "AsyncFederatedNode",
     "DuplicateNodeIdError",
     "FederatedNode",

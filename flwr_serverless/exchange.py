@@ -45,6 +45,9 @@ class NodeStats:
     dropped_members: int = 0
     keyframe_downloads: int = 0  # top-k: keyframes fetched because a delta named one we did not hold
     keyframe_misses: int = 0  # top-k: peers skipped because their keyframe changed or was missing meanwhile
+    cas_conflicts: int = 0  # aggregate mode: compare-and-swap writes that lost to another member's (412)
+    cas_giveups: int = 0  # aggregate mode: epochs whose contribution waits for the next (attempts used up)
+    repairs: int = 0  # aggregate mode: aggregates rebuilt from the contributions (invalid, or naming a lost one)
     rejections: dict[str, str] = field(default_factory=dict)  # key -> last reason
 
     def as_dict(self) -> dict[str, Any]:
@@ -59,6 +62,9 @@ class NodeStats:
             "dropped_members": self.dropped_members,
             "keyframe_downloads": self.keyframe_downloads,
             "keyframe_misses": self.keyframe_misses,
+            "cas_conflicts": self.cas_conflicts,
+            "cas_giveups": self.cas_giveups,
+            "repairs": self.repairs,
         }
 
 
@@ -127,7 +133,8 @@ class Exchange:
         return call_with_retries(policy, operation, key, call, on_retry=count)
 
     # -- peers ----------------------------------------------------------------------------
-    def fetch(self, info: ObjectInfo, deadline: Deadline = NO_DEADLINE) -> DecodedUpdate | None:
+    def fetch(self, info: ObjectInfo, deadline: Deadline = NO_DEADLINE,
+              node_id: str | None = None) -> DecodedUpdate | None:
         """GET and validate one peer object; a bad object is logged, counted, remembered and skipped.
 
         A top-k delta is decoded against the peer's keyframe: the cached one, else
@@ -137,7 +144,7 @@ class Exchange:
         """
         key = info.key
         try:
-            peer = key.rsplit("/", 1)[-1]
+            peer = node_id if node_id is not None else key.rsplit("/", 1)[-1]
             if not layout.is_valid_node_id(peer):
                 raise InvalidObjectError(key, "node id is not a plain name")
             self._check_size(key, info.size)
@@ -205,21 +212,58 @@ class Exchange:
         logger.info("node %s skips %s this time: it is a top-k delta against keyframe seq %d, but %s holds %s",
                     self.node_id, info.key, required.ref.seq, layout.keyframe_key(info.key.rsplit("/", 1)[-1]), held)
 
-    def fetch_many(self, infos: Sequence[ObjectInfo], deadline: Deadline = NO_DEADLINE) -> list[Outcome]:
-        """Fetch peers concurrently (downloads overlap, hashing releases the GIL), each under ``deadline``."""
-        def one(info: ObjectInfo) -> Outcome:
+    def fetch_many(self, infos: Sequence[ObjectInfo], deadline: Deadline = NO_DEADLINE,
+                   node_ids: Sequence[str] | None = None) -> list[Outcome]:
+        """Fetch peers concurrently (downloads overlap, hashing releases the GIL), each under ``deadline``.
+
+        ``node_ids``: the writer each object must come from, when the key's last part is not it.
+        """
+        def one(info: ObjectInfo, node_id: str | None) -> Outcome:
             if deadline.expired:
                 return StoreError("get", info.key, "the federation's deadline passed before this download")
             try:
-                return self.fetch(info, deadline)
+                return self.fetch(info, deadline, node_id)
             except StoreError as exc:
                 return exc
 
+        ids: Sequence[str | None] = node_ids if node_ids is not None else [None] * len(infos)
         self.stats.peer_downloads += len(infos)
         if len(infos) <= 1:
-            return [one(info) for info in infos]
+            return [one(info, node) for info, node in zip(infos, ids)]
         with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_GETS, len(infos))) as pool:
-            return list(pool.map(one, infos))
+            return list(pool.map(one, infos, ids))
+
+    # -- shared objects (aggregate mode) ---------------------------------------------------
+    def get_tagged(self, key: str, deadline: Deadline = NO_DEADLINE) -> tuple[Any, str] | None:
+        """``key``'s bytes and a tag for a later ``put_if_match``; None when absent.
+
+        LIST then GET: if the object changes in between, the bytes are newer than the
+        tag and the compare-and-swap based on them fails (412), as it must.
+        """
+        with deadline.applied():
+            if type(self.store).get_with_tag is not Store.get_with_tag:  # the backend does it in one request
+                try:
+                    data, tag = self.store.get_with_tag(key)
+                except ObjectNotFoundError:
+                    return None
+                self._check_size(key, len(data))
+                return data, tag
+            info = self.store.list(key).get(key)
+            if info is None:
+                return None
+            self._check_size(key, info.size)
+            try:
+                return self.spool.fetch(self.store, key), info.tag
+            except ObjectNotFoundError:
+                return None
+
+    def put_if_match(self, key: str, data: bytes, tag: str, deadline: Deadline = NO_DEADLINE) -> str:
+        with deadline.applied():
+            return self.store.put_if_match(key, data, tag)
+
+    def put_if_absent(self, key: str, data: bytes, deadline: Deadline = NO_DEADLINE) -> str:
+        with deadline.applied():
+            return self.store.put_if_absent(key, data)
 
     def already_rejected(self, info: ObjectInfo) -> bool:
         return self.bad_tags.get(info.key) == info.tag
