@@ -45,7 +45,7 @@ class NodeStats:
     dropped_members: int = 0
     keyframe_downloads: int = 0  # top-k: keyframes fetched because a delta named one we did not hold
     keyframe_misses: int = 0  # top-k: peers skipped because their keyframe changed or was missing meanwhile
-    cas_conflicts: int = 0  # aggregate mode: compare-and-swap writes that lost to another member's (412)
+    cas_conflicts: int = 0  # aggregate mode: compare-and-swap writes that lost to another member's (412 each)
     cas_giveups: int = 0  # aggregate mode: epochs whose contribution waits for the next (attempts used up)
     repairs: int = 0  # aggregate mode: aggregates rebuilt from the contributions (invalid, or naming a lost one)
     rejections: dict[str, str] = field(default_factory=dict)  # key -> last reason

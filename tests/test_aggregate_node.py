@@ -157,14 +157,20 @@ def test_int8_contributions_fold_exactly_what_readers_decode(store_url_factory):
 
 
 # -- races -------------------------------------------------------------------------------------------------
-def test_a_lost_race_is_retried_and_both_contributions_count(store_url_factory):
-    url = store_url_factory("boto3")
+def _race(url: tuple[str, dict[str, Any]], **options: Any) -> tuple[AggregateFederatedNode, HookedStore]:
+    """Nodes a and b have contributed once; a's next federation will find that b wrote between its read and
+    its compare-and-swap write (b's new weights _model(4))."""
     hooked = HookedStore(_open(url))
-    a = AggregateFederatedNode(hooked, node_id="a", seed=1)
+    a = AggregateFederatedNode(hooked, node_id="a", **options)
     b = AggregateFederatedNode(_open(url), node_id="b")
     a.update_parameters(_model(1), 10, epoch=0)
     b.update_parameters(_model(2), 20, epoch=0)
-    hooked.before_cas = lambda: b.update_parameters(_model(4), 20, epoch=1)  # b writes between a's read and write
+    hooked.before_cas = lambda: b.update_parameters(_model(4), 20, epoch=1)
+    return a, hooked
+
+
+def test_a_lost_race_is_retried_and_both_contributions_count(store_url_factory):
+    a, _ = _race(store_url_factory("boto3"), seed=1)
     got, _ = a.update_parameters(_model(3), 10, epoch=1)
     assert a.stats.cas_conflicts == 1 and a.stats.cas_giveups == 0
     _close(got, _fedavg([(_model(3), 10), (_model(4), 20)]))
@@ -172,13 +178,7 @@ def test_a_lost_race_is_retried_and_both_contributions_count(store_url_factory):
 
 
 def test_attempts_used_up_defer_the_contribution_to_the_next_epoch(store_url_factory):
-    url = store_url_factory("memory")
-    hooked = HookedStore(_open(url))
-    a = AggregateFederatedNode(hooked, node_id="a", max_attempts=1)
-    b = AggregateFederatedNode(_open(url), node_id="b")
-    a.update_parameters(_model(1), 10, epoch=0)
-    b.update_parameters(_model(2), 20, epoch=0)
-    hooked.before_cas = lambda: b.update_parameters(_model(4), 20, epoch=1)
+    a, hooked = _race(store_url_factory("memory"), max_attempts=1)
     before = hooked.stats.requests
     got, _ = a.update_parameters(_model(3), 10, epoch=1)
     assert hooked.stats.requests - before <= 1 + 3 * a.max_attempts and a.stats.cas_giveups == 1
@@ -265,12 +265,14 @@ HOSTILE = {
     "not-an-object": (lambda data: b"\x00" * 64, "header claims|truncated|not a flwr"),
     "wrong-shape": (lambda data: encode([np.ones((8, 16), np.float32), *_model(0)[1:]], UpdateHeader("x")),
                     "local model has"),
-    "negative-weight": (_table_change(lambda t: t["members"]["a"].update(weight=-5)), "weight of 'a'"),
-    "bad-slot": (_table_change(lambda t: t["members"]["a"].update(slot=2)), "slot of 'a'"),
+    "negative-weight": (_table_change(lambda t: t["members"]["a"].__setitem__(2, -5)), "weight of 'a'"),
+    "bad-slot": (_table_change(lambda t: t["members"]["a"].__setitem__(0, 2)), "slot of 'a'"),
+    "bool-seq": (_table_change(lambda t: t["members"]["a"].__setitem__(1, True)), "seq of 'a'"),
+    "short-entry": (_table_change(lambda t: t["members"]["a"].pop()), "must be [slot, seq, weight"),
     "bad-member": (_table_change(lambda t: t["members"].update({"../x": t["members"]["a"]})), "plain node id"),
     "no-table": (lambda data: rewrite(data, lambda f: f["extra"].pop(TABLE)), "must be {'members'"),
     "empty-table": (_table_change(lambda t: t.update(members={})), "no members"),
-    "bad-hash": (_table_change(lambda t: t["members"]["a"].update(payload_hash="md5:0")), "payload_hash"),
+    "bad-hash": (_table_change(lambda t: t["members"]["a"].__setitem__(3, "md5:0")), "payload_hash"),
 }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from flwr_serverless.compression import SEP, EncodedTensor
 from flwr_serverless.errors import StoreError
 from flwr_serverless.stores.faults import FaultyStore
 from tests.objects import rewrite
+from tests.test_nodes import _run_sync_round
 
 BACKENDS = ["memory", "boto3"]
 
@@ -268,26 +268,6 @@ def test_a_missing_keyframe_skips_the_peer_without_rejecting_it(backend):
 
 
 # -- sync -------------------------------------------------------------------------------------------------
-def _sync_round(nodes: list[SyncFederatedNode], inputs: dict[str, list[np.ndarray]],
-                counts: dict[str, int], epoch: int) -> dict[str, list[np.ndarray]]:
-    results: dict[str, list[np.ndarray]] = {}
-    errors: list[BaseException] = []
-
-    def work(node: SyncFederatedNode) -> None:
-        try:
-            results[node.node_id], _ = node.update_parameters(inputs[node.node_id], counts[node.node_id], epoch=epoch)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(n,)) for n in nodes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
-    return results
-
-
 def test_sync_nodes_with_mixed_compression_hold_identical_weights(backend):
     options = {"n0": None, "n1": "int8", "n2": "topk:0.05", "n3": "bf16"}
     counts = {"n0": 10, "n1": 25, "n2": 40, "n3": 5}
@@ -296,7 +276,7 @@ def test_sync_nodes_with_mixed_compression_hold_identical_weights(backend):
              for i, c in options.items()]
     inputs = {i: _model(k) for k, i in enumerate(options)}
     for round_number in range(3):
-        results = _sync_round(nodes, inputs, counts, round_number)
+        results = _run_sync_round(nodes, inputs, counts)
         seen = {n.node_id: n.writer.seen(inputs[n.node_id]) for n in nodes}
         for i in options:
             assert _same(results[i], results["n0"])  # bit-identical on every node

@@ -1,8 +1,9 @@
 """Aggregate mode (O(1) reads per node-epoch): one shared object holds FedAvg of every member's latest contribution.
 
 The object ``aggregate`` stores the weighted mean ``M`` of the contributions
-its *table* names: per member, the slot of ``contributions/<id>/<slot>``
-holding the contribution, its seq, weight ``c`` (examples) and payload hash.
+its *table* names: per member ``[slot, seq, weight, payload hash]``, the slot
+of ``contributions/<id>/<slot>`` holding the contribution, its seq, weight ``c``
+(examples) and payload hash.
 A member replaces its own contribution with one compare-and-swap write::
 
     M' = (T M - c_old w_old + c_new w_new) / T'      T = sum of the table's weights, T' = T - c_old + c_new
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,11 +45,11 @@ class Entry:
     seq: int
     weight: float
     payload_hash: str
-    timestamp: float = 0.0
+    timestamp: float = field(default=0.0, compare=False)  # the writer's clock (repairs pick the newer slot)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"slot": self.slot, "seq": self.seq, "weight": self.weight, "payload_hash": self.payload_hash,
-                "timestamp": self.timestamp}
+    def to_json(self) -> list[Any]:
+        """``[slot, seq, weight, payload_hash]``: a list, as the table is read every epoch at any N."""
+        return [self.slot, self.seq, self.weight, self.payload_hash]
 
 
 Table = dict[str, Entry]
@@ -86,19 +87,17 @@ def parse_table(value: Any, key: str) -> Table:
     for node, raw in members.items():
         if not layout.is_valid_node_id(node):
             raise bad(f"member {str(node)[:40]!r} is not a plain node id")
-        if not isinstance(raw, dict) or set(raw) != {"slot", "seq", "weight", "payload_hash", "timestamp"}:
-            raise bad(f"entry of {node!r} must have slot, seq, weight, payload_hash and timestamp")
-        slot, seq, weight, stamp = raw["slot"], raw["seq"], raw["weight"], raw["timestamp"]
+        if not isinstance(raw, list) or len(raw) != 4:
+            raise bad(f"entry of {node!r} must be [slot, seq, weight, payload_hash]")
+        slot, seq, weight, payload_hash = raw
         if isinstance(slot, bool) or not isinstance(slot, int) or slot not in layout.CONTRIBUTION_SLOTS:
             raise bad(f"slot of {node!r} must be 0 or 1")
         if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= 2**53:
             raise bad(f"seq of {node!r} must be an integer in [0, 2**53]")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1e300:
             raise bad(f"weight of {node!r} must be a positive finite number")
-        if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or not 0 <= stamp < 1e11:
-            raise bad(f"timestamp of {node!r} must be seconds since the epoch")
-        algorithm, digest = parse_hash(raw["payload_hash"], key)
-        table[node] = Entry(int(slot), int(seq), float(weight), f"{algorithm}:{digest}", float(stamp))
+        algorithm, digest = parse_hash(payload_hash, key)
+        table[node] = Entry(int(slot), int(seq), float(weight), f"{algorithm}:{digest}")
     return table
 
 

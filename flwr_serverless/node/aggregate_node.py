@@ -29,9 +29,10 @@ FedAvgAsync).
 Crash safety: the aggregate only names contributions written before it, and a
 node never overwrites the slot the aggregate names, so a node killed anywhere
 leaves an aggregate whose contributions can all be subtracted. A restarted node
-GETs its named contribution once. An aggregate that fails validation, is gone
-while contributions exist, or names a contribution that was lost or changed, is
-rebuilt from the contributions in the store (O(N) GETs, logged), then updated.
+GETs its named contribution once. An aggregate that fails validation, or names
+a contribution that was lost or changed, is rebuilt from the contributions in
+the store (O(N) GETs, logged), then updated. A deleted aggregate starts empty
+again: each member adds itself back at its next epoch.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -123,7 +125,8 @@ class AggregateFederatedNode(FederatedNode):
         self.random = random.Random(seed)
         self.sleep = time.sleep  # backoff between attempts (tests inject their own)
         self.version = 0  # the aggregate version this node last wrote or saw
-        self._folded: tuple[Entry, list[np.ndarray]] | None = None  # our contribution as the aggregate has it
+        self._named: Entry | None = None  # our entry in the aggregate, as of our last successful write
+        self._slots: dict[int, tuple[str, list[np.ndarray]]] = {}  # slot -> (payload hash, arrays) we wrote there
 
     def _deadline(self) -> Deadline:
         return Deadline.after(self.timeout, self.clock)
@@ -157,42 +160,58 @@ class AggregateFederatedNode(FederatedNode):
 
     def _update(self, data: bytes, folded: list[np.ndarray], new: Entry,
                 deadline: Deadline) -> tuple[list[np.ndarray], Table]:
-        """Read, fold, compare-and-swap, at most ``max_attempts`` times; the last mean computed either way."""
-        written: int | None = None  # the slot our new contribution is in
+        """Read, fold, compare-and-swap, at most ``max_attempts`` times; the last mean computed either way.
+
+        Once the node knows its free slot, the contribution's PUT runs beside the read, which keeps the
+        window between read and write (where another member's write makes ours fail) to LIST + GET + CAS.
+        """
+        guess = None if self._named is None else 1 - self._named.slot
         result: tuple[list[np.ndarray], Table] | None = None
-        for attempt in range(self.max_attempts):
-            if attempt:
-                self.stats.cas_conflicts += 1
-                self.sleep(min(self.random.uniform(0, BACKOFF * 2 ** (attempt - 1)), deadline.remaining()))
-            state = self._read(deadline)
-            state, old = self._old_contribution(state, deadline)
-            own = state.table.get(self.node_id)
-            if own is not None and own.payload_hash == new.payload_hash and state.mean is not None:
-                # A repair already folded this very contribution in: nothing left to add.
-                mean, table = state.mean, state.table
-            else:
-                entry = replace(new, slot=free_slot(state.table, self.node_id))
-                if written != entry.slot:
-                    self.exchange.put(layout.contribution_key(self.node_id, entry.slot), data, deadline)
-                    written = entry.slot
-                mean, table = fold(state.mean, state.table, self.node_id, old, folded, entry)
-            result = (mean, table)
-            payload = self._encode_aggregate(mean, table, max(state.version, self.version) + 1)
-            try:
-                if state.tag is None:
-                    self.exchange.put_if_absent(layout.AGGREGATE, payload, deadline)
+        with ThreadPoolExecutor(max_workers=1) as uploader:
+            upload = None if guess is None else uploader.submit(self._put_contribution, guess, data, folded,
+                                                                new.payload_hash, deadline)
+            written: int | None = None  # the slot our new contribution is in
+            for attempt in range(self.max_attempts):
+                if attempt:
+                    self.sleep(min(self.random.uniform(0, BACKOFF * 2 ** (attempt - 1)), deadline.remaining()))
+                state = self._read(deadline)
+                state, old = self._old_contribution(state, deadline)
+                if upload is not None:
+                    upload.result()
+                    upload, written = None, guess
+                own = state.table.get(self.node_id)
+                if own is not None and own.payload_hash == new.payload_hash and state.mean is not None:
+                    mean, table = state.mean, state.table  # a repair already folded this very contribution in
                 else:
-                    self.exchange.put_if_match(layout.AGGREGATE, payload, state.tag, deadline)
-            except PreconditionFailedError:
-                continue
-            self.version = max(state.version, self.version) + 1
-            self._folded = (table[self.node_id], folded)
-            return mean, table
+                    entry = replace(new, slot=free_slot(state.table, self.node_id))
+                    if written != entry.slot:
+                        self._put_contribution(entry.slot, data, folded, new.payload_hash, deadline)
+                        written = entry.slot
+                    mean, table = fold(state.mean, state.table, self.node_id, old, folded, entry)
+                result = (mean, table)
+                payload = self._encode_aggregate(mean, table, max(state.version, self.version) + 1)
+                try:
+                    if state.tag is None:
+                        self.exchange.put_if_absent(layout.AGGREGATE, payload, deadline)
+                    else:
+                        self.exchange.put_if_match(layout.AGGREGATE, payload, state.tag, deadline)
+                except PreconditionFailedError:
+                    self.stats.cas_conflicts += 1
+                    continue
+                self.version = max(state.version, self.version) + 1
+                self._named = table[self.node_id]
+                return mean, table
         self.stats.cas_giveups += 1
         logger.info("node %s: %d compare-and-swap attempts lost to other members; its contribution waits for the "
                     "next epoch", self.node_id, self.max_attempts)
         assert result is not None
         return result
+
+    def _put_contribution(self, slot: int, data: bytes, folded: list[np.ndarray], payload_hash: str,
+                          deadline: Deadline) -> None:
+        self._slots.pop(slot, None)  # unknown while the PUT is under way (it may fail half-way)
+        self.exchange.put(layout.contribution_key(self.node_id, slot), data, deadline)
+        self._slots[slot] = (payload_hash, folded)
 
     def _encode_aggregate(self, mean: list[np.ndarray], table: Table, version: int) -> bytes:
         header = UpdateHeader(node_id=self.node_id, seq=version, base_own_seq=0, framework=self._framework,
@@ -207,8 +226,8 @@ class AggregateFederatedNode(FederatedNode):
         except InvalidObjectError as exc:  # oversized: not worth downloading
             exchange.reject(exc)
             return self._repair(self._listed_tag(deadline), deadline)
-        if got is None:
-            return self._repair(None, deadline)  # a fresh experiment, or the aggregate was deleted
+        if got is None:  # a fresh experiment (or the aggregate was deleted: members add themselves back)
+            return AggregateState(None, None, {}, self.version)
         data, tag = got
         try:
             names = exchange.expected_names if exchange.framework == "torch" else None
@@ -235,13 +254,13 @@ class AggregateFederatedNode(FederatedNode):
             return state, None
         if self.node_id in state.rebuilt:
             return state, state.rebuilt[self.node_id]
-        if self._folded is not None and self._folded[0] == entry:
-            return state, self._folded[1]
+        held = self._slots.get(entry.slot)
+        if held is not None and held[0] == entry.payload_hash:
+            return state, held[1]
         key = layout.contribution_key(self.node_id, entry.slot)
         update = self.exchange.fetch(ObjectInfo(key, "", 0), deadline, node_id=self.node_id)
         if update is not None and update.payload_hash == entry.payload_hash:
-            self._folded = (entry, list(update.arrays))
-            return state, self._folded[1]
+            return state, list(update.arrays)
         logger.warning("node %s: the aggregate names its contribution %s (%s), which is gone or changed; "
                        "rebuilding the aggregate", self.node_id, key, entry.payload_hash[:18])
         state = self._repair(state.tag, deadline)
