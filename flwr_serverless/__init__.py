@@ -17,7 +17,14 @@ from flwr_serverless.errors import (
     StoreError,
     SyncTimeoutError,
 )
-from flwr_serverless.node import AsyncFederatedNode, FederatedNode, Federating, SemiSyncFederatedNode, SyncFederatedNode
+from flwr_serverless.node import (
+    AggregateFederatedNode,
+    AsyncFederatedNode,
+    FederatedNode,
+    Federating,
+    SemiSyncFederatedNode,
+    SyncFederatedNode,
+)
 from flwr_serverless.shared_folder.s3_folder import S3FolderWithPickle
 from flwr_serverless.stores import (
     FsspecStore,
@@ -37,6 +44,7 @@ from flwr_serverless.strategies import make_strategy
 __version__ = "0.3.0"
 
 __all__ = [
+    "AggregateFederatedNode",
     "AsyncFederatedNode",
     "DuplicateNodeIdError",
     "FederatedNode",

@@ -19,7 +19,7 @@ import numpy as np
 from flwr_serverless import layout
 from flwr_serverless.codec import DecodedUpdate, decode
 from flwr_serverless.deadline import NO_DEADLINE, Deadline
-from flwr_serverless.errors import InvalidObjectError, ObjectNotFoundError, StoreError
+from flwr_serverless.errors import InvalidObjectError, KeyframeRequiredError, ObjectNotFoundError, StoreError
 from flwr_serverless.spool import PeerSpool
 from flwr_serverless.stores import ObjectInfo, Store
 from flwr_serverless.stores.retry import RetryPolicy, call_with_retries, is_transient
@@ -43,6 +43,11 @@ class NodeStats:
     store_failures: int = 0
     leftovers_skipped: int = 0
     dropped_members: int = 0
+    keyframe_downloads: int = 0  # top-k: keyframes fetched because a delta named one we did not hold
+    keyframe_misses: int = 0  # top-k: peers skipped because their keyframe changed or was missing meanwhile
+    cas_conflicts: int = 0  # aggregate mode: compare-and-swap writes that lost to another member's (412 each)
+    cas_giveups: int = 0  # aggregate mode: epochs whose contribution waits for the next (attempts used up)
+    repairs: int = 0  # aggregate mode: aggregates rebuilt from the contributions (invalid, or naming a lost one)
     rejections: dict[str, str] = field(default_factory=dict)  # key -> last reason
 
     def as_dict(self) -> dict[str, Any]:
@@ -55,6 +60,11 @@ class NodeStats:
             "store_failures": self.store_failures,
             "leftovers_skipped": self.leftovers_skipped,
             "dropped_members": self.dropped_members,
+            "keyframe_downloads": self.keyframe_downloads,
+            "keyframe_misses": self.keyframe_misses,
+            "cas_conflicts": self.cas_conflicts,
+            "cas_giveups": self.cas_giveups,
+            "repairs": self.repairs,
         }
 
 
@@ -79,6 +89,7 @@ class Exchange:
         self.expected_names: list[str] | None = None  # compared only where names are stable (torch keys)
         self.framework: str | None = None  # "keras" / "torch": objects of the other layout are refused
         self.bad_tags: dict[str, str] = {}  # key -> tag of an object already rejected (not downloaded again)
+        self.keyframes: dict[str, DecodedUpdate] = {}  # peer -> the last keyframe of theirs we decoded (top-k)
 
     # -- calls --------------------------------------------------------------------------
     def put(self, key: str, data: bytes, deadline: Deadline = NO_DEADLINE) -> str:
@@ -122,51 +133,145 @@ class Exchange:
         return call_with_retries(policy, operation, key, call, on_retry=count)
 
     # -- peers ----------------------------------------------------------------------------
-    def fetch(self, info: ObjectInfo, deadline: Deadline = NO_DEADLINE) -> DecodedUpdate | None:
-        """GET and validate one peer object; a bad object is logged, counted, remembered and skipped."""
+    def fetch(self, info: ObjectInfo, deadline: Deadline = NO_DEADLINE,
+              node_id: str | None = None) -> DecodedUpdate | None:
+        """GET and validate one peer object; a bad object is logged, counted, remembered and skipped.
+
+        A top-k delta is decoded against the peer's keyframe: the cached one, else
+        ``keyframes/<peer>`` is fetched (and cached). If that is not the keyframe the
+        delta names (the peer republished between our two GETs), the peer is skipped
+        this time; its next object names the keyframe we now hold.
+        """
         key = info.key
         try:
-            expected_id = key.rsplit("/", 1)[-1]
-            if not layout.is_valid_node_id(expected_id):
+            peer = node_id if node_id is not None else key.rsplit("/", 1)[-1]
+            if not layout.is_valid_node_id(peer):
                 raise InvalidObjectError(key, "node id is not a plain name")
-            if self.max_object_bytes is not None and info.size > self.max_object_bytes:
-                raise InvalidObjectError(key, f"object is {info.size} bytes, over the limit of {self.max_object_bytes}")
+            self._check_size(key, info.size)
             with deadline.applied():
                 data = self.spool.fetch(self.store, key)
-            names = self.expected_names if self.framework == "torch" else None  # Keras auto-names vary by process
-            update = decode(data, key, expected=self.expected, secret=self.secret, expected_names=names,
-                            framework=self.framework)
-            if update.header.node_id != expected_id:
-                raise InvalidObjectError(key, f"header says node {update.header.node_id!r}, key says {expected_id!r}")
+            try:
+                update = self._decode(data, key, self.keyframes.get(peer))
+            except KeyframeRequiredError as required:
+                keyframe = self._fetch_keyframe(peer, deadline)
+                if keyframe is None or (keyframe.header.seq, keyframe.payload_hash) != (
+                        required.ref.seq, required.ref.payload_hash):
+                    self._keyframe_miss(info, required, keyframe)
+                    return None
+                update = self._decode(data, key, keyframe)
+            if update.header.node_id != peer:
+                raise InvalidObjectError(key, f"header says node {update.header.node_id!r}, key says {peer!r}")
             return update
         except ObjectNotFoundError:
             return None  # deleted between LIST and GET: the peer simply is not there now
         except InvalidObjectError as exc:
-            self.reject(exc, info.tag)
+            self.reject(exc, info.tag, key)  # a bad keyframe makes its delta unusable too, until it changes
             return None
 
-    def fetch_many(self, infos: Sequence[ObjectInfo], deadline: Deadline = NO_DEADLINE) -> list[Outcome]:
-        """Fetch peers concurrently (downloads overlap, hashing releases the GIL), each under ``deadline``."""
-        def one(info: ObjectInfo) -> Outcome:
+    def _decode(self, data: Any, key: str, keyframe: DecodedUpdate | None) -> DecodedUpdate:
+        names = self.expected_names if self.framework == "torch" else None  # Keras auto-names vary by process
+        return decode(data, key, expected=self.expected, secret=self.secret, expected_names=names,
+                      framework=self.framework, keyframe=keyframe)
+
+    def _check_size(self, key: str, size: int) -> None:
+        if self.max_object_bytes is not None and size > self.max_object_bytes:
+            raise InvalidObjectError(key, f"object is {size} bytes, over the limit of {self.max_object_bytes}")
+
+    def _fetch_keyframe(self, peer: str, deadline: Deadline) -> DecodedUpdate | None:
+        """GET, validate and cache ``keyframes/<peer>``; None when absent. A bad one raises naming its key."""
+        key = layout.keyframe_key(peer)
+        self.stats.keyframe_downloads += 1
+        try:
+            with deadline.applied():
+                if self.max_object_bytes is not None:  # its size before the GET, as for any peer object
+                    listed = self.store.list(key).get(key)
+                    if listed is None:
+                        return None
+                    self._check_size(key, listed.size)
+                data = self.spool.fetch(self.store, key)
+        except ObjectNotFoundError:
+            return None
+        self._check_size(key, len(data))
+        try:
+            keyframe = self._decode(data, key, None)
+        except KeyframeRequiredError:
+            raise InvalidObjectError(key, "a keyframe must be lossless, this object is a top-k delta") from None
+        if keyframe.header.node_id != peer:
+            raise InvalidObjectError(key, f"header says node {keyframe.header.node_id!r}, key says {peer!r}")
+        if not keyframe.lossless:
+            raise InvalidObjectError(key, f"a keyframe must be lossless, this one stores {keyframe.encodings}")
+        self.keyframes[peer] = keyframe  # the peer's current keyframe: its next deltas name it
+        return keyframe
+
+    def _keyframe_miss(self, info: ObjectInfo, required: KeyframeRequiredError,
+                       keyframe: DecodedUpdate | None) -> None:
+        """The delta's keyframe is gone (republished or missing): skip the peer until it publishes again."""
+        self.stats.keyframe_misses += 1
+        self.bad_tags[info.key] = info.tag  # not a rejection: a protocol writer's next object is usable
+        held = "none" if keyframe is None else f"seq {keyframe.header.seq}"
+        logger.info("node %s skips %s this time: it is a top-k delta against keyframe seq %d, but %s holds %s",
+                    self.node_id, info.key, required.ref.seq, layout.keyframe_key(info.key.rsplit("/", 1)[-1]), held)
+
+    def fetch_many(self, infos: Sequence[ObjectInfo], deadline: Deadline = NO_DEADLINE,
+                   node_ids: Sequence[str] | None = None) -> list[Outcome]:
+        """Fetch peers concurrently (downloads overlap, hashing releases the GIL), each under ``deadline``.
+
+        ``node_ids``: the writer each object must come from, when the key's last part is not it.
+        """
+        def one(info: ObjectInfo, node_id: str | None) -> Outcome:
             if deadline.expired:
                 return StoreError("get", info.key, "the federation's deadline passed before this download")
             try:
-                return self.fetch(info, deadline)
+                return self.fetch(info, deadline, node_id)
             except StoreError as exc:
                 return exc
 
+        ids: Sequence[str | None] = node_ids if node_ids is not None else [None] * len(infos)
         self.stats.peer_downloads += len(infos)
         if len(infos) <= 1:
-            return [one(info) for info in infos]
+            return [one(info, node) for info, node in zip(infos, ids)]
         with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_GETS, len(infos))) as pool:
-            return list(pool.map(one, infos))
+            return list(pool.map(one, infos, ids))
+
+    # -- shared objects (aggregate mode) ---------------------------------------------------
+    def get_tagged(self, key: str, deadline: Deadline = NO_DEADLINE) -> tuple[Any, str] | None:
+        """``key``'s bytes and a tag for a later ``put_if_match``; None when absent.
+
+        LIST then GET: if the object changes in between, the bytes are newer than the
+        tag and the compare-and-swap based on them fails (412), as it must.
+        """
+        with deadline.applied():
+            if type(self.store).get_with_tag is not Store.get_with_tag:  # the backend does it in one request
+                try:
+                    data, tag = self.store.get_with_tag(key)
+                except ObjectNotFoundError:
+                    return None
+                self._check_size(key, len(data))
+                return data, tag
+            info = self.store.list(key).get(key)
+            if info is None:
+                return None
+            self._check_size(key, info.size)
+            try:
+                return self.spool.fetch(self.store, key), info.tag
+            except ObjectNotFoundError:
+                return None
+
+    def put_if_match(self, key: str, data: bytes, tag: str, deadline: Deadline = NO_DEADLINE) -> str:
+        with deadline.applied():
+            return self.store.put_if_match(key, data, tag)
+
+    def put_if_absent(self, key: str, data: bytes, deadline: Deadline = NO_DEADLINE) -> str:
+        with deadline.applied():
+            return self.store.put_if_absent(key, data)
 
     def already_rejected(self, info: ObjectInfo) -> bool:
         return self.bad_tags.get(info.key) == info.tag
 
-    def reject(self, exc: InvalidObjectError, tag: str | None = None) -> None:
+    def reject(self, exc: InvalidObjectError, tag: str | None = None, key: str | None = None) -> None:
+        """Count and log ``exc``; with ``tag``, remember ``key`` (default ``exc.key``) at that tag as bad."""
         if tag is not None:
-            self.bad_tags[exc.key] = tag
+            self.bad_tags[key or exc.key] = tag
         self.stats.rejected += 1
         self.stats.rejections[exc.key] = exc.reason
         logger.warning("node %s skips %s: %s", self.node_id, exc.key, exc.reason)

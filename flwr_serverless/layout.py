@@ -15,6 +15,9 @@ ROUNDS = "rounds/"
 PROFILES = "profiles/"
 KEYFRAMES = "keyframes/"
 CHECKPOINTS = "keras/"
+AGGREGATE = "aggregate"
+CONTRIBUTIONS = "contributions/"
+CONTRIBUTION_SLOTS = (0, 1)
 PROFILE_SUFFIX = ".json"
 ROUND_DIGITS = 8
 
@@ -28,6 +31,9 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("profiles/<node_id>.json", "semi-sync: measured seconds per batch, dataset size, batch size"),
     ("keyframes/<node_id>", "top-k compression: the full weights that the node's sparse deltas apply to"),
     ("keras/<node_id>/", "Keras callback checkpoints: model_{before,after}_aggregation_<epoch>.h5 and metrics JSON"),
+    ("aggregate", "aggregate mode: FedAvg of every member's latest contribution and the table naming them (CAS)"),
+    ("contributions/<node_id>/<slot>", "aggregate mode: a member's contributions, slot 0 or 1 (the one the "
+                                       "aggregate names, and the next)"),
 )
 
 
@@ -67,6 +73,22 @@ def profile_key(node_id: str) -> str:
 
 def keyframe_key(node_id: str) -> str:
     return KEYFRAMES + node_id
+
+
+def contribution_key(node_id: str, slot: int) -> str:
+    if slot not in CONTRIBUTION_SLOTS:
+        raise ValueError(f"contribution slots are {CONTRIBUTION_SLOTS}, got {slot!r}")
+    return f"{CONTRIBUTIONS}{node_id}/{slot}"
+
+
+def parse_contribution_key(key: str) -> tuple[str, int] | None:
+    """``contributions/alice/1`` -> ("alice", 1); None for anything else."""
+    if not key.startswith(CONTRIBUTIONS):
+        return None
+    node_id, sep, slot = key[len(CONTRIBUTIONS):].partition("/")
+    if not sep or slot not in ("0", "1") or not is_valid_node_id(node_id):
+        return None
+    return node_id, int(slot)
 
 
 def _tail(key: str, prefix: str, suffix: str = "") -> str | None:

@@ -8,6 +8,7 @@ call's deadline; ``aggregation`` does the math.
 """
 
 from flwr_serverless.exchange import NodeStats
+from flwr_serverless.node.aggregate_node import AggregateFederatedNode
 from flwr_serverless.node.async_node import AsyncFederatedNode
 from flwr_serverless.node.base import FederatedNode
 from flwr_serverless.node.protocol import Federating
@@ -15,6 +16,7 @@ from flwr_serverless.node.semisync_node import SemiSyncFederatedNode
 from flwr_serverless.node.sync_node import SyncFederatedNode
 
 __all__ = [
+    "AggregateFederatedNode",
     "AsyncFederatedNode",
     "FederatedNode",
     "Federating",

@@ -54,11 +54,9 @@ class AsyncFederatedNode(FederatedNode):
 
     def _federate(self, arrays: list[np.ndarray], header: UpdateHeader,
                   deadline: Deadline) -> tuple[list[np.ndarray], dict[str, float]]:
-        exchange = self.exchange
-        # The upload and the pull are independent: the PUT runs beside the LIST and the peer GETs.
+        # The upload and the pull are independent: encoding and the PUT(s) run beside the LIST and the GETs.
         with ThreadPoolExecutor(max_workers=1) as uploader:
-            upload = uploader.submit(exchange.put, layout.node_key(self.node_id), self._encode(arrays, header),
-                                     deadline)
+            upload = uploader.submit(self._upload, arrays, header, deadline)
             try:
                 updates = self._pull(deadline)
                 upload.result()
@@ -71,6 +69,10 @@ class AsyncFederatedNode(FederatedNode):
         headers = [header, *(u.header for u in updates)]
         result, metrics = self._aggregate(decision.own, decision.peers, headers, self.stats.federations + 1)
         return self.mode.after_aggregation(arrays, result, decision, updates), metrics
+
+    def _upload(self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline) -> str:
+        data = self._encode(arrays, header, deadline)  # a due top-k keyframe is PUT here, before the delta
+        return self.exchange.put(layout.node_key(self.node_id), data, deadline)
 
     def _keep_local(self, arrays: list[np.ndarray], header: UpdateHeader,
                     exc: StoreError) -> tuple[list[np.ndarray], dict[str, float]]:

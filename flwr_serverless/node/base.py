@@ -22,11 +22,12 @@ from flwr.server.strategy import FedAvg, Strategy
 
 from flwr_serverless import layout
 from flwr_serverless.aggregation import Contribution, aggregate, mean_metrics
-from flwr_serverless.codec import UpdateHeader, encode
-from flwr_serverless.deadline import Deadline
+from flwr_serverless.codec import UpdateHeader
+from flwr_serverless.deadline import NO_DEADLINE, Deadline
 from flwr_serverless.errors import StoreError
 from flwr_serverless.exchange import Exchange, NodeStats
 from flwr_serverless.membership import DEFAULT_LEASE, Membership, Roster, check_lease, new_owner_token
+from flwr_serverless.node.writer import UpdateWriter
 from flwr_serverless.staleness import Provenance
 from flwr_serverless.stores import Store, open_store
 
@@ -90,12 +91,18 @@ class FederatedNode(ABC):
         owner_token: str | None = None,
         peer_cache: str = "disk",
         cache_dir: str | None = None,
+        compression: str | None = None,
+        topk_keyframe_every: int | None = None,
+        topk_max_error: float | None = None,
     ) -> None:
         store = store if store is not None else shared_folder  # `shared_folder` is the original's name
         if store is None:
             raise TypeError("a store (or shared_folder) is required: a Store or a URL such as s3://bucket/prefix")
         self.node_id = layout.check_node_id(node_id if node_id is not None else f"node-{uuid.uuid4().hex[:8]}")
         self.strategy: Strategy = resolve_strategy(strategy)
+        # None | "fp16" | "bf16" | "int8" | "topk:<fraction>": what this node publishes (any reader decodes all).
+        self.writer = UpdateWriter(compression, topk_keyframe_every=topk_keyframe_every,
+                                   topk_max_error=topk_max_error)
         self.member_lease = check_lease(member_lease)
         self.owner_token = owner_token or new_owner_token()
         self.stats = NodeStats()
@@ -221,9 +228,18 @@ class FederatedNode(ABC):
         """Our id belonged to an earlier instance: clean what it left before our claim makes it count."""
         return None
 
-    def _encode(self, arrays: Sequence[np.ndarray], header: UpdateHeader) -> bytes:
+    @property
+    def compression(self) -> str | None:
+        return self.writer.option
+
+    def _encode(self, arrays: Sequence[np.ndarray], header: UpdateHeader, deadline: Deadline = NO_DEADLINE,
+                *, persist: bool = False) -> bytes:
+        """The object to publish, compressed as configured; a due top-k keyframe is PUT first (``persist``:
+        through store outages until ``deadline``, as a barrier's publish)."""
         header.framework = self._framework
-        return encode(arrays, header, names=self._tensor_names, secret=self.secret)
+        put = self.exchange.publish if persist else self.exchange.put
+        return self.writer.encode(arrays, header, self._tensor_names, self.secret,
+                                  lambda key, data: put(key, data, deadline))
 
     def _aggregate(self, own: Contribution, peers: list[Contribution], headers: Sequence[UpdateHeader],
                    server_round: int) -> tuple[list[np.ndarray], dict[str, float]]:

@@ -128,13 +128,15 @@ class SyncFederatedNode(FederatedNode):
                     raise
                 logger.warning("node %s could not look up the current round (will retry): %s", self.node_id, exc)
         header.round = self.round
-        self.exchange.publish(layout.round_key(self.round, self.node_id), self._encode(arrays, header), deadline)
+        data = self._encode(arrays, header, deadline, persist=True)
+        self.exchange.publish(layout.round_key(self.round, self.node_id), data, deadline)
         if self.publish_only:
             self.round += 1
             return arrays, self._metrics([Contribution(self.node_id, arrays, 1.0, header.num_examples,
                                                        header.metrics)])
-        # Our own weights as peers decode them (little-endian, contiguous), without hashing them twice.
-        own_arrays = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for a in arrays]
+        # Our own weights as peers decode them (compression included), without decoding our own object:
+        # every member then averages the same values and all hold identical weights.
+        own_arrays = self.writer.seen(arrays)
         listing, state = self._wait_for_round(deadline)
         others = [listing[layout.round_key(self.round, n)] for n in sorted(state.counted - {self.node_id})]
         peers, headers = self._gather(others, deadline)

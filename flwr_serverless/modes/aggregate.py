@@ -1,0 +1,170 @@
+"""Aggregate mode (O(1) reads per node-epoch): one shared object holds FedAvg of every member's latest contribution.
+
+The object ``aggregate`` stores the weighted mean ``M`` of the contributions
+its *table* names: per member ``[slot, seq, weight, payload hash]``, the slot
+of ``contributions/<id>/<slot>`` holding the contribution, its seq, weight ``c``
+(examples) and payload hash.
+A member replaces its own contribution with one compare-and-swap write::
+
+    M' = (T M - c_old w_old + c_new w_new) / T'      T = sum of the table's weights, T' = T - c_old + c_new
+
+computed in float64 and stored in the model's float type (at least float32),
+so ``M`` is FedAvg over the table's contributions up to one rounding per
+update. Integer and boolean tensors hold the element-wise maximum of every
+contribution folded so far (FedAvg keeps the maximum of such tensors; for step
+counters, which only grow, that is the maximum of the latest ones).
+
+Everything here is pure: parsing and checking a table read from the store,
+folding one contribution in, and rebuilding ``M`` from scratch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from flwr_serverless import layout
+from flwr_serverless.errors import InvalidObjectError
+from flwr_serverless.header import parse_hash
+
+TABLE = "aggregate"  # the key of the table in the aggregate object's header ``extra``
+MAX_MEMBERS = 100_000
+CHUNK = 1 << 16  # elements per slice of a fold: float64 temporaries stay 512 KiB
+TensorSpec = tuple[tuple[int, ...], np.dtype]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The contribution of one member that the aggregate includes."""
+
+    slot: int
+    seq: int
+    weight: float
+    payload_hash: str
+    timestamp: float = field(default=0.0, compare=False)  # the writer's clock (repairs pick the newer slot)
+
+    def to_json(self) -> list[Any]:
+        """``[slot, seq, weight, payload_hash]``: a list, as the table is read every epoch at any N."""
+        return [self.slot, self.seq, self.weight, self.payload_hash]
+
+
+Table = dict[str, Entry]
+
+
+def stored_dtype(dtype: np.dtype) -> np.dtype:
+    """Float tensors are kept in at least float32 (a float16 running mean would drift fast)."""
+    dtype = np.dtype(dtype)
+    return np.promote_types(dtype, np.float32).newbyteorder("<") if dtype.kind == "f" else dtype.newbyteorder("<")
+
+
+def stored_specs(model: Sequence[TensorSpec]) -> list[TensorSpec]:
+    return [(tuple(shape), stored_dtype(dtype)) for shape, dtype in model]
+
+
+def total_weight(table: Mapping[str, Entry]) -> float:
+    return math.fsum(entry.weight for entry in table.values())
+
+
+def table_json(table: Mapping[str, Entry]) -> dict[str, Any]:
+    return {"members": {node: entry.to_json() for node, entry in sorted(table.items())}}
+
+
+def parse_table(value: Any, key: str) -> Table:
+    """Every claim of a table read from the store, checked; ``InvalidObjectError(key, reason)`` otherwise."""
+    def bad(why: str) -> InvalidObjectError:
+        return InvalidObjectError(key, f"aggregate table: {why}")
+
+    if not isinstance(value, dict) or set(value) != {"members"} or not isinstance(value["members"], dict):
+        raise bad("must be {'members': {node id: entry}}")
+    members = value["members"]
+    if len(members) > MAX_MEMBERS:
+        raise bad(f"{len(members)} members, more than {MAX_MEMBERS}")
+    table: Table = {}
+    for node, raw in members.items():
+        if not layout.is_valid_node_id(node):
+            raise bad(f"member {str(node)[:40]!r} is not a plain node id")
+        if not isinstance(raw, list) or len(raw) != 4:
+            raise bad(f"entry of {node!r} must be [slot, seq, weight, payload_hash]")
+        slot, seq, weight, payload_hash = raw
+        if isinstance(slot, bool) or not isinstance(slot, int) or slot not in layout.CONTRIBUTION_SLOTS:
+            raise bad(f"slot of {node!r} must be 0 or 1")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= 2**53:
+            raise bad(f"seq of {node!r} must be an integer in [0, 2**53]")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1e300:
+            raise bad(f"weight of {node!r} must be a positive finite number")
+        algorithm, digest = parse_hash(payload_hash, key)
+        table[node] = Entry(int(slot), int(seq), float(weight), f"{algorithm}:{digest}")
+    return table
+
+
+def free_slot(table: Mapping[str, Entry], node: str) -> int:
+    """The slot a member writes its next contribution to: never the one the aggregate names."""
+    entry = table.get(node)
+    return 0 if entry is None else 1 - entry.slot
+
+
+def fold(mean: Sequence[np.ndarray] | None, table: Mapping[str, Entry], node: str,
+         old: Sequence[np.ndarray] | None, new: Sequence[np.ndarray], entry: Entry) -> tuple[list[np.ndarray], Table]:
+    """Replace ``node``'s contribution (``old``, the arrays its table entry names; None if it has none) by ``new``.
+
+    Returns the new mean and table. ``mean`` is None for the first contribution ever.
+    """
+    if (node in table) != (old is not None):
+        raise ValueError(f"node {node}: the old contribution must be given exactly when the table names one")
+    updated = dict(table)
+    old_weight = updated.pop(node).weight if node in updated else 0.0
+    before = total_weight(updated) + old_weight
+    updated[node] = entry
+    after = total_weight(updated)
+    if mean is None:
+        return [np.ascontiguousarray(a, dtype=stored_dtype(np.asarray(a).dtype)) for a in new], updated
+    out = []
+    for index, (current, fresh) in enumerate(zip(mean, new)):
+        current, fresh = np.asarray(current), np.asarray(fresh)
+        if current.dtype.kind != "f":
+            out.append(np.maximum(current, fresh.astype(current.dtype)))
+            continue
+        previous = None if old is None else np.asarray(old[index])
+        out.append(_fold_tensor(current, before, previous, old_weight, fresh, entry.weight, after))
+    return out, updated
+
+
+def _fold_tensor(mean: np.ndarray, before: float, old: np.ndarray | None, old_weight: float, new: np.ndarray,
+                 new_weight: float, after: float) -> np.ndarray:
+    """(before * mean - old_weight * old + new_weight * new) / after, in float64 slices."""
+    result = np.empty(mean.shape, mean.dtype)
+    flat, m, n = result.reshape(-1), mean.reshape(-1), new.reshape(-1)
+    o = None if old is None else old.reshape(-1)
+    for start in range(0, m.size, CHUNK):
+        end = start + CHUNK
+        acc = m[start:end].astype(np.float64) * before
+        if o is not None:
+            acc -= o[start:end].astype(np.float64) * old_weight
+        acc += n[start:end].astype(np.float64) * new_weight
+        flat[start:end] = acc / after
+    return result
+
+
+def rebuild(contributions: Mapping[str, tuple[Entry, Sequence[np.ndarray]]]) -> tuple[list[np.ndarray], Table]:
+    """The mean and table from scratch (repair): exact FedAvg of the given contributions."""
+    if not contributions:
+        raise ValueError("nothing to rebuild the aggregate from")
+    table = {node: entry for node, (entry, _) in contributions.items()}
+    total = total_weight(table)
+    ordered = [contributions[node] for node in sorted(contributions)]
+    out = []
+    for index, first in enumerate(ordered[0][1]):
+        first = np.asarray(first)
+        dtype = stored_dtype(first.dtype)
+        if dtype.kind != "f":
+            out.append(np.maximum.reduce([np.asarray(arrays[index]) for _, arrays in ordered]).astype(dtype))
+            continue
+        acc = np.zeros(first.shape, np.float64)
+        for entry, arrays in ordered:
+            acc += np.asarray(arrays[index]).astype(np.float64) * (entry.weight / total)
+        out.append(acc.astype(dtype))
+    return out, table

@@ -1,0 +1,294 @@
+"""FedAvgAsync in a bounded number of requests per epoch, whatever the number of nodes: the aggregate mode.
+
+Instead of reading every peer (O(N) GETs per epoch), a node reads and updates
+one shared object, ``aggregate``: FedAvg of every member's latest contribution
+and a table naming them (see ``flwr_serverless.modes.aggregate``). One epoch:
+
+1. LIST + GET ``aggregate``: its tag (for the compare-and-swap), mean and table;
+2. PUT the new contribution to the node's free slot ``contributions/<id>/<slot>``
+   (never the slot the aggregate names; skipped on a retry that keeps the slot);
+3. fold it in (subtract the old contribution, add the new) and write the
+   aggregate with ``put_if_match`` on the tag from 1 (``put_if_absent`` the first time).
+
+A 412 (another member wrote in between) means: back off (jittered), read again,
+fold again, at most ``max_attempts`` times. Then the node trains on from the mean
+it would have written, and its contribution waits: the next epoch's replaces it,
+and only the latest counts. An epoch costs 4 requests plus 3 per retry, and one
+aggregate (one model) down per attempt.
+
+Consistency: every successful write is a linearizable step from the aggregate
+it read, so the aggregate is always exactly FedAvg (up to float rounding) over
+one contribution per member: the latest each member managed to fold in. A node
+trains from the aggregate it wrote, which holds its own current weights and
+every other member's latest folded contribution: what FedAvgAsync would compute
+over the peers' latest objects. Staleness weighting is not applied: a
+contribution keeps its weight until its member replaces it, and a member that
+left keeps its last contribution in the mean (as its ``nodes/<id>`` would in
+FedAvgAsync).
+
+Crash safety: the aggregate only names contributions written before it, and a
+node never overwrites the slot the aggregate names, so a node killed anywhere
+leaves an aggregate whose contributions can all be subtracted. A restarted node
+GETs its named contribution once. An aggregate that fails validation, or names
+a contribution that was lost or changed, is rebuilt from the contributions in
+the store (O(N) GETs, logged), then updated. A deleted aggregate starts empty
+again: each member adds itself back at its next epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from flwr.server.strategy import Strategy
+
+from flwr_serverless import layout
+from flwr_serverless.aggregation import is_linear
+from flwr_serverless.codec import UpdateHeader, decode, encode, object_ref
+from flwr_serverless.deadline import Deadline
+from flwr_serverless.errors import (
+    ConditionalWritesUnsupportedError,
+    InvalidObjectError,
+    PreconditionFailedError,
+    StoreError,
+)
+from flwr_serverless.header import clean_metrics
+from flwr_serverless.modes.aggregate import (
+    TABLE,
+    Entry,
+    Table,
+    fold,
+    free_slot,
+    parse_table,
+    rebuild,
+    stored_specs,
+    table_json,
+    total_weight,
+)
+from flwr_serverless.node.base import FederatedNode
+from flwr_serverless.stores import ObjectInfo, Store
+
+logger = logging.getLogger("flwr_serverless")
+
+BACKOFF = 0.05  # seconds: the first retry waits up to this, doubling after each conflict
+
+
+@dataclass
+class AggregateState:
+    """The aggregate as read: its tag (None: absent), mean (None: empty), table and version."""
+
+    tag: str | None
+    mean: list[np.ndarray] | None
+    table: Table
+    version: int
+    rebuilt: dict[str, list[np.ndarray]] = field(default_factory=dict)  # contributions a repair decoded
+
+
+def _no_keyframes(key: str, data: bytes) -> None:  # pragma: no cover - top-k is refused at construction
+    raise RuntimeError("the aggregate mode publishes no keyframes")
+
+
+class AggregateFederatedNode(FederatedNode):
+    """FedAvgAsync over one shared aggregate kept by compare-and-swap: O(1) requests per epoch at any N.
+
+    ``max_attempts`` (3) bounds the compare-and-swap attempts per epoch (requests
+    <= 1 + 3 * max_attempts); ``timeout`` bounds the whole call. Needs a store with
+    conditional writes (S3, memory://, local folders) and FedAvg; ``compression``
+    may be "fp16", "bf16" or "int8" (contributions must be subtractable exactly).
+    """
+
+    def __init__(self, store: Store | str | None = None, strategy: Strategy | str | None = None, *,
+                 max_attempts: int = 3, timeout: float | None = None, seed: int | None = None,
+                 **options: Any) -> None:
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValueError(f"max_attempts must be a positive integer, got {max_attempts!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        super().__init__(store, strategy, **options)
+        if not is_linear(self.strategy):
+            raise ValueError(f"the aggregate mode keeps a weighted mean (FedAvg); strategy "
+                             f"{type(self.strategy).__name__} is not one (use AsyncFederatedNode)")
+        if self.writer.topk is not None:
+            raise ValueError(f"compression={self.writer.option!r} is not available in the aggregate mode "
+                             "(a contribution must be subtracted exactly later); use 'fp16', 'bf16' or 'int8'")
+        if not self.store.supports_conditional_writes:
+            raise ConditionalWritesUnsupportedError(
+                "put_if_match", layout.AGGREGATE,
+                f"{self.store!r} cannot compare-and-swap, which the aggregate mode needs (use AsyncFederatedNode)")
+        self.max_attempts = max_attempts
+        self.timeout = timeout
+        self.random = random.Random(seed)
+        self.sleep = time.sleep  # backoff between attempts (tests inject their own)
+        self.version = 0  # the aggregate version this node last wrote or saw
+        self._named: Entry | None = None  # our entry in the aggregate, as of our last successful write
+        self._slots: dict[int, tuple[str, list[np.ndarray]]] = {}  # slot -> (payload hash, arrays) we wrote there
+
+    def _deadline(self) -> Deadline:
+        return Deadline.after(self.timeout, self.clock)
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def _federate(self, arrays: list[np.ndarray], header: UpdateHeader,
+                  deadline: Deadline) -> tuple[list[np.ndarray], dict[str, float]]:
+        if not header.num_examples > 0:
+            raise ValueError(f"node {self.node_id}: num_examples is the contribution's weight in the aggregate "
+                             f"mode and must be positive, got {header.num_examples}")
+        header.framework = self._framework
+        data = self.writer.encode(arrays, header, self._tensor_names, self.secret, _no_keyframes)
+        folded = self.writer.seen(arrays)  # what a reader of the contribution decodes: what the mean holds
+        entry = Entry(0, header.seq, float(header.num_examples), object_ref(data).payload_hash, header.timestamp)
+        try:
+            mean, table = self._update(data, folded, entry, deadline)
+        except StoreError as exc:
+            self.stats.store_failures += 1
+            logger.warning("node %s could not federate this epoch, keeping local weights: %s", self.node_id, exc)
+            mean, table = None, {}
+        self.provenance.advance(header, [header])
+        self.stats.federations += 1
+        metrics: dict[str, float] = {k: float(v) for k, v in clean_metrics(header.metrics).items()
+                                     if not isinstance(v, str)}
+        if mean is None:
+            metrics.update(num_examples=float(header.num_examples), num_nodes=1.0)
+            return arrays, metrics
+        self.stats.peers_used += len(table) - 1
+        metrics.update(num_examples=total_weight(table), num_nodes=float(len(table)))
+        return [np.asarray(m).astype(a.dtype, copy=False) for m, a in zip(mean, arrays)], metrics
+
+    def _update(self, data: bytes, folded: list[np.ndarray], new: Entry,
+                deadline: Deadline) -> tuple[list[np.ndarray], Table]:
+        """Read, fold, compare-and-swap, at most ``max_attempts`` times; the last mean computed either way.
+
+        Once the node knows its free slot, the contribution's PUT runs beside the read, which keeps the
+        window between read and write (where another member's write makes ours fail) to LIST + GET + CAS.
+        """
+        guess = None if self._named is None else 1 - self._named.slot
+        result: tuple[list[np.ndarray], Table] | None = None
+        with ThreadPoolExecutor(max_workers=1) as uploader:
+            upload = None if guess is None else uploader.submit(self._put_contribution, guess, data, folded,
+                                                                new.payload_hash, deadline)
+            written: int | None = None  # the slot our new contribution is in
+            for attempt in range(self.max_attempts):
+                if attempt:
+                    self.sleep(min(self.random.uniform(0, BACKOFF * 2 ** (attempt - 1)), deadline.remaining()))
+                state = self._read(deadline)
+                state, old = self._old_contribution(state, deadline)
+                if upload is not None:
+                    upload.result()
+                    upload, written = None, guess
+                own = state.table.get(self.node_id)
+                if own is not None and own.payload_hash == new.payload_hash and state.mean is not None:
+                    mean, table = state.mean, state.table  # a repair already folded this very contribution in
+                else:
+                    entry = replace(new, slot=free_slot(state.table, self.node_id))
+                    if written != entry.slot:
+                        self._put_contribution(entry.slot, data, folded, new.payload_hash, deadline)
+                        written = entry.slot
+                    mean, table = fold(state.mean, state.table, self.node_id, old, folded, entry)
+                result = (mean, table)
+                payload = self._encode_aggregate(mean, table, max(state.version, self.version) + 1)
+                try:
+                    if state.tag is None:
+                        self.exchange.put_if_absent(layout.AGGREGATE, payload, deadline)
+                    else:
+                        self.exchange.put_if_match(layout.AGGREGATE, payload, state.tag, deadline)
+                except PreconditionFailedError:
+                    self.stats.cas_conflicts += 1
+                    continue
+                self.version = max(state.version, self.version) + 1
+                self._named = table[self.node_id]
+                return mean, table
+        self.stats.cas_giveups += 1
+        logger.info("node %s: %d compare-and-swap attempts lost to other members; its contribution waits for the "
+                    "next epoch", self.node_id, self.max_attempts)
+        assert result is not None
+        return result
+
+    def _put_contribution(self, slot: int, data: bytes, folded: list[np.ndarray], payload_hash: str,
+                          deadline: Deadline) -> None:
+        self._slots.pop(slot, None)  # unknown while the PUT is under way (it may fail half-way)
+        self.exchange.put(layout.contribution_key(self.node_id, slot), data, deadline)
+        self._slots[slot] = (payload_hash, folded)
+
+    def _encode_aggregate(self, mean: list[np.ndarray], table: Table, version: int) -> bytes:
+        header = UpdateHeader(node_id=self.node_id, seq=version, base_own_seq=0, framework=self._framework,
+                              extra={TABLE: table_json(table)})
+        return encode(mean, header, self._tensor_names, self.secret)
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read(self, deadline: Deadline) -> AggregateState:
+        exchange = self.exchange
+        try:
+            got = exchange.get_tagged(layout.AGGREGATE, deadline)
+        except InvalidObjectError as exc:  # oversized: not worth downloading
+            exchange.reject(exc)
+            return self._repair(self._listed_tag(deadline), deadline)
+        if got is None:  # a fresh experiment (or the aggregate was deleted: members add themselves back)
+            return AggregateState(None, None, {}, self.version)
+        data, tag = got
+        try:
+            names = exchange.expected_names if exchange.framework == "torch" else None
+            expected = None if exchange.expected is None else stored_specs(exchange.expected)
+            decoded = decode(data, layout.AGGREGATE, expected=expected,
+                             secret=self.secret, expected_names=names, framework=exchange.framework)
+            table = parse_table(decoded.header.extra.get(TABLE), layout.AGGREGATE)
+            if not table:
+                raise InvalidObjectError(layout.AGGREGATE, "aggregate table: no members")
+        except InvalidObjectError as exc:
+            exchange.reject(exc)
+            return self._repair(tag, deadline)
+        return AggregateState(tag, list(decoded.arrays), table, decoded.header.seq)
+
+    def _listed_tag(self, deadline: Deadline) -> str | None:
+        info = self.exchange.list(layout.AGGREGATE, deadline).get(layout.AGGREGATE)
+        return None if info is None else info.tag
+
+    def _old_contribution(self, state: AggregateState,
+                          deadline: Deadline) -> tuple[AggregateState, list[np.ndarray] | None]:
+        """The arrays the table names as ours (memory, else one GET); a lost or changed one triggers a repair."""
+        entry = state.table.get(self.node_id)
+        if entry is None:
+            return state, None
+        if self.node_id in state.rebuilt:
+            return state, state.rebuilt[self.node_id]
+        held = self._slots.get(entry.slot)
+        if held is not None and held[0] == entry.payload_hash:
+            return state, held[1]
+        key = layout.contribution_key(self.node_id, entry.slot)
+        update = self.exchange.fetch(ObjectInfo(key, "", 0), deadline, node_id=self.node_id)
+        if update is not None and update.payload_hash == entry.payload_hash:
+            return state, list(update.arrays)
+        logger.warning("node %s: the aggregate names its contribution %s (%s), which is gone or changed; "
+                       "rebuilding the aggregate", self.node_id, key, entry.payload_hash[:18])
+        state = self._repair(state.tag, deadline)
+        own = state.table.get(self.node_id)
+        return state, None if own is None else state.rebuilt[self.node_id]
+
+    def _repair(self, tag: str | None, deadline: Deadline) -> AggregateState:
+        """Rebuild the aggregate from every member's newest valid contribution (O(N) GETs; rare)."""
+        exchange = self.exchange
+        listing = exchange.list(layout.CONTRIBUTIONS, deadline)
+        found = [(info, parsed) for key, info in sorted(listing.items())
+                 if (parsed := layout.parse_contribution_key(key)) is not None]
+        if not found:
+            return AggregateState(tag, None, {}, self.version)
+        self.stats.repairs += 1
+        outcomes = exchange.fetch_many([info for info, _ in found], deadline, [node for _, (node, _) in found])
+        best: dict[str, tuple[Entry, list[np.ndarray]]] = {}
+        for (_, (node, slot)), outcome in zip(found, outcomes):
+            if isinstance(outcome, StoreError) or outcome is None or outcome.header.num_examples < 1:
+                continue
+            h = outcome.header
+            entry = Entry(slot, h.seq, float(h.num_examples), outcome.payload_hash, h.timestamp)
+            # The newer of a member's two slots is its latest contribution (seq restarts with the process).
+            if node not in best or (entry.timestamp, entry.seq) > (best[node][0].timestamp, best[node][0].seq):
+                best[node] = (entry, list(outcome.arrays))
+        if not best:
+            return AggregateState(tag, None, {}, self.version)
+        mean, table = rebuild(best)
+        logger.warning("node %s rebuilt the aggregate from the contributions of %d member(s)", self.node_id,
+                       len(table))
+        return AggregateState(tag, mean, table, self.version, {node: arrays for node, (_, arrays) in best.items()})
