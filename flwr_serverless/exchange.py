@@ -22,6 +22,7 @@ from flwr_serverless.deadline import NO_DEADLINE, Deadline
 from flwr_serverless.errors import InvalidObjectError, ObjectNotFoundError, StoreError
 from flwr_serverless.spool import PeerSpool
 from flwr_serverless.stores import ObjectInfo, Store
+from flwr_serverless.stores.base import Payload
 from flwr_serverless.stores.retry import RetryPolicy, call_with_retries, is_transient
 
 logger = logging.getLogger("flwr_serverless")
@@ -73,7 +74,8 @@ class Exchange:
         self.node_id = node_id
         self.secret = secret
         self.max_object_bytes = max_object_bytes
-        self.spool = PeerSpool(peer_cache, cache_dir)
+        # Signed experiments validate a private copy; unsigned ones may map a local store's files in place.
+        self.spool = PeerSpool(peer_cache, cache_dir, map_store_files=secret is None)
         self.stats = stats if stats is not None else NodeStats()
         self.expected: list[TensorSpec] | None = None  # the local model's tensors, once known
         self.expected_names: list[str] | None = None  # compared only where names are stable (torch keys)
@@ -81,11 +83,11 @@ class Exchange:
         self.bad_tags: dict[str, str] = {}  # key -> tag of an object already rejected (not downloaded again)
 
     # -- calls --------------------------------------------------------------------------
-    def put(self, key: str, data: bytes, deadline: Deadline = NO_DEADLINE) -> str:
+    def put(self, key: str, data: Payload, deadline: Deadline = NO_DEADLINE) -> str:
         with deadline.applied():
             return self.store.put(key, data)
 
-    def publish(self, key: str, data: bytes, deadline: Deadline) -> str:
+    def publish(self, key: str, data: Payload, deadline: Deadline) -> str:
         """PUT through a store outage, retrying transient faults until ``deadline`` (a barrier's publish)."""
         return self.persist(lambda: self.put(key, data, deadline), deadline, "put", key)
 

@@ -22,7 +22,7 @@ from flwr.server.strategy import FedAvg, Strategy
 
 from flwr_serverless import layout
 from flwr_serverless.aggregation import Contribution, aggregate, mean_metrics
-from flwr_serverless.codec import UpdateHeader, encode
+from flwr_serverless.codec import UpdateHeader, encode_parts
 from flwr_serverless.deadline import Deadline
 from flwr_serverless.errors import StoreError
 from flwr_serverless.exchange import Exchange, NodeStats
@@ -221,9 +221,10 @@ class FederatedNode(ABC):
         """Our id belonged to an earlier instance: clean what it left before our claim makes it count."""
         return None
 
-    def _encode(self, arrays: Sequence[np.ndarray], header: UpdateHeader) -> bytes:
+    def _encode(self, arrays: Sequence[np.ndarray], header: UpdateHeader) -> list[bytes | memoryview]:
+        """The object as buffers (framing, then views of the tensors): stores write them without a join."""
         header.framework = self._framework
-        return encode(arrays, header, names=self._tensor_names, secret=self.secret)
+        return encode_parts(arrays, header, names=self._tensor_names, secret=self.secret)
 
     def _aggregate(self, own: Contribution, peers: list[Contribution], headers: Sequence[UpdateHeader],
                    server_round: int) -> tuple[list[np.ndarray], dict[str, float]]:
