@@ -23,7 +23,6 @@ import mmap
 import os
 import secrets
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -51,7 +50,6 @@ LOCAL_SCHEMES = ("file", "local")
 # errno values with which link() says "this filesystem has no hard links"
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
 _COPY_BYTES = 1 << 18  # local disk needs no big reads; several peers are copied at once
-_SENDFILE_BYTES = 1 << 30
 
 # Local writes stamp a strictly increasing mtime so inode-mtime-size tags never repeat
 # even when the kernel's coarse clock would give two writes the same timestamp.
@@ -85,32 +83,6 @@ def _mkstemp(directory: str) -> tuple[int, str]:
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), path
         except FileExistsError:
             continue
-
-
-def _copy_in_kernel(source: BinaryIO, sink: BinaryIO) -> int | None:
-    """Copy a whole file into ``sink`` with ``sendfile`` (no trip through user memory); None where it cannot."""
-    sendfile = getattr(os, "sendfile", None)
-    if sendfile is None or not sys.platform.startswith("linux"):
-        return None
-    try:
-        out_fd = sink.fileno()
-        sink.flush()  # a buffered sink's raw offset is now its logical offset: sendfile writes from there
-        start = sink.tell()
-    except (AttributeError, OSError, ValueError):  # not a real file
-        return None
-    in_fd, total = source.fileno(), 0
-    try:
-        while True:
-            sent = sendfile(out_fd, in_fd, None, _SENDFILE_BYTES)
-            if sent == 0:
-                break
-            total += sent
-    except OSError as exc:
-        if total or exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
-        return None  # this pair of files cannot sendfile: copy in user space
-    sink.seek(start + total)
-    return total
 
 
 def _unlink_quietly(path: str) -> None:
@@ -240,9 +212,6 @@ class LocalStore(Store):
     def _get_into(self, key: str, sink: BinaryIO) -> int:
         path = self._path(key)
         with translated("get", key), open(path, "rb") as handle:
-            copied = _copy_in_kernel(handle, sink)
-            if copied is not None:
-                return copied
             shutil.copyfileobj(handle, sink, _COPY_BYTES)
             return handle.tell()
 
