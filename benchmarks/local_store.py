@@ -7,7 +7,8 @@ default, all nodes in this process:
 * async: each "epoch" every node perturbs its model and federates; node 0's
   federation step is timed. Floor, right after it: write the same number of
   bytes to a temp file in the store's folder and ``os.replace`` it, then read
-  each changed peer's object file.
+  each changed peer's object file. Run twice: unsigned (peers are mapped where
+  they lie) and signed (``secret=``: peers are validated in a private copy).
 * sync: the nodes federate one round in threads (a barrier per round); the
   round is timed from release to the last node's return. Floor, right after
   it: the same threads each write their bytes (temp + rename), meet at a
@@ -61,13 +62,14 @@ def object_size(root: str, key: str) -> int:
     return os.path.getsize(os.path.join(root, *key.split("/")))
 
 
-def run_async(root: str, params: int, nodes: int, epochs: int) -> dict:
+def run_async(root: str, params: int, nodes: int, epochs: int, secret: str | None = None) -> dict:
     from flwr_serverless import AsyncFederatedNode
 
-    store_dir = os.path.join(root, "async")
-    floor_dir = os.path.join(root, "async-floor")
+    case = "async" if secret is None else "async-signed"
+    store_dir = os.path.join(root, case)
+    floor_dir = os.path.join(root, f"{case}-floor")
     os.makedirs(floor_dir)
-    fleet = [AsyncFederatedNode(store_dir, node_id=f"node-{i}") for i in range(nodes)]
+    fleet = [AsyncFederatedNode(store_dir, node_id=f"node-{i}", secret=secret) for i in range(nodes)]
     models = [make_model(params, seed=i) for i in range(nodes)]
     for node, model in zip(fleet, models):  # everyone has published once
         node.update_parameters(model, 100, 0)
@@ -89,7 +91,7 @@ def run_async(root: str, params: int, nodes: int, epochs: int) -> dict:
             for path in peer_paths:
                 raw_read(path)
             floor.append(time.perf_counter() - start)
-    return summarise("async", fed, floor, params, nodes)
+    return summarise(case, fed, floor, params, nodes)
 
 
 def threaded(count: int, work: Callable[[int], None]) -> float:
@@ -174,24 +176,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="timed async epochs")
     parser.add_argument("--rounds", type=int, default=5, help="timed sync rounds")
     parser.add_argument("--dir", default=None, help="folder for the stores (default: the system temp dir)")
-    parser.add_argument("--case", choices=["both", "async", "sync"], default="both")
+    parser.add_argument("--case", choices=["all", "async", "async-signed", "sync"], default="all")
     args = parser.parse_args()
 
     results = []
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="flwr-local-bench-") as root:
-        if args.case in ("both", "async"):
+        if args.case in ("all", "async"):
             results.append(run_async(root, args.params, args.nodes, args.epochs))
-        if args.case in ("both", "sync"):
+        if args.case in ("all", "async-signed"):
+            results.append(run_async(root, args.params, args.nodes, args.epochs, secret="benchmark-secret"))
+        if args.case in ("all", "sync"):
             results.append(run_sync(root, args.params, args.nodes, args.rounds))
-    targets = {"async": 1.5, "sync": 2.0}
+    targets = {"async": 1.5, "async-signed": 1.5, "sync": 2.0}
     for r in results:
         extra = (f"; one node's write + reads alone {r['floor_one_node_s_median']:.3f} s"
                  if "floor_one_node_s_median" in r else "")
-        print(f"{r['case']:5}  {r['model_mb']:.0f} MB x {r['nodes']} nodes: "
+        print(f"{r['case']:12}  {r['model_mb']:.0f} MB x {r['nodes']} nodes: "
               f"federation {r['federation_s_median']:.3f} s, "
               f"raw floor {r['floor_s_median']:.3f} s, ratio {r['ratio']:.2f} (target <= {targets[r['case']]})"
               f"{extra}")
-    if args.case == "both":
+    if args.case == "all":
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "local_store.json").write_text(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=2))
         plot(results)
@@ -207,7 +211,7 @@ def plot(results: list[dict]) -> None:
     for ax, r in zip(np.atleast_1d(axes), results):
         ax.boxplot([r["floor_s_all"], r["federation_s_all"]])
         ax.set_xticks([1, 2], ["raw write + reads", "flwr-serverless"])
-        ax.set_ylabel("seconds per epoch" if r["case"] == "async" else "seconds per round")
+        ax.set_ylabel("seconds per round" if r["case"] == "sync" else "seconds per epoch")
         ax.set_title(f"{r['case']}, {r['model_mb']:.0f} MB x {r['nodes']}: ratio {r['ratio']:.2f}")
     fig.tight_layout()
     fig.savefig(RESULTS / "local_store.png", dpi=120)

@@ -74,8 +74,7 @@ class Exchange:
         self.node_id = node_id
         self.secret = secret
         self.max_object_bytes = max_object_bytes
-        # Signed experiments validate a private copy; unsigned ones may map a local store's files in place.
-        self.spool = PeerSpool(peer_cache, cache_dir, map_store_files=secret is None)
+        self.spool = PeerSpool(peer_cache, cache_dir)
         self.stats = stats if stats is not None else NodeStats()
         self.expected: list[TensorSpec] | None = None  # the local model's tensors, once known
         self.expected_names: list[str] | None = None  # compared only where names are stable (torch keys)

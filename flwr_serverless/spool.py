@@ -6,11 +6,9 @@ streamed (1 MiB at a time) into an anonymous temporary file (unlinked from the
 start, so nothing is left behind even after ``kill -9``) and mapped read-only;
 decoded tensors are zero-copy views on the map and the kernel pages them in and
 out as it needs. Stores that already hold objects in memory (``memory://``) are
-read directly: spooling them would only add a copy. Stores that can map their
-own copy (a local folder, ``Store.open_mapped``) are mapped where they lie, no
-copy at all, unless ``map_store_files`` is off: a signed experiment keeps a
-private copy, so bytes changed in the shared folder after validation (by
-anyone who can write there) never reach aggregation.
+read directly: spooling them would only add a copy. Objects a store can map
+where they lie (a local folder's own files, ``Store.open_mapped``) are mapped
+with no copy at all, unless ``map_store_files`` is off.
 """
 
 from __future__ import annotations

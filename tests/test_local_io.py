@@ -13,7 +13,6 @@ import pytest
 from flwr_serverless import AsyncFederatedNode
 from flwr_serverless.codec import UpdateHeader, decode, encode, encode_parts
 from flwr_serverless.errors import ObjectNotFoundError, StoreConfigurationError
-from flwr_serverless.exchange import Exchange
 from flwr_serverless.spool import PeerSpool
 from flwr_serverless.stores import LocalStore, Store, open_store
 from flwr_serverless.stores.local_fs import can_map_in_place, filesystem_type
@@ -114,11 +113,35 @@ def test_the_spool_maps_local_objects_in_place_without_a_temp_file(tmp_path: Pat
     assert store.stats.gets == 1
 
 
-def test_signed_experiments_validate_a_private_copy(tmp_path: Path) -> None:
-    """With a secret, bytes changed in the folder after validation must not reach aggregation."""
+def test_objects_are_writable_by_their_owner_only(tmp_path: Path) -> None:
+    store = LocalStore(str(tmp_path))
+    store.put("nodes/a", b"x")
+    store.put("nodes/b", [b"x", b"y"])
+    for name in ("a", "b"):
+        assert not os.stat(tmp_path / "nodes" / name).st_mode & 0o022
+
+
+def test_files_others_could_rewrite_are_read_through_a_private_copy(tmp_path: Path) -> None:
+    """A bit flipped (or a file truncated) by another user after validation must not reach the reader."""
+    store = LocalStore(str(tmp_path / "store"), map_reads=True)
+    store.put("nodes/a", b"weights" * 1000)
+    path = tmp_path / "store" / "nodes" / "a"
+    os.chmod(path, 0o664)  # group-writable, as an older writer or another tool may leave it
+    assert store.open_mapped("nodes/a") is None and store.stats.gets == 0
+    fetched = PeerSpool("disk", str(tmp_path)).fetch(store, "nodes/a")
+    with open(path, "r+b") as handle:  # rewritten in place, then truncated
+        handle.write(b"W")
+        handle.truncate(10)
+    assert fetched[:] == b"weights" * 1000
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give a file away")
+def test_files_of_another_user_are_read_through_a_private_copy(tmp_path: Path) -> None:
     store = LocalStore(str(tmp_path), map_reads=True)
-    assert Exchange(store, "a", secret=b"s").spool.map_store_files is False
-    assert Exchange(store, "a").spool.map_store_files is True
+    store.put("nodes/a", b"weights")
+    os.chown(tmp_path / "nodes" / "a", 12345, 12345)
+    assert store.open_mapped("nodes/a") is None
+    assert store.get("nodes/a") == b"weights"
 
 
 def test_a_filesystem_that_cannot_map_falls_back_to_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

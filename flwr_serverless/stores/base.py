@@ -166,8 +166,8 @@ class Store(ABC):
     def open_mapped(self, key: str) -> mmap.mmap | bytes | None:
         """The object as a read-only memory map of the backend's own copy (no download, no spool), or None.
 
-        None means this backend cannot (or, for this store, will not) map objects: read
-        with ``get``/``get_into`` instead. An empty object comes back as ``b""``.
+        None means this backend cannot (or will not, for this object) map it: read with
+        ``get``/``get_into`` instead. An empty object comes back as ``b""``.
         """
         data = self._retrying("get", check_key(key), lambda: self._open_mapped(key))
         if data is not None:

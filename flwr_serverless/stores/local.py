@@ -11,8 +11,11 @@ writes never share a tag even on a coarse filesystem clock.
 
 Because objects are only ever replaced, never rewritten in place, a reader on a
 local filesystem maps an object's file directly (``open_mapped``): the mapped
-inode stays intact even when its writer replaces or deletes the object. Writes
-take a list of buffers (``codec.encode_parts``) and write them one after another.
+inode stays intact even when its writer replaces or deletes the object. Only
+files of the reader's own user that nobody else may write are mapped, so no
+other participant can change (or truncate, which would be SIGBUS) bytes that
+were already validated. Writes take a list of buffers (``codec.encode_parts``)
+and write them one after another.
 """
 
 from __future__ import annotations
@@ -76,13 +79,23 @@ def _next_mtime_ns() -> int:
 
 
 def _mkstemp(directory: str) -> tuple[int, str]:
-    """Create a temp file honouring the umask (tempfile's 0600 would hide objects from other users)."""
+    """Create a temp file honouring the umask (tempfile's 0600 would hide objects from other users).
+
+    Never group- or world-writable: objects are replaced, not rewritten, so nobody needs to write into one,
+    and a reader may then map a file of its own user's without anyone changing it underneath (``open_mapped``).
+    """
     while True:
         path = os.path.join(directory, f"{TEMP_PREFIX}{secrets.token_hex(8)}")
         try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), path
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644), path
         except FileExistsError:
             continue
+
+
+def _only_we_can_rewrite(st: os.stat_result) -> bool:
+    """Our own file, writable by nobody else: only our user (who could do anything to us anyway) can change it."""
+    geteuid = getattr(os, "geteuid", None)
+    return geteuid is not None and st.st_uid == geteuid() and not st.st_mode & 0o022
 
 
 def _unlink_quietly(path: str) -> None:
@@ -220,7 +233,10 @@ class LocalStore(Store):
             return None
         path = self._path(key)
         with translated("get", key), open(path, "rb", buffering=0) as handle:  # the map keeps the inode
-            if os.fstat(handle.fileno()).st_size == 0:
+            st = os.fstat(handle.fileno())
+            if not _only_we_can_rewrite(st):
+                return None  # another user could truncate or rewrite it under our map: read a private copy
+            if st.st_size == 0:
                 return b""
             try:
                 return map_read_only(handle.fileno())
