@@ -325,7 +325,7 @@ def _rebuild(names: list[str], specs: dict[str, Spec], parts: dict[str, np.ndarr
     return arrays
 
 
-def _all_finite(array: np.ndarray, chunk: int = 1 << 16) -> bool:
+def _all_finite(array: np.ndarray, chunk: int = 1 << 18) -> bool:
     """``np.isfinite(array).all()`` in slices, so the check allocates a small mask, not one per tensor."""
     flat = array.reshape(-1)
     return all(np.isfinite(flat[start:start + chunk]).all() for start in range(0, flat.size, chunk))

@@ -22,6 +22,7 @@ from flwr_serverless.deadline import NO_DEADLINE, Deadline
 from flwr_serverless.errors import InvalidObjectError, KeyframeRequiredError, ObjectNotFoundError, StoreError
 from flwr_serverless.spool import PeerSpool
 from flwr_serverless.stores import ObjectInfo, Store
+from flwr_serverless.stores.base import Payload
 from flwr_serverless.stores.retry import RetryPolicy, call_with_retries, is_transient
 
 logger = logging.getLogger("flwr_serverless")
@@ -92,11 +93,11 @@ class Exchange:
         self.keyframes: dict[str, DecodedUpdate] = {}  # peer -> the last keyframe of theirs we decoded (top-k)
 
     # -- calls --------------------------------------------------------------------------
-    def put(self, key: str, data: bytes, deadline: Deadline = NO_DEADLINE) -> str:
+    def put(self, key: str, data: Payload, deadline: Deadline = NO_DEADLINE) -> str:
         with deadline.applied():
             return self.store.put(key, data)
 
-    def publish(self, key: str, data: bytes, deadline: Deadline) -> str:
+    def publish(self, key: str, data: Payload, deadline: Deadline) -> str:
         """PUT through a store outage, retrying transient faults until ``deadline`` (a barrier's publish)."""
         return self.persist(lambda: self.put(key, data, deadline), deadline, "put", key)
 

@@ -6,7 +6,9 @@ streamed (1 MiB at a time) into an anonymous temporary file (unlinked from the
 start, so nothing is left behind even after ``kill -9``) and mapped read-only;
 decoded tensors are zero-copy views on the map and the kernel pages them in and
 out as it needs. Stores that already hold objects in memory (``memory://``) are
-read directly: spooling them would only add a copy.
+read directly: spooling them would only add a copy. Objects a store can map
+where they lie (a local folder's own files, ``Store.open_mapped``) are mapped
+with no copy at all, unless ``map_store_files`` is off.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import mmap
 import tempfile
 
 from flwr_serverless.stores import Store
+from flwr_serverless.stores.local_fs import map_read_only
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -25,23 +28,28 @@ PEER_CACHES = ("disk", "memory")
 class PeerSpool:
     """Fetches objects as read-only buffers: memory-mapped temp files (``"disk"``) or bytes (``"memory"``)."""
 
-    def __init__(self, mode: str = "disk", directory: str | None = None) -> None:
+    def __init__(self, mode: str = "disk", directory: str | None = None, *, map_store_files: bool = True) -> None:
         if mode not in PEER_CACHES:
             raise ValueError(f"peer_cache must be one of {PEER_CACHES}, got {mode!r}")
         self.mode = mode
         self.directory = directory  # None: the system's temp directory
+        self.map_store_files = map_store_files
 
     def fetch(self, store: Store, key: str) -> bytes | mmap.mmap:
         """One GET of ``key``; raises the store's errors (``ObjectNotFoundError``, ``StoreError``)."""
         if self.mode == "memory" or store.zero_copy_get:
             return store.get(key)
+        if self.map_store_files:
+            mapped = store.open_mapped(key)
+            if mapped is not None:
+                return mapped
         try:
             with tempfile.TemporaryFile(dir=self.directory, prefix="flwr-serverless-peer-") as spool:
                 size = store.get_into(key, spool)
                 if size == 0:
                     return b""
                 spool.flush()
-                return _map_read_only(spool.fileno())  # the map keeps the file alive
+                return map_read_only(spool.fileno())  # the map keeps the file alive
         except OSError as exc:  # the local disk, not the store (store faults arrive as StoreError)
             return self._fall_back(store, key, exc)
 
@@ -52,10 +60,3 @@ class PeerSpool:
         self.mode = "memory"
         return store.get(key)
 
-
-def _map_read_only(fd: int) -> mmap.mmap:
-    """Map the whole file read-only, prefaulted where the OS can (one call instead of a fault per page)."""
-    populate = getattr(mmap, "MAP_POPULATE", 0)
-    if populate:
-        return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
-    return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)

@@ -43,14 +43,16 @@ def train(url: str, options: str, node_id: str, epochs: int, params: int, out: s
 
 
 def write(url: str, options: str, key: str, params: int) -> None:
-    from flwr_serverless.codec import UpdateHeader, encode
+    from flwr_serverless.codec import UpdateHeader, encode, encode_parts
     from flwr_serverless.stores import open_store
 
     store = open_store(url, **json.loads(options))
     epoch = 0
     while True:
         arrays = _arrays(params, seed=epoch)
-        store.put(key, encode(arrays, UpdateHeader(node_id=key.rsplit("/", 1)[-1], epoch=epoch)))
+        header = UpdateHeader(node_id=key.rsplit("/", 1)[-1], epoch=epoch)
+        # Alternately one joined object and the list of buffers nodes write (both are temp + rename).
+        store.put(key, encode(arrays, header) if epoch % 2 else encode_parts(arrays, header))
         print(epoch, flush=True)
         epoch += 1
 

@@ -239,9 +239,11 @@ def _kill_writer_repeatedly(url: str, options: dict[str, Any], kills: int, param
     failures: list[str] = []
 
     def read_forever() -> None:
+        mapped = False
         while not stop.is_set():
+            mapped = not mapped  # alternately a copy and, where the store can, a map of the file itself
             try:
-                data = store.get(key)
+                data = (store.open_mapped(key) if mapped else None) or store.get(key)
             except ObjectNotFoundError:
                 time.sleep(0.01)
                 continue

@@ -70,18 +70,21 @@ def test_a_retried_streamed_get_starts_the_sink_afresh(tmp_path: Any) -> None:
     assert store.attempts == 2 and store.stats.retries == 1
 
 
-def test_disk_spool_maps_the_object_and_leaves_no_file_behind(tmp_path: Any) -> None:
-    store = open_store(tmp_path / "store")
+@pytest.mark.parametrize("how", ["store never maps", "spool told not to map"])
+def test_disk_spool_maps_the_object_and_leaves_no_file_behind(how: str, tmp_path: Any) -> None:
+    store = open_store(tmp_path / "store", map_reads=how != "store never maps")
     store.put("nodes/a", b"weights" * 1000)
     cache = tmp_path / "cache"
     cache.mkdir()
-    spooled = PeerSpool("disk", str(cache)).fetch(store, "nodes/a")
+    spooled = PeerSpool("disk", str(cache), map_store_files=how != "spool told not to map").fetch(store, "nodes/a")
     assert isinstance(spooled, mmap.mmap) and spooled[:] == b"weights" * 1000
+    store.put("nodes/a", b"changed")  # a private copy: the store's new object does not show through
+    assert spooled[:] == b"weights" * 1000
     assert os.listdir(cache) == []  # anonymous temp file: nothing to clean up, even after kill -9
 
 
 def test_unusable_spool_directory_falls_back_to_memory(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
-    store = open_store(tmp_path / "store")
+    store = open_store(tmp_path / "store", map_reads=False)
     store.put("nodes/a", b"x" * 100)
     spool = PeerSpool("disk", str(tmp_path / "does-not-exist"))
     with caplog.at_level(logging.WARNING, logger="flwr_serverless"):

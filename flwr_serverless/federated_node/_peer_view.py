@@ -12,6 +12,7 @@ every call goes to the folder itself, so there is one set of stats and one retry
 from __future__ import annotations
 
 import io
+import mmap
 import struct
 from collections.abc import Callable
 from typing import BinaryIO
@@ -19,6 +20,7 @@ from typing import BinaryIO
 from flwr_serverless.codec import MAX_HEADER_BYTES, read_header
 from flwr_serverless.errors import InvalidObjectError
 from flwr_serverless.stores import ObjectInfo, Store
+from flwr_serverless.stores.base import Payload
 
 NODES_PREFIX = "nodes/"  # nodes/<node_id>: an async node's latest weights
 ROUNDS_PREFIX = "rounds/"  # rounds/<round>/<node_id>: what a sync node published for a round
@@ -84,7 +86,7 @@ class PeerView(Store):
         self._examples.pop(peer, None)
 
     # -- Store API, delegated -------------------------------------------------------
-    def put(self, key: str, data: bytes) -> str:
+    def put(self, key: str, data: Payload) -> str:
         return self.folder.put(key, data)
 
     def get(self, key: str) -> bytes:
@@ -105,6 +107,12 @@ class PeerView(Store):
             except (OSError, ValueError):  # a write-only sink: no example count for this peer
                 pass
         return size
+
+    def open_mapped(self, key: str) -> mmap.mmap | bytes | None:
+        data = self.folder.open_mapped(key)
+        if data is not None and _peer_of(key) is not None:
+            self._note(key, bytes(data[: 8 + _header_length(data[:8])]))
+        return data
 
     def list(self, prefix: str = "") -> dict[str, ObjectInfo]:
         listing = self.folder.list(prefix)
@@ -166,7 +174,7 @@ class PeerView(Store):
             self._examples.pop(peer, None)  # the node rejects it too
 
 
-def _header_length(head: bytes) -> int:
+def _header_length(head: bytes | mmap.mmap) -> int:
     """Length of the JSON header that follows the 8-byte prefix (0 if truncated; capped like the codec)."""
     if len(head) < 8:
         return 0

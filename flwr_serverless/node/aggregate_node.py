@@ -138,7 +138,7 @@ class AggregateFederatedNode(FederatedNode):
             raise ValueError(f"node {self.node_id}: num_examples is the contribution's weight in the aggregate "
                              f"mode and must be positive, got {header.num_examples}")
         header.framework = self._framework
-        data = self.writer.encode(arrays, header, self._tensor_names, self.secret, _no_keyframes)
+        data = b"".join(self.writer.encode(arrays, header, self._tensor_names, self.secret, _no_keyframes))
         folded = self.writer.seen(arrays)  # what a reader of the contribution decodes: what the mean holds
         entry = Entry(0, header.seq, float(header.num_examples), object_ref(data).payload_hash, header.timestamp)
         try:

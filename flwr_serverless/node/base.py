@@ -233,7 +233,7 @@ class FederatedNode(ABC):
         return self.writer.option
 
     def _encode(self, arrays: Sequence[np.ndarray], header: UpdateHeader, deadline: Deadline = NO_DEADLINE,
-                *, persist: bool = False) -> bytes:
+                *, persist: bool = False) -> list[bytes | memoryview]:
         """The object to publish, compressed as configured; a due top-k keyframe is PUT first (``persist``:
         through store outages until ``deadline``, as a barrier's publish)."""
         header.framework = self._framework

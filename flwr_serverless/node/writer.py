@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from flwr_serverless import layout
-from flwr_serverless.codec import UpdateHeader, encode, object_ref
+from flwr_serverless.codec import UpdateHeader, encode, encode_parts, object_ref
 from flwr_serverless.compression import EncodedTensor, Spec, decode_tensor, encode_tensor, parse_compression
 from flwr_serverless.topk import TopKCompressor
 
@@ -57,12 +57,13 @@ class UpdateWriter:
         self._items: list[np.ndarray | EncodedTensor] | None = None  # what the last object stored, per tensor
 
     def encode(self, arrays: Sequence[np.ndarray], header: UpdateHeader, names: Sequence[str] | None,
-               secret: bytes | None, put_keyframe: PutKeyframe) -> bytes:
-        """The object to publish; for top-k, ``put_keyframe(key, data)`` first when a keyframe is due."""
+               secret: bytes | None, put_keyframe: PutKeyframe) -> list[bytes | memoryview]:
+        """The object to publish as buffers (stores write them without a join); for top-k,
+        ``put_keyframe(key, data)`` first when a keyframe is due."""
         if self.topk is None:
             items = [encode_tensor(np.asarray(a), self.codec) for a in arrays]
             self._items = items
-            return encode(items, header, names, secret)
+            return encode_parts(items, header, names, secret)
         items_or_none = self.topk.compress(arrays)
         if items_or_none is None:
             full = encode(arrays, header, names, secret)
@@ -77,7 +78,7 @@ class UpdateWriter:
             if items_or_none is None:  # pragma: no cover - a fresh keyframe always admits a delta
                 raise RuntimeError("top-k compressor refused a delta against its own new keyframe")
         self._items = items_or_none
-        return encode(items_or_none, header, names, secret, keyframe=self.topk.keyframe_ref)
+        return encode_parts(items_or_none, header, names, secret, keyframe=self.topk.keyframe_ref)
 
     def seen(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The last published weights as every reader decodes them (bit for bit), little-endian and contiguous.

@@ -3,13 +3,17 @@
 Every backend implements five small primitives (``_put``, ``_get``, ``_list``,
 ``_delete`` and, where the backend can, ``_put_conditional``). The public
 methods add what all backends share: key checks and request/byte accounting.
+Two optional primitives let a backend skip copies: ``_put_parts`` (write a list
+of buffers without joining them first) and ``_open_mapped`` (hand out the
+stored object as a read-only memory map).
 """
 
 from __future__ import annotations
 
+import mmap
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
@@ -22,6 +26,16 @@ from flwr_serverless.errors import (
 from flwr_serverless.stores.retry import DEFAULT_POLICY, RetryPolicy, call_with_retries
 
 T = TypeVar("T")
+Buffer = bytes | bytearray | memoryview
+#: What ``Store.put`` writes: one buffer, or a sequence of buffers stored back to back (``codec.encode_parts``).
+Payload = Buffer | Sequence[Buffer]
+
+
+def payload_size(data: Payload) -> int:
+    """Bytes in ``data``, one buffer or several."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return memoryview(data).nbytes
+    return sum(memoryview(part).nbytes for part in data)
 
 
 @dataclass(frozen=True)
@@ -115,10 +129,18 @@ class Store(ABC):
 
     # -- public API -------------------------------------------------------
     # Stats count requests that succeeded; retried failures go to ``stats.retries``.
-    def put(self, key: str, data: bytes) -> str:
-        """Write ``data`` atomically (readers see the old or the new object); return its tag."""
-        tag = self._retrying("put", check_key(key), lambda: self._put(key, data))
-        self.stats.add(puts=1, bytes_up=len(data))
+    def put(self, key: str, data: Payload) -> str:
+        """Write ``data`` atomically (readers see the old or the new object); return its tag.
+
+        ``data`` may be a sequence of buffers (``codec.encode_parts``): they are stored
+        back to back, joined only by backends that cannot write them one after another.
+        """
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            tag = self._retrying("put", check_key(key), lambda: self._put(key, data))
+        else:
+            parts = list(data)
+            tag = self._retrying("put", check_key(key), lambda: self._put_parts(key, parts))
+        self.stats.add(puts=1, bytes_up=payload_size(data))
         return tag
 
     def get(self, key: str) -> bytes:
@@ -140,6 +162,17 @@ class Store(ABC):
         size = self._retrying("get", check_key(key), attempt)
         self.stats.add(gets=1, bytes_down=size)
         return size
+
+    def open_mapped(self, key: str) -> mmap.mmap | bytes | None:
+        """The object as a read-only memory map of the backend's own copy (no download, no spool), or None.
+
+        None means this backend cannot (or will not, for this object) map it: read with
+        ``get``/``get_into`` instead. An empty object comes back as ``b""``.
+        """
+        data = self._retrying("get", check_key(key), lambda: self._open_mapped(key))
+        if data is not None:
+            self.stats.add(gets=1, bytes_down=len(data))
+        return data
 
     def list(self, prefix: str = "") -> dict[str, ObjectInfo]:
         """All objects whose key starts with ``prefix``, keyed by key (one request)."""
@@ -203,8 +236,16 @@ class Store(ABC):
     @abstractmethod
     def _put(self, key: str, data: bytes) -> str: ...
 
+    def _put_parts(self, key: str, parts: Sequence[Buffer]) -> str:
+        """Default: join the buffers and ``_put`` them; backends that can write them in turn override it."""
+        return self._put(key, b"".join(parts))
+
     @abstractmethod
     def _get(self, key: str) -> bytes: ...
+
+    def _open_mapped(self, key: str) -> mmap.mmap | bytes | None:
+        """Default: no memory maps (objects are remote, or live in this process already)."""
+        return None
 
     def _get_into(self, key: str, sink: BinaryIO) -> int:
         """Default: one ``_get`` in memory; backends that can stream override it."""

@@ -8,28 +8,41 @@ compare-and-swap and every replace run under an ``fcntl.flock`` on
 ``<root>/.lock``, so they are atomic across threads and processes. Tags are
 inode-mtime-size with an mtime that strictly increases per process, so two
 writes never share a tag even on a coarse filesystem clock.
+
+Because objects are only ever replaced, never rewritten in place, a reader on a
+local filesystem maps an object's file directly (``open_mapped``): the mapped
+inode stays intact even when its writer replaces or deletes the object. Only
+files of the reader's own user that nobody else may write are mapped, so no
+other participant can change (or truncate, which would be SIGBUS) bytes that
+were already validated. Writes take a list of buffers (``codec.encode_parts``)
+and write them one after another.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import mmap
 import os
 import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, BinaryIO
 
 from flwr_serverless.errors import PreconditionFailedError, StoreConfigurationError, StoreError
 from flwr_serverless.stores.backend_errors import describe, translated
-from flwr_serverless.stores.base import ObjectInfo, Store, check_prefix, refuse_options
+from flwr_serverless.stores.base import Buffer, ObjectInfo, Payload, Store, check_prefix, refuse_options
+from flwr_serverless.stores.local_fs import can_map_in_place, map_read_only
 
 try:  # POSIX only; without it local compare-and-swap cannot be made safe across processes
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger("flwr_serverless")
 
 TEMP_PREFIX = ".tmp-"
 # Temp files of writers killed mid-write are removed by the next put into their folder once this old.
@@ -66,13 +79,23 @@ def _next_mtime_ns() -> int:
 
 
 def _mkstemp(directory: str) -> tuple[int, str]:
-    """Create a temp file honouring the umask (tempfile's 0600 would hide objects from other users)."""
+    """Create a temp file honouring the umask (tempfile's 0600 would hide objects from other users).
+
+    Never group- or world-writable: objects are replaced, not rewritten, so nobody needs to write into one,
+    and a reader may then map a file of its own user's without anyone changing it underneath (``open_mapped``).
+    """
     while True:
         path = os.path.join(directory, f"{TEMP_PREFIX}{secrets.token_hex(8)}")
         try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), path
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644), path
         except FileExistsError:
             continue
+
+
+def _only_we_can_rewrite(st: os.stat_result) -> bool:
+    """Our own file, writable by nobody else: only our user (who could do anything to us anyway) can change it."""
+    geteuid = getattr(os, "geteuid", None)
+    return geteuid is not None and st.st_uid == geteuid() and not st.st_mode & 0o022
 
 
 def _unlink_quietly(path: str) -> None:
@@ -81,13 +104,24 @@ def _unlink_quietly(path: str) -> None:
 
 
 class LocalStore(Store):
-    """Objects as files under one folder (created if missing); ``url`` is a path or ``file://`` URL."""
+    """Objects as files under one folder (created if missing); ``url`` is a path or ``file://`` URL.
+
+    ``map_reads``: whether ``open_mapped`` maps objects where they lie. The default
+    (None) does so on local Linux filesystems only; pass True for a shared filesystem
+    known to keep replaced files readable while mapped (Lustre, GPFS), False to
+    always read through copies.
+    """
 
     supports_conditional_writes = fcntl is not None
 
-    def __init__(self, url: str, **options: Any) -> None:
+    def __init__(self, url: str, *, map_reads: bool | None = None, **options: Any) -> None:
         super().__init__()
         refuse_options(url, options, "a local folder")
+        if map_reads is not None and not isinstance(map_reads, bool):
+            raise StoreConfigurationError(f"store {url!r}: map_reads must be True, False or None, got {map_reads!r}")
+        if map_reads and os.name != "posix":
+            raise StoreConfigurationError(f"store {url!r}: map_reads=True needs POSIX (a mapped file cannot be "
+                                          "replaced on Windows)")
         self.url = str(url)
         self.root = local_path(self.url)
         self._lock_path = os.path.join(self.root, LOCK_NAME)
@@ -101,6 +135,7 @@ class LocalStore(Store):
             raise StoreConfigurationError(
                 f"store {self.url!r}: local folder {self.root!r} is not writable: {describe(exc)}"
             ) from exc
+        self.map_reads = can_map_in_place(self.root) if map_reads is None else map_reads
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -116,16 +151,19 @@ class LocalStore(Store):
         return os.path.join(self.root, *parts)
 
     @staticmethod
-    def _write_temp(directory: str, data: bytes) -> tuple[str, str]:
-        """Write ``data`` to a fresh temp file next to its destination; return (path, tag)."""
+    def _write_temp(directory: str, data: Payload) -> tuple[str, str]:
+        """Write ``data`` (one buffer or several, back to back) to a fresh temp file next to its destination;
+        return (path, tag)."""
         os.makedirs(directory, exist_ok=True)
         fd, tmp = _mkstemp(directory)
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         try:
             with os.fdopen(fd, "wb", buffering=0) as handle:
-                view = memoryview(data)
-                while view:
-                    written = handle.write(view)
-                    view = view[written:]
+                for part in parts:
+                    view = memoryview(part).cast("B")
+                    while view:
+                        written = handle.write(view)
+                        view = view[written:]
                 stamp = _next_mtime_ns()
                 os.utime(handle.fileno(), ns=(stamp, stamp))
                 tag = _stat_tag(os.fstat(handle.fileno()))
@@ -163,7 +201,10 @@ class LocalStore(Store):
                             os.unlink(entry.path)
 
     # -- primitives ---------------------------------------------------------------------
-    def _put(self, key: str, data: bytes) -> str:
+    def _put_parts(self, key: str, parts: Sequence[Buffer]) -> str:
+        return self._put(key, parts)
+
+    def _put(self, key: str, data: Payload) -> str:
         final = self._path(key)
         with translated("put", key):
             self._sweep_stale_temps(os.path.dirname(final))
@@ -186,6 +227,23 @@ class LocalStore(Store):
         with translated("get", key), open(path, "rb") as handle:
             shutil.copyfileobj(handle, sink, _COPY_BYTES)
             return handle.tell()
+
+    def _open_mapped(self, key: str) -> mmap.mmap | bytes | None:
+        if not self.map_reads:
+            return None
+        path = self._path(key)
+        with translated("get", key), open(path, "rb", buffering=0) as handle:  # the map keeps the inode
+            st = os.fstat(handle.fileno())
+            if not _only_we_can_rewrite(st):
+                return None  # another user could truncate or rewrite it under our map: read a private copy
+            if st.st_size == 0:
+                return b""
+            try:
+                return map_read_only(handle.fileno())
+            except (OSError, ValueError) as exc:  # this filesystem cannot map files: copy from now on
+                logger.info("store %s cannot map objects in place (%s); reading through copies", self.url, exc)
+                self.map_reads = False
+                return None
 
     def _list(self, prefix: str) -> dict[str, ObjectInfo]:
         check_prefix(prefix)
