@@ -10,8 +10,10 @@ objects whose integer ``num_examples`` carry the real weights scaled to 2**40
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -106,13 +108,49 @@ def _scaled_counts(weights: Sequence[float]) -> list[int]:
     return [max(1, round(w / top * WEIGHT_SCALE)) if w > 0 else 0 for w in weights]
 
 
+def is_message_api(strategy: object) -> bool:
+    """A strategy of Flower's Message API (``flwr.serverapp.strategy``): ``aggregate_train``, no ``aggregate_fit``."""
+    train, fit = getattr(strategy, "aggregate_train", None), getattr(strategy, "aggregate_fit", None)
+    return callable(train) and not callable(fit)
+
+
+def _reply(index: int, arrays: Sequence[np.ndarray], weight: float, key: str) -> Any:
+    """A train reply as the Message API's strategies read it (no SuperLink: the metadata is ours)."""
+    from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+    content = RecordDict({"arrays": ArrayRecord([np.asarray(a) for a in arrays]),
+                          "metrics": MetricRecord({key: weight})})
+    metadata = Metadata(run_id=0, message_id=f"flwr-serverless-{index}", src_node_id=index + 1, dst_node_id=0,
+                        reply_to_message_id="flwr-serverless", group_id="", created_at=time.time(), ttl=3600.0,
+                        message_type="train")
+    return Message(content=content, metadata=metadata)
+
+
+def _aggregate_messages(strategy: Any, server_round: int, live: Sequence[Contribution]) -> list[np.ndarray]:
+    """``aggregate_train`` over one reply per participant; strategies with a server model start from ours."""
+    from flwr.app import ArrayRecord
+
+    if hasattr(strategy, "current_arrays") and strategy.current_arrays is None:
+        strategy.current_arrays = ArrayRecord([np.asarray(a) for a in live[0].arrays])
+    key = str(getattr(strategy, "weighted_by_key", "num-examples"))
+    replies = [_reply(i, c.arrays, float(c.weight), key) for i, c in enumerate(live)]
+    record, _ = strategy.aggregate_train(server_round, replies)
+    if record is None:
+        raise RuntimeError(f"{type(strategy).__name__}.aggregate_train returned no arrays")
+    return list(record.to_numpy_ndarrays())
+
+
 def aggregate(strategy: Strategy, server_round: int, contributions: Sequence[Contribution]) -> list[np.ndarray]:
-    """Aggregate with ``strategy``; the result keeps the dtypes of the first contribution."""
+    """Aggregate with ``strategy`` (legacy or Message API); the result keeps the dtypes of the first contribution."""
     live = [c for c in contributions if c.weight > 0]
     if not live:
         raise ValueError("no contribution has a positive weight")
     if is_linear(strategy):
         return weighted_mean([c.arrays for c in live], [c.weight for c in live])
+    if is_message_api(strategy):
+        reference = live[0].arrays
+        arrays = _aggregate_messages(strategy, server_round, live)
+        return [np.asarray(a).astype(r.dtype, copy=False).reshape(r.shape) for a, r in zip(arrays, reference)]
 
     ok = Status(code=Code.OK, message="")
     results = [

@@ -177,3 +177,24 @@ def test_every_flower_strategy_aggregates(store_url, name):
     assert [r.shape for r in result] == [(5, 4), (4,)]
     assert all(np.isfinite(r).all() for r in result)
     assert not all(np.array_equal(x, y) for x, y in zip(result, _model(4)))  # peers changed the model
+
+
+@pytest.mark.parametrize("name", ["FedAvg", "FedMedian"])
+def test_message_api_strategies_aggregate_like_their_legacy_twins(name):
+    import flwr.serverapp.strategy as message_api
+    from flwr.server import strategy as legacy
+
+    results = {}
+    for api, kind in ((message_api, "message"), (legacy, "legacy")):
+        url = f"memory://msg-{kind}-{name}-{time.time_ns()}"
+        a = AsyncFederatedNode(url, getattr(api, name)(), node_id="a")
+        b = AsyncFederatedNode(url, getattr(api, name)(), node_id="b")
+        a.update_parameters(_model(1), num_examples=10)
+        results[kind], _ = b.update_parameters(_model(2, scale=3), num_examples=30)
+    for got, want in zip(results["message"], results["legacy"]):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_message_api_strategy_without_aggregation_is_refused_at_construction():
+    with pytest.raises(TypeError, match="Flower strategy"):
+        AsyncFederatedNode("memory://x", object())
