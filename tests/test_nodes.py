@@ -198,3 +198,17 @@ def test_message_api_strategies_aggregate_like_their_legacy_twins(name):
 def test_message_api_strategy_without_aggregation_is_refused_at_construction():
     with pytest.raises(TypeError, match="Flower strategy"):
         AsyncFederatedNode("memory://x", object())
+
+
+def test_a_keras_node_refuses_a_torch_peers_layout_naming_it(caplog):
+    url = f"memory://layouts-{time.time_ns()}"
+    square = [np.eye(3, dtype=np.float32), np.zeros(3, np.float32)]
+    torch_node = AsyncFederatedNode(url, node_id="torch-node")
+    torch_node.update_parameters(square, num_examples=10, tensor_names=["layer.weight", "layer.bias"],
+                                 framework="torch")
+    keras_node = AsyncFederatedNode(url, node_id="keras-node")
+    with caplog.at_level("WARNING", logger="flwr_serverless"):
+        result, _ = keras_node.update_parameters([2 * a for a in square], num_examples=10,
+                                                 tensor_names=["dense/kernel", "dense/bias"], framework="keras")
+    np.testing.assert_array_equal(result[0], 2 * square[0])  # the transposed-layout peer was not averaged in
+    assert keras_node.stats.rejected == 1 and "torch" in keras_node.stats.rejections["nodes/torch-node"]
