@@ -6,11 +6,13 @@ End of training, evaluation, checkpoints and other backends: tests/test_keras_li
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 import numpy as np
 import pytest
 
+from flwr_serverless import AsyncFederatedNode
 from flwr_serverless.simulation import SimulationConfig, run_simulation
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -162,3 +164,13 @@ def test_the_papers_snippet_runs_unchanged(moto_endpoint: str, s3_bucket: str, m
     # The first node left when its fit ended, before the second joined: an earlier run's leftover, not averaged.
     assert nodes[1].stats.federations == 1 and nodes[1].stats.peers_used == 0
     assert nodes[1].stats.leftovers_skipped == 1
+
+
+def test_the_keras_extra_brings_what_tensorboard_needs(tmp_path) -> None:
+    """``keras.callbacks.TensorBoard`` beside ours: the keras extra installs the tensorboard package it needs."""
+    model = _model()
+    x, y = _data(32)
+    node = AsyncFederatedNode(f"memory://tb-{uuid.uuid4().hex[:8]}", node_id="tb")
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[FlwrFederatedCallback(node),
+                                                     keras.callbacks.TensorBoard(str(tmp_path / "logs"))])
+    assert any((tmp_path / "logs").rglob("events.out.tfevents.*"))
