@@ -6,6 +6,7 @@ framework is loaded by the worker that trains a node.
 
 from flwr_serverless.simulation.data import DATASETS, load_dataset, partition_label_skew
 from flwr_serverless.simulation.models import build_keras_model
+from flwr_serverless.simulation.options import AsyncOptions, Evaluation, Heterogeneity, SemiSyncOptions
 from flwr_serverless.simulation.runner import (
     NodeResult,
     NodeTask,
@@ -17,8 +18,12 @@ from flwr_serverless.simulation.runner import (
 
 __all__ = [
     "DATASETS",
+    "AsyncOptions",
+    "Evaluation",
+    "Heterogeneity",
     "NodeResult",
     "NodeTask",
+    "SemiSyncOptions",
     "SimulationConfig",
     "SimulationResult",
     "build_keras_model",

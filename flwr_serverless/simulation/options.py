@@ -25,12 +25,9 @@ def _error(option: str, flag: str | None, problem: str) -> ValueError:
     return ValueError(f"{where} {problem}")
 
 
-def _check_fraction(option: str, flag: str, value: float | None, *, zero_ok: bool = False) -> None:
-    if value is None:
-        return
-    low_ok = value >= 0.0 if zero_ok else value > 0.0
-    if math.isnan(value) or not low_ok or value > 1.0:
-        raise _error(option, flag, f"must be in {'[' if zero_ok else '('}0, 1], got {value}")
+def _check_fraction(option: str, flag: str, value: float | None) -> None:
+    if value is not None and not 0.0 < value <= 1.0:  # also refuses NaN
+        raise _error(option, flag, f"must be in (0, 1], got {value}")
 
 
 def _check_positive(option: str, flag: str, value: float | None) -> None:

@@ -179,7 +179,7 @@ def record(cell: Cell, result: SimulationResult, seconds: float) -> dict[str, An
         "federated": result.federated_mean_accuracy, "standalone": result.standalone_mean_accuracy,
         "centralized": result.centralized_accuracy, "per_node": [n.test_accuracy for n in result.nodes],
         "epochs": [n.epochs_completed for n in result.nodes], "federations": [n.federations for n in result.nodes],
-        "partial_rounds": sum(getattr(n, "partial_rounds", 0) for n in result.nodes),
+        "partial_rounds": sum(n.partial_rounds for n in result.nodes),
         "peer_lag": observed_peer_lag(result.nodes), "seconds": seconds,
         "points": [[[h["time"], h["test_accuracy"]] for h in n.history if "time" in h and "test_accuracy" in h]
                    for n in result.nodes],
@@ -266,7 +266,8 @@ def run_experiment(args: Any, out: Any = None) -> int:
     command = " ".join(["flwr-serverless experiment paper", *(["--quick"] if args.quick else []),
                         *([f"--dataset {args.dataset}"] if args.dataset else []),
                         *([f"--tables {args.tables}"] if args.tables else []),
-                        *([f"--max-minutes {args.max_minutes:g}"] if args.max_minutes else []), f"--out {args.out}"])
+                        *([f"--max-minutes {args.max_minutes:g}"] if args.max_minutes is not None else []),
+                        f"--out {args.out}"])
 
     def log(line: str) -> None:
         print(line, file=out, flush=True)

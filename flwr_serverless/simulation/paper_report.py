@@ -47,6 +47,9 @@ def table1(records: list[dict[str, Any]]) -> dict[str, Any]:
     sync_rows = {s: _where(rows, mode="sync", skew=s) for s in skews}
     out["rows"]["standalone"] = {str(s): _stat(sync_rows[s], "standalone") for s in skews}
     out["rows"]["centralized"] = {str(s): _stat(sync_rows[s], "centralized") for s in skews}
+    # Async nodes end on different models (each its own last aggregate); sync nodes on the same one.
+    out["per_node"] = {mode: {str(s): mean_ci([a for r in _where(rows, mode=mode, skew=s) for a in r["per_node"]])
+                              for s in skews} for mode in ("sync", "async")}
     lags = [r["peer_lag"] for r in _where(rows, mode="async") if r.get("peer_lag")]
     out["async_peer_lag"] = {"max": max((g["max"] for g in lags), default=None),
                              "mean": float(np.mean([g["mean"] for g in lags])) if lags else None}
@@ -98,7 +101,6 @@ def hetero(records: list[dict[str, Any]], targets: Sequence[float]) -> dict[str,
                                    "values": v} for t, v in reached.items()},
             "epochs_per_node": np.mean(epochs, axis=0).round(1).tolist() if epochs else [],
             "peer_lag_max": max((g["max"] for g in lags), default=None),
-            "partial_rounds": sum(r.get("partial_rounds", 0) for r in runs),
         }
     return out
 
@@ -140,6 +142,10 @@ def markdown(grid: Any, tables: dict[str, Any], claims: list[dict[str, str]], co
             cells = [_cell(t["rows"][row][str(s)], PAPER_TABLE1.get((row, None if row == "centralized" else s)),
                            len(grid.seeds)) for s in t["skews"]]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        spread = t["per_node"]
+        lines += ["", "Spread of the nodes' final models (sd over nodes x seeds; sync nodes share one model): "
+                  + "; ".join(f"skew {s}: sync {spread['sync'][str(s)]['sd'] or 0:.3f}, async "
+                              f"{spread['async'][str(s)]['sd'] or 0:.3f}" for s in t["skews"]) + "."]
         lag = t["async_peer_lag"]
         if lag["max"] is not None:
             lines += ["", f"Async peer lag observed (epochs a peer's update was behind the reader's): "

@@ -183,6 +183,7 @@ class NodeResult:
     federations: int = 0
     peers_used: int = 0
     rejected: int = 0
+    partial_rounds: int = 0  # sync rounds that went on without every node (after the timeout, with min_nodes)
     error: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
