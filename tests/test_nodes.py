@@ -212,3 +212,19 @@ def test_a_keras_node_refuses_a_torch_peers_layout_naming_it(caplog):
                                                  tensor_names=["dense/kernel", "dense/bias"], framework="keras")
     np.testing.assert_array_equal(result[0], 2 * square[0])  # the transposed-layout peer was not averaged in
     assert keras_node.stats.rejected == 1 and "torch" in keras_node.stats.rejections["nodes/torch-node"]
+
+
+def test_fedavgm_with_momentum_counts_rounds_by_its_own_aggregations():
+    """A first call without peers must not make FedAvgM's first real round number 2 (it asserts then)."""
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server.strategy import FedAvgM
+
+    url = f"memory://avgm-{time.time_ns()}"
+    init = ndarrays_to_parameters(_model(0))
+    a = AsyncFederatedNode(url, FedAvgM(server_momentum=0.9, initial_parameters=init), node_id="a")
+    b = AsyncFederatedNode(url, FedAvgM(server_momentum=0.9, initial_parameters=init), node_id="b")
+    a.update_parameters(_model(1), num_examples=10)  # alone: no aggregation reaches the strategy
+    b.update_parameters(_model(2), num_examples=10)
+    for _ in range(3):
+        a.update_parameters(_model(1), num_examples=10)
+    assert a.strategy_rounds == 3 and a.stats.federations == 4

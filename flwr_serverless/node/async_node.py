@@ -67,7 +67,7 @@ class AsyncFederatedNode(FederatedNode):
         if decision is None:  # FedBuff: not enough new peer updates yet, keep training locally
             return arrays, self._metrics([self.mode.contribution(header, arrays)])
         headers = [header, *(u.header for u in updates)]
-        result, metrics = self._aggregate(decision.own, decision.peers, headers, self.stats.federations + 1)
+        result, metrics = self._aggregate(decision.own, decision.peers, headers)
         return self.mode.after_aggregation(arrays, result, decision, updates), metrics
 
     def _upload(self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline) -> str:

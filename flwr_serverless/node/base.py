@@ -112,6 +112,7 @@ class FederatedNode(ABC):
         self.roster = Roster(self.store)
         self.membership: Membership | None = None
         self.local_steps = 0  # cumulative optimizer steps this node has published
+        self.strategy_rounds = 0  # aggregations that reached the strategy (its server_round)
         self.provenance = Provenance()  # base_version/base_steps of the next object (staleness.py)
         self.clock: Callable[[], float] = time.monotonic  # deadlines and waits (tests inject their own)
         self.wall_clock: Callable[[], float] = time.time  # member records (shared across hosts)
@@ -241,11 +242,13 @@ class FederatedNode(ABC):
         return self.writer.encode(arrays, header, self._tensor_names, self.secret,
                                   lambda key, data: put(key, data, deadline))
 
-    def _aggregate(self, own: Contribution, peers: list[Contribution], headers: Sequence[UpdateHeader],
-                   server_round: int) -> tuple[list[np.ndarray], dict[str, float]]:
+    def _aggregate(self, own: Contribution, peers: list[Contribution],
+                   headers: Sequence[UpdateHeader]) -> tuple[list[np.ndarray], dict[str, float]]:
         """Aggregate own + peers in node-id order, so every node computing the same set gets the same bits.
 
         ``headers`` are those of own + peers: what the result was trained from (staleness provenance).
+        The strategy's ``server_round`` counts the aggregations that reached it (1, 2, ...): a call
+        without peers never does, and stateful strategies (FedAvgM's momentum) expect no gaps.
         """
         participants = sorted([own, *peers], key=lambda c: c.node_id)
         own_header = next(h for h in headers if h.node_id == own.node_id)
@@ -254,7 +257,8 @@ class FederatedNode(ABC):
         self.stats.peers_used += len(peers)
         if not peers:
             return list(own.arrays), self._metrics([own])
-        return aggregate(self.strategy, server_round, participants), self._metrics(participants)
+        self.strategy_rounds += 1
+        return aggregate(self.strategy, self.strategy_rounds, participants), self._metrics(participants)
 
     @staticmethod
     def _metrics(participants: Sequence[Contribution]) -> dict[str, float]:

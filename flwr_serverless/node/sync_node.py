@@ -142,7 +142,7 @@ class SyncFederatedNode(FederatedNode):
         peers, headers = self._gather(others, deadline)
         self._check_compatibility(others, peers)
         own = Contribution(self.node_id, own_arrays, self._weight(header), header.num_examples, header.metrics)
-        result = self._aggregate(own, peers, [header, *headers], server_round=self.round + 1)
+        result = self._aggregate(own, peers, [header, *headers])
         if self.round >= 2:
             self.exchange.delete_quietly(layout.round_key(self.round - 2, self.node_id), deadline)
         self.round += 1

@@ -28,7 +28,6 @@ def make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
         # Only for the record: the callback applies mu (see options.PROXIMAL_MU_NOTE).
         strategy_options["proximal_mu"] = config.effective_proximal_mu
     strategy = make_strategy(config.strategy, initial_parameters=initial_weights, **strategy_options)
-    _number_rounds_by_aggregation(strategy)
     store = open_store(task.run_url, **config.storage_options)
     common: dict[str, Any] = {"strategy": strategy, "node_id": task.name, **config.node_options}
     if config.mode == "semisync":
@@ -45,30 +44,6 @@ def make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
     from flwr_serverless.nodes import AsyncFederatedNode
 
     return AsyncFederatedNode(store, **config.async_options.node_kwargs(config.seed, task.index), **common)
-
-
-def _number_rounds_by_aggregation(strategy: Any) -> None:
-    """Work around a node bug for FedAvgM: rounds are numbered by the strategy's own aggregations.
-
-    A node numbers rounds by its federation calls, and a call without peers (an
-    async node's first epoch, a sync round left alone after a timeout) counts
-    without reaching the strategy. FedAvgM then asserts in round 2 that its
-    momentum was created in round 1. The fix belongs in the node; until then
-    the simulation numbers FedAvgM's rounds itself.
-    """
-    from flwr.server.strategy import FedAvgM
-
-    if not isinstance(strategy, FedAvgM):
-        return
-    inner = strategy.aggregate_fit
-    calls = 0
-
-    def aggregate_fit(server_round: int, results: Any, failures: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return inner(calls, results, failures)
-
-    strategy.aggregate_fit = aggregate_fit  # an instance attribute: aggregation.py checks the class's method
 
 
 def callback_kwargs(config: SimulationConfig) -> dict[str, Any]:
