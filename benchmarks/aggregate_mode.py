@@ -1,0 +1,248 @@
+"""O(1) reads per node-epoch: the aggregate mode against all-peers FedAvgAsync, N = 5, 20, 50, 100 nodes.
+
+Every node is a thread with its own boto3 store handle on a moto S3 server
+running as a separate process on 127.0.0.1 (conditional writes decided
+atomically, as on S3). Each node "trains" for ``--epoch-seconds`` (+-20%,
+a sleep), then federates a ``--params`` float32 model; ``--epochs`` times.
+Per mode and N it reports, over the steady-state epochs (the first, which
+also claims ``members/<id>``, is reported apart): HTTP requests (412s included) and bytes down per
+node-epoch (mean and max; bytes in model sizes, so the floor is 1 for the
+aggregate mode, one GET of one model, and N-1 for all-peers), the seconds of a
+federation call, and for the aggregate mode the compare-and-swap conflict rate
+(412s per write attempt), the epochs deferred after ``max_attempts``, and the
+largest relative difference between the final aggregate and an exact FedAvg of
+the contributions its table names. A contention sweep runs the aggregate mode
+at the largest N with shorter epochs. JSON and a PNG go to benchmarks/results/.
+
+    python benchmarks/aggregate_mode.py [--nodes 5,20,50,100] [--params 10000] [--epochs 4] [--epoch-seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+# moto decides If-Match in two steps on a threaded server; the test suite's patch serialises its PUTs
+# (see tests/conftest.py) so that, as on S3, exactly one of two racing conditional writes wins.
+SERVER = ("import sys; sys.path.insert(0, {root!r}); from tests.conftest import _make_moto_writes_atomic; "
+          "_make_moto_writes_atomic(); from moto.server import main; main(['-H', '127.0.0.1', '-p', '{port}'])")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server() -> tuple[subprocess.Popen[bytes], str, Any]:
+    import boto3
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(name, value)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", SERVER.format(root=str(ROOT), port=port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for _ in range(400):  # until the server answers
+        try:
+            client.list_buckets()
+            return server, endpoint, client
+        except Exception:
+            time.sleep(0.05)
+    server.kill()
+    raise RuntimeError("the moto server did not start")
+
+
+def run(mode: str, n: int, args: argparse.Namespace, epoch_seconds: float, endpoint: str,
+        client: Any) -> dict[str, Any]:
+    from flwr_serverless import AggregateFederatedNode, AsyncFederatedNode, open_store
+
+    bucket = f"bench-{uuid.uuid4().hex[:10]}"
+    client.create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/{mode}-{n}"
+
+    def make(i: int) -> Any:
+        store = open_store(url, endpoint_url=endpoint, backend="boto3")
+        if mode == "aggregate":
+            return AggregateFederatedNode(store, node_id=f"n{i:03d}", seed=i)
+        return AsyncFederatedNode(store, node_id=f"n{i:03d}")
+
+    nodes = [make(i) for i in range(n)]
+    model_bytes = 4 * args.params
+    rows: list[dict[str, Any]] = []
+    last: dict[str, tuple[list[np.ndarray], int]] = {}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work(index: int, node: Any) -> None:
+        rng = np.random.default_rng(index)
+        pace = random.Random(index)
+        weights = [rng.standard_normal(args.params - 100).astype(np.float32), np.zeros(100, np.float32)]
+        count = 50 + index
+        try:
+            for epoch in range(args.epochs):
+                time.sleep(epoch_seconds * pace.uniform(0.8, 1.2))
+                weights = [w + rng.standard_normal(w.shape).astype(np.float32) * 0.01 for w in weights]
+                before, stats = node.store.stats.as_dict(), node.stats.as_dict()
+                started = time.perf_counter()
+                node.update_parameters(weights, count, epoch=epoch)
+                seconds = time.perf_counter() - started
+                after, later = node.store.stats.as_dict(), node.stats.as_dict()
+                with lock:
+                    rows.append({"epoch": epoch, "seconds": seconds,
+                                 **{k: after[k] - before[k] for k in ("requests", "gets", "puts", "lists")},
+                                 "bytes_down": after["bytes_down"] - before["bytes_down"],
+                                 **{k: later[k] - stats[k] for k in ("cas_conflicts", "cas_giveups", "repairs")}})
+                    last[node.node_id] = ([np.array(w) for w in weights], count)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=work, args=(i, node), daemon=True) for i, node in enumerate(nodes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(args.epochs * (epoch_seconds * 1.2 + 600))
+    if errors or any(t.is_alive() for t in threads):
+        raise RuntimeError(f"{mode} N={n}: {errors[:1] or 'a node thread did not finish'}")
+    steady = [r for r in rows if r["epoch"] > 0]
+    first = [r for r in rows if r["epoch"] == 0]
+    result: dict[str, Any] = {
+        "mode": mode, "nodes": n, "epoch_seconds": epoch_seconds, "model_bytes": model_bytes,
+        "wall_time": time.monotonic() - started,
+        # HTTP requests: the store counts those that succeeded; each lost compare-and-swap (412) is one more.
+        "requests_mean": statistics.fmean(r["requests"] + r["cas_conflicts"] for r in steady),
+        "requests_max": max(r["requests"] + r["cas_conflicts"] for r in steady),
+        "first_epoch_requests_mean": statistics.fmean(r["requests"] + r["cas_conflicts"] for r in first),
+        "models_down_mean": statistics.fmean(r["bytes_down"] for r in steady) / model_bytes,
+        "models_down_max": max(r["bytes_down"] for r in steady) / model_bytes,
+        "seconds_median": statistics.median(r["seconds"] for r in steady),
+        "seconds_p95": float(np.percentile([r["seconds"] for r in steady], 95)),
+        "node_epochs": len(steady),
+    }
+    if mode == "aggregate":
+        conflicts = sum(r["cas_conflicts"] for r in rows)
+        writes = len(rows) - sum(r["cas_giveups"] for r in rows) + conflicts
+        result.update(conflict_rate=conflicts / writes, deferred_epochs=sum(r["cas_giveups"] for r in rows),
+                      repairs=sum(r["repairs"] for r in rows), node_epochs_all=len(rows),
+                      **check_aggregate(nodes[0], last))
+    for node in nodes:
+        node.store.close()
+    return result
+
+
+def check_aggregate(node: Any, last: dict[str, tuple[list[np.ndarray], int]]) -> dict[str, Any]:
+    """The final aggregate against exact FedAvg of what its table names, and how many of those are the latest."""
+    from flwr_serverless.codec import decode
+    from flwr_serverless.modes.aggregate import TABLE, parse_table, rebuild, stored_specs
+
+    store = node.store
+    decoded = decode(store.get("aggregate"), "aggregate", expected=stored_specs(node.exchange.expected))
+    table = parse_table(decoded.header.extra[TABLE], "aggregate")
+    named = {}
+    latest = 0
+    for member, entry in table.items():
+        contribution = decode(store.get(f"contributions/{member}/{entry.slot}"), member)
+        named[member] = (entry, list(contribution.arrays))
+        arrays, _ = last[member]
+        latest += all(np.array_equal(a, b) for a, b in zip(contribution.arrays, arrays))
+    exact, _ = rebuild(named)
+    error = max(float(np.max(np.abs(m - e)) / max(float(np.max(np.abs(e))), 1e-30))
+                for m, e in zip(decoded.arrays, exact))
+    return {"max_relative_error_vs_exact_fedavg": error, "members_in_table": len(table),
+            "members_latest_folded": latest}
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for mode, style in (("all-peers", "o-"), ("aggregate", "s-")):
+        rows = [r for r in out["sweep"] if r["mode"] == mode]
+        ns = [r["nodes"] for r in rows]
+        axes[0].plot(ns, [r["requests_mean"] for r in rows], style, label=mode)
+        axes[1].plot(ns, [r["models_down_mean"] for r in rows], style, label=mode)
+        axes[2].plot(ns, [r["seconds_median"] for r in rows], style, label=mode)
+    axes[0].axhline(10, color="gray", linestyle=":", label="10 requests")
+    axes[1].axhline(3, color="gray", linestyle=":", label="3 models")
+    for axis, label in zip(axes, ("requests per node-epoch", "models down per node-epoch",
+                                  "seconds per federation (median)")):
+        axis.set_xlabel("nodes")
+        axis.set_ylabel(label)
+        axis.set_yscale("log")
+        axis.legend(fontsize=8)
+    fig.suptitle(f"Aggregate mode vs all-peers FedAvgAsync: {out['setup']['params']} params, "
+                 f"{out['setup']['epoch_seconds']} s epochs, moto S3, threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", default="5,20,50,100")
+    parser.add_argument("--params", type=int, default=10_000)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epoch-seconds", type=float, default=5.0)
+    parser.add_argument("--contention", default="2,1,0.5", help="epoch seconds of the sweep at the largest N")
+    parser.add_argument("--modes", default="all-peers,aggregate")
+    args = parser.parse_args()
+    sizes = [int(x) for x in args.nodes.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped on kill too
+    server, endpoint, client = start_server()
+    out: dict[str, Any] = {"setup": {"params": args.params, "epochs": args.epochs,
+                                     "epoch_seconds": args.epoch_seconds, "store": "moto S3 server process, boto3",
+                                     "steady_state": "epochs after the first"}, "sweep": [], "contention": []}
+    try:
+        for n in sizes:
+            for mode in modes:
+                row = run(mode, n, args, args.epoch_seconds, endpoint, client)
+                out["sweep"].append(row)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+                      flush=True)
+        if "aggregate" in modes:
+            for seconds in [float(x) for x in args.contention.split(",") if x]:
+                row = run("aggregate", max(sizes), args, seconds, endpoint, client)
+                out["contention"].append(row)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+                      flush=True)
+    finally:
+        server.kill()
+        server.wait()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "aggregate_mode.json").write_text(json.dumps(out, indent=2))
+    plot(out, RESULTS / "aggregate_mode.png")
+    print("\n| mode | N | requests / node-epoch (max) | models down / node-epoch (max) | s per federation | "
+          "conflict rate | deferred |")
+    for r in [*out["sweep"], *out["contention"]]:
+        print(f"| {r['mode']} ({r['epoch_seconds']:g} s epochs) | {r['nodes']} | {r['requests_mean']:.2f} "
+              f"({r['requests_max']}) | {r['models_down_mean']:.2f} ({r['models_down_max']:.2f}) | "
+              f"{r['seconds_median']:.3f} | {r.get('conflict_rate', 0):.2f} | {r.get('deferred_epochs', '-')} |")
+
+
+if __name__ == "__main__":
+    main()
