@@ -108,5 +108,5 @@ def test_nodes_run_as_ray_tasks_and_federate_through_the_store(tmp_path: Path, l
 
 def test_ray_sync_refuses_more_tasks_than_cpus(tmp_path: Path, local_ray: Any) -> None:
     config = _config(tmp_path, num_nodes=3, engine="ray", mode="sync")
-    with pytest.raises(RuntimeError, match="needs all 3 Ray tasks running at once.*--workers 2"):
+    with pytest.raises(RuntimeError, match=r"needs all 3 Ray tasks running at once.*--workers 2"):
         run_simulation(config)

@@ -12,6 +12,7 @@ flwr-serverless[ray]``; the workers need flwr-serverless and the framework too.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from flwr_serverless.simulation.execution import ProgressFn, _error_row, _run_in_threads
@@ -35,10 +36,8 @@ def _host_nodes(tasks: list[NodeTask], events: Any) -> list[dict[str, Any]]:
     """Body of one Ray task: its nodes in threads, progress into the Ray queue (never blocking training)."""
 
     def progress(event: dict[str, Any]) -> None:
-        try:
+        with contextlib.suppress(Exception):  # a full or gone queue drops a progress line, never a node
             events.put_nowait(event)
-        except Exception:  # a full or gone queue drops a progress line, never a node
-            pass
 
     return _run_in_threads(tasks, progress)
 
