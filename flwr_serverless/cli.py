@@ -12,6 +12,7 @@ from flwr_serverless import __version__
 from flwr_serverless.errors import FlwrServerlessError
 from flwr_serverless.simulation.data import DATASETS
 from flwr_serverless.simulation.options import (
+    ENGINES,
     PROXIMAL_MU_NOTE,
     AsyncOptions,
     Evaluation,
@@ -21,7 +22,7 @@ from flwr_serverless.simulation.options import (
     parse_seeds,
 )
 from flwr_serverless.simulation.paper import add_experiment_parser, run_experiment
-from flwr_serverless.simulation.report import ProgressPrinter, format_report
+from flwr_serverless.simulation.report import ProgressPrinter, execution_label, format_report
 from flwr_serverless.simulation.runner import MODES, WORKERS, SimulationConfig
 from flwr_serverless.strategies import STRATEGY_NAMES
 
@@ -84,7 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--learning-rate", type=float, default=1e-3)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--framework", choices=sorted(WORKERS), default="keras")
-    sim.add_argument("--processes", action="store_true", help="one spawned process per node instead of threads")
+    sim.add_argument("--processes", action="store_true",
+                     help="spawned processes instead of threads: one per node, up to --workers (default 8)")
+    sim.add_argument("--workers", type=int, default=None, metavar="K",
+                     help="with --processes: K processes host the nodes, in threads (~0.7 GB each with TF)")
+    sim.add_argument("--engine", choices=ENGINES, default="local",
+                     help="local (threads or processes here) or ray (nodes as Ray tasks; pip install "
+                          "flwr-serverless[ray]; needs a --store every worker reaches)")
+    sim.add_argument("--address", default=None, metavar="RAY_ADDRESS",
+                     help="with --engine ray: the cluster, e.g. ray://head:10001 or auto (default: RAY_ADDRESS, "
+                          "else a local Ray)")
     sim.add_argument("--timeout", type=float, default=None,
                      help="sync and semisync: seconds to wait for the other nodes (default 120)")
     sim.add_argument("--min-nodes", type=int, default=None,
@@ -172,7 +182,8 @@ def _config(args: argparse.Namespace, out: TextIO) -> SimulationConfig:
         num_nodes=args.nodes, mode=args.mode, strategy=args.strategy, strategy_options=strategy_options,
         store_url=args.store, storage_options=dict(args.storage_option), epochs=args.epochs, dataset=args.dataset,
         data_dir=args.data_dir, skew=args.skew, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        seed=args.seed, use_processes=args.processes, framework=args.framework, sync_timeout=args.timeout,
+        seed=args.seed, use_processes=args.processes, workers=args.workers, engine=args.engine,
+        ray_address=args.address, framework=args.framework, sync_timeout=args.timeout,
         min_nodes=args.min_nodes, baselines=not args.no_baselines, baseline_cache=args.baseline_cache,
         max_train_examples=args.max_train_examples, proximal_mu=proximal_mu,
         async_options=AsyncOptions(**_given(staleness=args.staleness, staleness_unit=args.staleness_unit,
@@ -193,7 +204,7 @@ def _simulate(args: argparse.Namespace, out: TextIO) -> int:
     seeds = args.seeds if args.seeds is not None else [config.seed]
     print(
         f"flwr-serverless simulate: {config.num_nodes} {config.mode} nodes, {config.strategy}, {config.dataset} "
-        f"(skew {config.skew}), {config.epochs} epochs, {'processes' if config.use_processes else 'threads'}"
+        f"(skew {config.skew}), {config.epochs} epochs, {execution_label(config)}"
         + (f", seeds {', '.join(map(str, seeds))}" if args.seeds is not None else ""),
         file=out,
     )

@@ -1,4 +1,5 @@
-"""Run simulation tasks concurrently: threads in this process, or spawned processes (one per task).
+"""Run simulation tasks concurrently: threads in this process, a bounded pool of spawned processes
+(each hosting several nodes in threads), or tasks on a Ray cluster (``ray_engine``).
 
 Workers return plain dicts, so processes never pickle models; a failed task
 becomes a row with an ``error``, so one failed node does not hide the others.
@@ -25,6 +26,8 @@ WORKERS: dict[str, str] = {
     "keras": "flwr_serverless.simulation.keras_worker",
     "lightning": "flwr_serverless.simulation.lightning_worker",
 }
+#: default cap on worker processes: 100 processes each importing TensorFlow (~0.7 GB) would not fit in 24 GB
+DEFAULT_MAX_PROCESSES = 8
 
 
 def _train_function(framework: str) -> Callable[[NodeTask, ProgressFn], dict[str, Any]]:
@@ -58,24 +61,31 @@ def _run_in_threads(tasks: list[NodeTask], progress: ProgressFn) -> list[dict[st
             for r, t in zip(results, tasks)]
 
 
-def _process_main(task: NodeTask, messages: Any) -> None:
-    """Entry point of a spawned worker: train, report progress and the result through ``messages``."""
-    try:
-        row = _train_function(task.config.framework)(task, lambda event: messages.put(("progress", event)))
-    except BaseException as exc:
-        messages.put(("progress", {"event": "error", "role": task.role, "node": task.name,
-                                   "error": _error_row(task, exc)["error"], "traceback": traceback.format_exc()}))
-        row = _error_row(task, exc)
-    messages.put(("result", task.index, row))
+def _process_main(tasks: list[NodeTask], messages: Any) -> None:
+    """Entry point of a spawned worker: its nodes in threads, progress and each result through ``messages``."""
+    rows = _run_in_threads(tasks, lambda event: messages.put(("progress", event)))
+    for task, row in zip(tasks, rows):
+        messages.put(("result", task.index, row))
 
 
-def _run_in_processes(tasks: list[NodeTask], progress: ProgressFn) -> list[dict[str, Any]]:
-    """One spawned process per task (separate TF runtimes, as on separate machines)."""
+def pool_size(num_tasks: int, workers: int | None) -> int:
+    """Worker processes for ``num_tasks`` nodes: ``workers`` if given, else one per node up to
+    ``DEFAULT_MAX_PROCESSES`` (each process imports the framework: ~0.7 GB with TensorFlow).
+    """
+    return max(1, min(num_tasks, workers if workers is not None else DEFAULT_MAX_PROCESSES))
+
+
+def _run_in_processes(tasks: list[NodeTask], progress: ProgressFn, workers: int | None) -> list[dict[str, Any]]:
+    """Spawned processes (separate runtimes, as on separate machines), each hosting its share of the
+    nodes in threads; every node runs at once, so sync barriers are met whatever the pool size.
+    """
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
-    processes = {t.index: context.Process(target=_process_main, args=(t, messages), name=f"sim-{t.name}")
-                 for t in tasks}
-    for process in processes.values():
+    size = pool_size(len(tasks), workers)
+    shares = [tasks[i::size] for i in range(size)]
+    processes = [context.Process(target=_process_main, args=(share, messages), name=f"sim-worker-{i}")
+                 for i, share in enumerate(shares)]
+    for process in processes:
         process.start()
     results: dict[int, dict[str, Any]] = {}
     dead_since: dict[int, float] = {}
@@ -85,21 +95,22 @@ def _run_in_processes(tasks: list[NodeTask], progress: ProgressFn) -> list[dict[
                 message = messages.get(timeout=0.5)
             except queue.Empty:
                 now = time.monotonic()
-                for task in tasks:
-                    process = processes[task.index]
-                    if task.index in results or process.is_alive():
+                for slot, (process, share) in enumerate(zip(processes, shares)):
+                    missing = [t for t in share if t.index not in results]
+                    if not missing or process.is_alive():
                         continue
-                    # Give the queue a moment to deliver a result written just before exit.
-                    if now - dead_since.setdefault(task.index, now) > 3.0:
-                        results[task.index] = {"node_id": task.name, "role": task.role,
-                                               "error": f"worker process exited with code {process.exitcode}"}
+                    # Give the queue a moment to deliver results written just before exit.
+                    if now - dead_since.setdefault(slot, now) > 3.0:
+                        for task in missing:
+                            results[task.index] = {"node_id": task.name, "role": task.role,
+                                                   "error": f"worker process exited with code {process.exitcode}"}
                 continue
             if message[0] == "progress":
                 progress(message[1])
             elif message[0] == "result":
                 results[message[1]] = message[2]
     finally:
-        for process in processes.values():
+        for process in processes:
             process.join(timeout=10)
             if process.is_alive():
                 process.terminate()
@@ -111,6 +122,11 @@ def run_tasks(tasks: list[NodeTask], use_processes: bool, progress: ProgressFn) 
     """Train ``tasks`` concurrently; one plain-dict row per task, in order (errors become rows)."""
     if not tasks:
         return []
+    config = tasks[0].config
+    if config.engine == "ray":
+        from flwr_serverless.simulation.ray_engine import run_on_ray
+
+        return run_on_ray(tasks, progress)
     if use_processes:
-        return _run_in_processes(tasks, progress)
+        return _run_in_processes(tasks, progress, config.workers)
     return _run_in_threads(tasks, progress)

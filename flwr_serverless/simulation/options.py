@@ -146,6 +146,29 @@ class Evaluation:
                 raise _error("eval_examples", "--eval-examples", "needs --eval-each-epoch (eval_each_epoch=True)")
 
 
+ENGINES = ("local", "ray")
+
+
+def check_execution(engine: str, address: str | None, use_processes: bool, workers: int | None,
+                    store_url: str | None) -> None:
+    """Where nodes run: threads or a process pool here (``local``), or Ray tasks on a cluster (``ray``)."""
+    if engine not in ENGINES:
+        raise _error("engine", "--engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if workers is not None and (isinstance(workers, bool) or int(workers) != workers or workers < 1):
+        raise _error("workers", "--workers", f"must be an integer >= 1, got {workers}")
+    if workers is not None and not use_processes and engine != "ray":
+        raise _error("workers", "--workers", "groups nodes into K processes or Ray tasks: it needs --processes "
+                     "or --engine ray")
+    if engine == "ray":
+        if use_processes:
+            raise _error("use_processes", "--processes", "does not apply to --engine ray: Ray places the nodes")
+        if store_url is None or store_url.startswith("memory://"):
+            raise _error("store_url", "--store", "must be a URL every Ray worker reaches (s3://..., or file:// "
+                         "on a one-machine cluster) with --engine ray, not a default temp folder or memory://")
+    elif address is not None:
+        raise _error("ray_address", "--address", "applies to --engine ray only")
+
+
 def check_mode(mode: str, async_options: AsyncOptions, semisync: SemiSyncOptions) -> None:
     """Options of one mode given with another would silently do nothing: refuse them."""
     for options, wanted in ((async_options, "async"), (semisync, "semisync")):

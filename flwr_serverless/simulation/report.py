@@ -55,6 +55,25 @@ class ProgressPrinter:
         self.out.flush()
 
 
+def execution_label(config: Any) -> str:
+    """Where the nodes ran: ``threads``, ``processes (pool of K)`` or ``ray``."""
+    if config.engine == "ray":
+        return f"ray ({config.ray_address or 'RAY_ADDRESS or local'})"
+    if config.use_processes:
+        from flwr_serverless.simulation.execution import pool_size
+
+        return f"processes (pool of {pool_size(config.num_nodes, config.workers)})"
+    return "threads"
+
+
+def totals_line(result: SimulationResult) -> str:
+    """The experiment's store traffic summed over nodes, and how many nodes finished every epoch."""
+    t = result.totals
+    return (f"Totals over {t['nodes']} nodes ({t['completed']} completed every epoch): {t['requests']} requests "
+            f"({t['puts']} PUT, {t['gets']} GET, {t['lists']} LIST, {t['deletes']} DELETE), "
+            f"{_mb(t['bytes_up'])} MB up, {_mb(t['bytes_down'])} MB down")
+
+
 def _mb(num_bytes: int) -> str:
     return f"{num_bytes / 1e6:.2f}"
 
@@ -65,7 +84,7 @@ def format_report(result: SimulationResult) -> str:
     lines = [
         "",
         f"Federated nodes ({config.mode}, {config.strategy}, {config.dataset}, skew {config.skew}, "
-        f"{config.epochs} epochs, {'processes' if config.use_processes else 'threads'}; "
+        f"{config.epochs} epochs, {execution_label(config)}; "
         "test acc of each node's final, federated model):",
         f"{'node':<12} {'test acc':>8} {'epochs':>7} {'wall s':>7} {'MB up':>7} {'MB down':>8} "
         f"{'requests':>8} {'rejected':>8}",
@@ -97,7 +116,7 @@ def format_report(result: SimulationResult) -> str:
             summary += f" ({fed - alone:+.3f})"
     if result.centralized_accuracy is not None:
         summary += f"; centralized {_fmt(result.centralized_accuracy)}"
-    lines += ["", summary + f"  [{result.wall_time:.1f}s]"]
+    lines += ["", summary + f"  [{result.wall_time:.1f}s]", totals_line(result)]
     lag = observed_peer_lag(result.nodes)
     if lag is not None:
         lines.append(f"Peer lag in the async aggregates (epochs a peer's update was behind the reader's): "

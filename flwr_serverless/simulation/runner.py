@@ -27,6 +27,7 @@ from flwr_serverless.simulation.options import (
     Evaluation,
     Heterogeneity,
     SemiSyncOptions,
+    check_execution,
     check_mode,
     check_strategy,
     strategy_key,
@@ -61,6 +62,9 @@ class SimulationConfig:
     learning_rate: float = 1e-3
     seed: int = 0
     use_processes: bool = False
+    workers: int | None = None  # processes: size of the pool hosting the nodes (None: one per node, up to 8)
+    engine: str = "local"  # "local" (threads or processes here) or "ray" (Ray tasks; see ray_engine)
+    ray_address: str | None = None  # engine "ray": the cluster to join (None: RAY_ADDRESS or a local Ray)
     framework: str = "keras"
     sync_timeout: float | None = None  # sync/semisync: seconds to wait for the others (None: 120)
     min_nodes: int | None = None  # sync/semisync: continue with this many nodes after the timeout
@@ -93,6 +97,7 @@ class SimulationConfig:
         if self.use_processes and self.store_url is not None and self.store_url.startswith("memory://"):
             raise ValueError("memory:// stores live inside one process; use threads or a file:// or s3:// store")
         self._validate_waiting()
+        check_execution(self.engine, self.ray_address, self.use_processes, self.workers, self.store_url)
         if self.proximal_mu is not None and not (0 <= self.proximal_mu < float("inf")):
             raise ValueError(f"option proximal_mu (--proximal-mu) must be >= 0, got {self.proximal_mu}")
         reserved = sorted(set(self.node_options) & RESERVED_NODE_OPTIONS)
@@ -226,6 +231,14 @@ class SimulationResult:
     def centralized_accuracy(self) -> float | None:
         return self.centralized.test_accuracy if self.centralized else None
 
+    @property
+    def totals(self) -> dict[str, int]:
+        """Store traffic summed over the federated nodes (the whole experiment's requests and bytes)."""
+        keys = ("requests", "puts", "gets", "lists", "deletes", "bytes_up", "bytes_down")
+        return {key: sum(getattr(row, key) for row in self.nodes) for key in keys} | {
+            "nodes": len(self.nodes), "completed": sum(1 for r in self.nodes if r.error is None
+                                                       and r.epochs_completed == self.config.epochs)}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.public_dict(),
@@ -238,6 +251,7 @@ class SimulationResult:
                 "federated_mean_accuracy": self.federated_mean_accuracy,
                 "standalone_mean_accuracy": self.standalone_mean_accuracy,
                 "centralized_accuracy": self.centralized_accuracy,
+                "totals": self.totals,
             },
         }
 
