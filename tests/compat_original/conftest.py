@@ -1,8 +1,8 @@
 """Fixtures replacing what the original tests took from elsewhere: moto's in-process mock, the MNIST download.
 
-``moto_s3`` stands in for ``moto.mock_s3``: boto3 clients created without an endpoint
+``moto_s3`` stands in for ``moto's in-process S3 mock``: boto3 clients created without an endpoint
 (as the original's folders and tests create them) reach the session's moto server
-through ``AWS_ENDPOINT_URL``, and the server starts empty, as each ``mock_s3()`` did.
+through ``AWS_ENDPOINT_URL``, and the server starts empty, as each ``in-process mock`` did.
 """
 
 from __future__ import annotations

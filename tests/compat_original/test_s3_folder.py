@@ -5,7 +5,7 @@ Use moto to mock S3
 from pytest import raises
 from unittest.mock import patch
 import boto3
-# adapted: moto's in-process mock_s3 -> the moto_s3 fixture (a moto server, conftest.py)
+# adapted: moto's in-process S3 mock -> the moto_s3 fixture (a moto server, conftest.py)
 from flwr_serverless.shared_folder.s3_folder import (
     NotBytesError,  # adapted: the error that replaces pickling
     S3FolderWithBytes,

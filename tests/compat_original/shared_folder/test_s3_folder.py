@@ -3,11 +3,11 @@
 import boto3
 import pytest
 import numpy as np
-# adapted: moto's in-process mock_s3 -> the moto_s3 fixture (a moto server, ../conftest.py)
+# adapted: moto's in-process S3 mock -> the moto_s3 fixture (a moto server, ../conftest.py)
 from flwr_serverless.shared_folder.s3_folder import NotBytesError, S3FolderWithPickle  # adapted: NotBytesError
 
 
-def test_simple_s3_get(moto_s3):  # adapted: fixture instead of @mock_s3
+def test_simple_s3_get(moto_s3):  # adapted: fixture instead of the in-process mock decorator
     conn = boto3.resource("s3", region_name="us-east-1")
     # We need to create the bucket since this is all in Moto's 'virtual' AWS account
     conn.create_bucket(Bucket="mybucket")
@@ -17,7 +17,7 @@ def test_simple_s3_get(moto_s3):  # adapted: fixture instead of @mock_s3
     assert body == b"some content"
 
 
-def test_s3_storage_backend(moto_s3):  # adapted: fixture instead of @mock_s3
+def test_s3_storage_backend(moto_s3):  # adapted: fixture instead of the in-process mock decorator
     conn = boto3.resource("s3", region_name="us-east-1")
     # We need to create the bucket since this is all in Moto's 'virtual' AWS account
     conn.create_bucket(Bucket="mybucket")
