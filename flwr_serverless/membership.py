@@ -7,8 +7,8 @@ heartbeat while it trains or waits (at most every lease/4), and marks itself
 ``left`` when training ends. Readers classify each record with ``member_state``
 (pure, clock injected): a member is live, has left, or is dead (lease expired,
 or its process is gone on the same host). Barriers wait for live members only;
-objects of members that left or died before a reader joined are leftovers of
-an earlier run and are not aggregated.
+objects of members that left or died a full lease before a reader joined are
+leftovers of an earlier run and are not aggregated.
 """
 
 from __future__ import annotations
@@ -111,10 +111,13 @@ def member_state(record: MemberRecord, now: float, host: str | None = None,
 
 
 def ended_before(record: MemberRecord, moment: float) -> bool:
-    """True when the member had left, or its lease had run out, before ``moment`` (it belongs to an earlier run)."""
-    if record.status == "left":
-        return record.left is not None and record.left < moment
-    return record.heartbeat + record.lease < moment
+    """True when the member had left, or gone silent, a full lease before ``moment``: an earlier run's.
+
+    A peer that left just before we joined (a fast node finishing first) is part of our run: its
+    last weights still count. The lease is the grace, for leaving as for silence.
+    """
+    last_seen = record.left if record.status == "left" and record.left is not None else record.heartbeat
+    return last_seen + record.lease < moment
 
 
 class Membership:

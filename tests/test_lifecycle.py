@@ -130,7 +130,7 @@ def _leftover(store: Any, node_id: str, value: float, ago: float, status: str = 
 def test_async_node_ignores_objects_of_an_earlier_run(store_url: Any, caplog: pytest.LogCaptureFixture) -> None:
     store = _open(store_url)
     _leftover(store, "old-crashed", 100.0, ago=28 * 60)
-    _leftover(store, "old-finished", 100.0, ago=60, status="left")
+    _leftover(store, "old-finished", 100.0, ago=600, status="left")  # left more than a lease (300 s) ago
     node = AsyncFederatedNode(_open(store_url), node_id="new")
     with caplog.at_level("WARNING", logger="flwr_serverless"):
         weights, _ = node.update_parameters(_w(1.0), num_examples=10)
@@ -264,6 +264,9 @@ def test_member_state_classifies_live_left_expired_and_gone() -> None:
     assert member_state(_record("a", 99.0, "left", 99.0), now=100.0) == LEFT
     assert member_state(_record("a", 99.0, host="h", pid=4242), now=100.0, host="h", alive=lambda pid: False) == GONE
     assert ended_before(_record("a", 50.0), 61.0) and not ended_before(_record("a", 50.0), 59.0)
+    # Left moments before: same run (a fast node finishing first); left a lease before: an earlier run.
+    left = _record("a", 50.0, "left", 50.0)
+    assert not ended_before(left, 55.0) and ended_before(left, 61.0)
 
 
 def test_barrier_waits_for_live_members_only() -> None:

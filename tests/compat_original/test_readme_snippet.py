@@ -4,9 +4,8 @@
 It leaves ``steps_per_epoch``, ``batch_size``, ``keras`` and ``dataset`` to the reader and
 writes ``keras.Model(...)`` / ``model.compile(...)`` as placeholders; the test supplies
 those names (a small model whose ``compile(...)`` fills in a loss) and nothing else.
-Two nodes run it one after the other on the same S3 prefix. The first leaves when its fit ends,
-before the second joins: for the second its object is an earlier run's leftover, not averaged in
-(0.2 would have averaged it; see the README's "Lifecycle" and "Coming from flwr-serverless 0.2").
+Two nodes run it one after the other on the same S3 prefix, so the second federates: the first left
+when its fit ended, moments before, well within its member lease (it belongs to the same run).
 """
 
 from __future__ import annotations
@@ -84,12 +83,14 @@ def test_original_readme_snippet_runs_unchanged(moto_s3: Any) -> None:
         runs.append(namespace)
     first, second = runs[0]["node"], runs[1]["node"]
     assert first.node_id != second.node_id
-    assert first.stats.peers_used == 0 and second.stats.peers_used == 0
-    assert second.stats.leftovers_skipped == 1  # the first run had ended before the second joined
+    assert first.stats.peers_used == 0 and second.stats.peers_used == 1  # the second pulled the first's weights
     stored = boto3.client("s3").list_objects_v2(Bucket="mybucket", Prefix="experiment1/nodes/")
     assert sorted(obj["Key"] for obj in stored["Contents"]) == sorted(
         f"experiment1/nodes/{node.node_id}" for node in (first, second)
     )
+    # The second model continues from the mean of both published objects (equal example counts).
     folder = runs[1]["shared_folder"]
     published = [decode(folder[f"nodes/{node.node_id}"], node.node_id).arrays for node in (first, second)]
+    for got, a, b in zip(runs[1]["model"].get_weights(), *published, strict=True):
+        np.testing.assert_allclose(got, (a.astype("float64") + b) / 2, rtol=1e-6, atol=1e-7)
     assert not np.allclose(published[0][0], published[1][0])  # the two nodes did differ
