@@ -133,7 +133,6 @@ class Membership:
         self.clock = clock
         self.tag: str | None = None
         self.joined_at: float | None = None
-        self.took_over = False  # the id belonged to an earlier instance: its leftovers are ours to clean
         self.lost = False  # another owner took the id over while we were silent past our lease
         self.left = False
         self._refreshed = 0.0
@@ -181,7 +180,6 @@ class Membership:
             except PreconditionFailedError:
                 continue  # someone else wrote it meanwhile: look again
             if reason != "same owner":
-                self.took_over = True
                 logger.warning("node %s takes over its node id: %s", self.node_id, reason)
             return
         raise DuplicateNodeIdError(f"node id {self.node_id!r}: {self.key} kept changing; is another node racing?")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flwr_serverless.semisync import SemiSyncFederatedNode, plan_budgets, step_budget
+from flwr_serverless.semisync import SemiSyncFederatedNode, plan_budgets
 from flwr_serverless.stores import open_store
 
 
@@ -30,7 +30,7 @@ def test_semisync_node_publishes_profiles_and_plans_after_cold_start():
     for node, t_k in zip(nodes, (0.01, 0.03)):
         for i in range(11):
             node.record_batch_time(t_k, ended_at=100.0 + i * t_k)
-    assert step_budget(nodes[0]) is None  # cold start: epoch end
+    assert nodes[0].steps_until_federation() is None  # cold start: epoch end
     weights = [np.zeros(3, dtype=np.float32)]
     threads = [threading.Thread(target=n.update_parameters, args=(weights, 300),
                                 kwargs={"num_steps": 10}) for n in nodes]
@@ -40,7 +40,7 @@ def test_semisync_node_publishes_profiles_and_plans_after_cold_start():
         thread.join()
     assert sorted(store.list("profiles/")) == ["profiles/n0.json", "profiles/n1.json"]
     assert nodes[0].t_max == pytest.approx(0.3)  # 1.0 * 10 batches * 0.03 s
-    assert (step_budget(nodes[0]), step_budget(nodes[1])) == (30, 10)
+    assert (nodes[0].steps_until_federation(), nodes[1].steps_until_federation()) == (30, 10)
 
 
 def _train(node: SemiSyncFederatedNode, factor: float, rounds: int, seed: int, errors: list) -> None:
@@ -111,7 +111,7 @@ def _sleep_training(node: SemiSyncFederatedNode, seconds_per_batch: float, epoch
     try:
         weights = [np.zeros(4, dtype=np.float32)]
         while node.round < rounds:
-            budget = step_budget(node) or epoch_batches  # cold start: one epoch
+            budget = node.steps_until_federation() or epoch_batches  # cold start: one epoch
             for _ in range(budget):
                 time.sleep(seconds_per_batch)
                 node.record_batch_time(seconds_per_batch)
