@@ -44,8 +44,8 @@ class FakeStore:
 
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
-    import flwr_serverless.nodes as nodes_module
-    import flwr_serverless.semisync as semisync_module
+    import flwr_serverless.node as nodes_module
+    import flwr_serverless.node as semisync_module
     import flwr_serverless.stores as stores_module
 
     calls: dict[str, list[Any]] = {"node": [], "store": [], "callback": [], "callbacks": []}

@@ -31,17 +31,17 @@ def make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
     store = open_store(task.run_url, **config.storage_options)
     common: dict[str, Any] = {"strategy": strategy, "node_id": task.name, **config.node_options}
     if config.mode == "semisync":
-        from flwr_serverless.semisync import SemiSyncFederatedNode
+        from flwr_serverless.node import SemiSyncFederatedNode
 
         return SemiSyncFederatedNode(store, lambda_=config.semisync.lambda_, reestimate=config.semisync.reestimate,
                                      num_nodes=config.num_nodes, timeout=config.timeout,
                                      min_nodes=config.min_nodes, **common)
     if config.mode == "sync":
-        from flwr_serverless.nodes import SyncFederatedNode
+        from flwr_serverless.node import SyncFederatedNode
 
         return SyncFederatedNode(store, num_nodes=config.num_nodes, timeout=config.timeout,
                                  min_nodes=config.min_nodes, **common)
-    from flwr_serverless.nodes import AsyncFederatedNode
+    from flwr_serverless.node import AsyncFederatedNode
 
     return AsyncFederatedNode(store, **config.async_options.node_kwargs(config.seed, task.index), **common)
 
