@@ -10,8 +10,8 @@ Layout of one object (readable by the ``safetensors`` library too)::
 
 The update header (``flwr_serverless.header``) carries the format version, who
 wrote the object and what it was trained from, the tensor names in model order,
-how compressed tensors are stored (``compression.py``), the keyframe a top-k
-delta is relative to, and a hash of the payload (BLAKE3 by default, SHA-256
+how compressed tensors are stored (``compression.py``), the chain position of a
+top-k delta (its keyframe and index), and a hash of the payload (BLAKE3 by default, SHA-256
 accepted). With a secret it also carries an HMAC-SHA256 over the header and
 layout, which covers the payload through its hash. A reader validates all of it
 (and finiteness) before anything reaches aggregation; version-1 objects
@@ -34,6 +34,7 @@ import numpy as np
 
 from flwr_serverless.compat import TensorSpec, check_compatible, default_names, incompatibility
 from flwr_serverless.compression import (
+    SEP,
     EncodedTensor,
     Spec,
     decode_tensor,
@@ -48,10 +49,12 @@ from flwr_serverless.header import (
     FORMAT,
     FORMAT_V1,
     FORMATS,
+    MAX_CHAIN,
     KeyframeRef,
     UpdateHeader,
     header_fields,
     is_valid_node_id,
+    parse_chain,
     parse_hash,
     parse_header,
     parse_keyframe,
@@ -77,13 +80,22 @@ class DecodedUpdate:
     names: list[str]  # the writer's tensor names (``t0000``... when it supplied none)
     arrays: list[np.ndarray]  # uncompressed tensors: read-only views on the object's bytes
     payload_hash: str = ""  # "blake3:<hex>" / "sha256:<hex>": names this object as a keyframe
-    keyframe: KeyframeRef | None = None  # what a top-k delta was rebuilt from
+    keyframe: KeyframeRef | None = None  # the chain a top-k delta is on
     encodings: dict[str, str] = field(default_factory=dict)  # compressed tensor name -> codec
+    chain: int | None = None  # a top-k delta's position on its chain (0: the keyframe itself)
 
     @property
     def lossless(self) -> bool:
         """Every tensor is exactly what the writer had: the object can serve as that writer's keyframe."""
         return not self.encodings
+
+    def position(self) -> tuple[KeyframeRef, int] | None:
+        """Where on its writer's chain this state is: a delta's (keyframe, chain), a lossless object's (itself, 0)."""
+        if self.keyframe is not None and self.chain is not None:
+            return self.keyframe, self.chain
+        if self.lossless and self.payload_hash:
+            return KeyframeRef(self.header.seq, self.payload_hash), 0
+        return None
 
 
 def _hasher(algorithm: str, size: int) -> Any:
@@ -112,6 +124,7 @@ def encode_parts(
     *,
     compression: str | None = None,
     keyframe: KeyframeRef | None = None,
+    chain: int | None = None,
     payload_hash: str = "blake3",
 ) -> list[bytes | memoryview]:
     """``encode`` as a list of buffers (framing, then each tensor's bytes), for stores that can write them
@@ -124,7 +137,7 @@ def encode_parts(
         raise ValueError(f"payload_hash must be one of {HASHES}, got {payload_hash!r}")
     codec, _ = parse_compression(compression)
     if codec == "topk":
-        raise ValueError("compression='topk:...' needs a TopKCompressor: pass its compress() output as arrays")
+        raise ValueError("compression='topk:...' needs a TopKCompressor: pass its deltas as arrays")
 
     stored: list[tuple[str, np.ndarray]] = []
     encodings: dict[str, Any] = {}
@@ -138,8 +151,10 @@ def encode_parts(
     part_names = [name for name, _ in stored]
     if "__metadata__" in part_names or len(set(part_names)) != len(part_names):
         raise ValueError("a tensor name is '__metadata__' or collides with another tensor's stored part name")
-    if any(spec["codec"] == "topk" for spec in encodings.values()) and keyframe is None:
-        raise ValueError("top-k deltas need keyframe= (the compressor's keyframe_ref)")
+    if any(spec["codec"] == "delta" for spec in encodings.values()) and (keyframe is None or chain is None):
+        raise ValueError("top-k deltas need keyframe= and chain= (the compressor's keyframe_ref and position)")
+    if chain is not None and (isinstance(chain, bool) or not isinstance(chain, int) or not 0 <= chain <= MAX_CHAIN):
+        raise ValueError(f"chain must be an integer in [0, {MAX_CHAIN}], got {chain!r}")
 
     chunks: list[memoryview] = []
     layout: dict[str, Any] = {}
@@ -158,7 +173,7 @@ def encode_parts(
 
     fields.update(format=FORMAT, tensor_names=names, payload_hash=f"{payload_hash}:{digest.hexdigest()}",
                   encodings=encodings, keyframe=None if keyframe is None else
-                  {"seq": keyframe.seq, "payload_hash": keyframe.payload_hash})
+                  {"seq": keyframe.seq, "payload_hash": keyframe.payload_hash}, chain=chain)
     if secret:
         fields["signature"] = _signature(secret, fields, layout)
     meta = {"__metadata__": {"flwr_serverless": json.dumps(fields, allow_nan=False)}}
@@ -172,8 +187,8 @@ def encode(arrays: Sequence[np.ndarray | EncodedTensor], header: UpdateHeader, n
     """Serialize tensors plus header into one self-describing object.
 
     ``compression`` ("fp16", "bf16", "int8") compresses float tensors; top-k
-    deltas come from ``TopKCompressor.compress`` (pass them as ``arrays`` with
-    ``keyframe=``). ``payload_hash`` is "blake3" (default) or "sha256".
+    deltas come from ``TopKCompressor`` (pass them as ``arrays`` with
+    ``keyframe=`` and ``chain=``). ``payload_hash`` is "blake3" (default) or "sha256".
     """
     return b"".join(encode_parts(arrays, header, names, secret, **options))
 
@@ -216,7 +231,7 @@ def decode(
     secret: bytes | None = None,
     check_finite: bool = True,
     *,
-    keyframe: DecodedUpdate | None = None,
+    base: DecodedUpdate | None = None,
     expected_names: Sequence[str] | None = None,
     framework: str | None = None,
 ) -> DecodedUpdate:
@@ -225,8 +240,9 @@ def decode(
     ``expected`` lists the local model's (shape, dtype) per tensor (and
     ``expected_names`` / ``framework`` its names and layout family, see
     ``compat.check_compatible``); objects that do not match are rejected
-    instead of being averaged into the model. A top-k delta needs ``keyframe``,
-    the writer's lossless object it names, else ``KeyframeRequiredError``.
+    instead of being averaged into the model. A top-k delta at chain position
+    ``c`` needs ``base``, the writer's state at ``c - 1`` (its keyframe for
+    ``c <= 1``), else ``KeyframeRequiredError``.
     """
     fields, layout, start = read_header(data, key)
     names = fields.get("tensor_names")
@@ -245,6 +261,7 @@ def decode(
     header = parse_header(fields, key)
     specs = _encodings(fields, names, key)
     ref = None if v1 else parse_keyframe(fields.get("keyframe"), key)
+    chain = None if v1 else parse_chain(fields.get("chain"), key)
 
     expected_parts = [(n + s, n) for n in names for s in (part_suffixes(specs[n].codec) if n in specs else ("",))]
     if sorted(part for part, _ in expected_parts) != sorted(layout):
@@ -260,13 +277,13 @@ def decode(
     reason = incompatibility(names, logical, header.framework, expected, expected_names, framework)
     if reason is not None:
         raise InvalidObjectError(key, reason)
-    arrays = _rebuild(names, specs, parts, header, ref, keyframe, key)
+    arrays = _rebuild(names, specs, parts, header, (ref, chain), base, key)
     if check_finite:
         for name, array in zip(names, arrays):
             if array.dtype.kind == "f" and not _all_finite(array):
                 raise InvalidObjectError(key, f"tensor {name!r} contains NaN or Inf")
     return DecodedUpdate(header=header, names=list(names), arrays=arrays, payload_hash=f"{algorithm}:{digest}",
-                         keyframe=ref if any(s.codec == "topk" for s in specs.values()) else None,
+                         keyframe=ref if chain is not None else None, chain=chain,
                          encodings={n: s.codec for n, s in specs.items()})
 
 
@@ -305,23 +322,28 @@ def _views(layout: dict[str, Any], order: list[str], payload: memoryview, key: s
 
 
 def _rebuild(names: list[str], specs: dict[str, Spec], parts: dict[str, np.ndarray], header: UpdateHeader,
-             ref: KeyframeRef | None, keyframe: DecodedUpdate | None, key: str) -> list[np.ndarray]:
-    """Uncompressed tensors as they are; compressed ones back in their original dtype."""
-    if any(spec.codec == "topk" for spec in specs.values()):
-        if ref is None:
-            raise InvalidObjectError(key, "top-k deltas but no 'keyframe' in the header")
-        if keyframe is None or (keyframe.header.seq, keyframe.payload_hash) != (ref.seq, ref.payload_hash):
-            raise KeyframeRequiredError(key, ref)
-        if keyframe.header.node_id != header.node_id or not keyframe.lossless or len(keyframe.arrays) != len(names):
-            raise InvalidObjectError(key, "the keyframe given is not a lossless object of the same node and model")
+             at: tuple[KeyframeRef | None, int | None], base: DecodedUpdate | None, key: str) -> list[np.ndarray]:
+    """Uncompressed tensors as they are; compressed ones back in their original dtype (deltas onto ``base``)."""
+    ref, chain = at
+    deltas = [name for name, spec in specs.items() if spec.codec == "delta"]
+    if (ref is None) != (chain is None) or (deltas and ref is None):
+        raise InvalidObjectError(key, "a top-k delta needs both 'keyframe' and 'chain' in the header")
+    if deltas:
+        assert ref is not None and chain is not None
+        if chain == 0 and any(parts[name + SEP + "indices"].size for name in deltas):
+            raise InvalidObjectError(key, "chain position 0 is the keyframe itself: its delta must be empty")
+        if base is None or base.position() != (ref, max(chain - 1, 0)):
+            raise KeyframeRequiredError(key, ref, chain)
+        if base.header.node_id != header.node_id or len(base.arrays) != len(names):
+            raise InvalidObjectError(key, "the state given is not one of the same node and model")
     arrays = []
     for index, name in enumerate(names):
         if name not in specs:
             arrays.append(parts[name])
             continue
         own = {suffix: parts[name + suffix] for suffix in part_suffixes(specs[name].codec)}
-        base = keyframe.arrays[index] if keyframe is not None and specs[name].codec == "topk" else None
-        arrays.append(decode_tensor(specs[name], own, key, name, base))
+        state = base.arrays[index] if base is not None and specs[name].codec == "delta" else None
+        arrays.append(decode_tensor(specs[name], own, key, name, state))
     return arrays
 
 

@@ -1,4 +1,4 @@
-"""Compressed tensors: half precision, int8 with per-chunk scales, top-k deltas against a keyframe.
+"""Compressed tensors: half precision, int8 with per-chunk scales, sparse top-k deltas on a chain.
 
 A node chooses ``compression`` (None | "fp16" | "bf16" | "int8" | "topk:<fraction>");
 every reader decodes any of them back to each tensor's original dtype and shape,
@@ -15,41 +15,38 @@ object stays valid safetensors; ``name`` is the tensor's name):
 * ``int8``: ``name`` I8 (original shape) and ``name::scales`` F32, one per chunk
   of ``chunk`` consecutive elements (C order), symmetric: ``x ~ q * scale``,
   ``scale = max|x| / 127`` over the chunk.
-* ``topk``: ``name::indices`` (U32, or U64 past 2**32 elements; strictly
-  increasing flat indices) and ``name::values`` (original dtype): the new values
-  at the entries that moved most since the writer's keyframe. The reader
-  rebuilds the tensor as ``keyframe.copy(); flat[indices] = values``.
+* ``delta`` (written by ``compression="topk:<f>"``): ``name::indices`` (U16, U32
+  or U64; strictly increasing flat indices) and ``name::values`` (F16, or the
+  original dtype when a value does not fit F16): a sparse change the reader
+  *adds* to the writer's previous state, ``out = base.copy();
+  out.flat[indices] += values``.
 
 The header's ``encodings`` maps each compressed tensor to
 ``{"codec", "dtype", "shape"[, "chunk"]}``; readers validate it as strictly as the
 rest of the object (see ``parse_spec`` and ``decode_tensor``).
 
-Top-k with a keyframe (``TopKCompressor`` in ``flwr_serverless.topk``)
----------------------------------------------------------------------
-A delta must be relative to something the reader has. The writer keeps a
-*keyframe*: its own last full-precision published weights. A node uses it so::
+Top-k deltas on a chain (the writer's side is ``flwr_serverless.topk``)
+-----------------------------------------------------------------------
+Each writer keeps the state every reader of its objects holds, ``R``, and
+sends the ``k`` largest entries of ``W - R`` (its weights minus that state):
+classic error feedback, since whatever was left out (or rounded to F16) is
+still in the next ``W - R``. A chain starts at a *keyframe*, a lossless object
+at ``keyframes/<node_id>``; then ``R_0`` is the keyframe and delta ``c``
+(``c = 1, 2, ...``) turns ``R_{c-1}`` into ``R_c``. Every delta is published
+twice: at ``deltas/<node_id>/<c>`` (the log, written first) and at
+``nodes/<node_id>``. The header names the chain (``keyframe``: seq and payload
+hash of the keyframe object) and the position (``chain``: c; 0 is the
+keyframe itself, published at ``nodes/<node_id>`` as an empty delta).
 
-    compressor = TopKCompressor(fraction)          # one per node
-    encoded = compressor.compress(arrays)
-    if encoded is None:                            # first call, every K updates, or error too high
-        full = encode(arrays, header, names, secret)                 # lossless
-        store.put(f"keyframes/{node_id}", full)    # FIRST: no delta may name a missing keyframe
-        compressor.set_keyframe(arrays, object_ref(full))
-        encoded = compressor.compress(arrays)      # an empty delta against the new keyframe
-    store.put(f"nodes/{node_id}", encode(encoded, header, names, secret, keyframe=compressor.keyframe_ref))
-
-(Putting ``full`` itself at ``nodes/<id>`` works too and saves readers one
-GET at keyframe time, at the price of uploading the model twice.)
-
-A reader keeps, per peer, the keyframe it last decoded for that peer (any
-object with ``update.lossless``). ``decode(data, key, keyframe=cached)`` raises
-``KeyframeRequiredError`` (an ``InvalidObjectError``, carrying ``ref``) when the
-object is a delta against another keyframe; the reader then GETs
-``keyframes/<node_id>``, decodes it (a lossless object of that node whose
-``(header.seq, payload_hash)`` is ``ref``), and decodes the delta again with it.
-If the fetched keyframe is not ``ref`` either (the writer republished between
-the two GETs) the peer is skipped this time; its next object names the new
-keyframe. A keyframe is validated like any object (signature, hash, shapes).
+A reader keeps, per peer, the last state it decoded. ``decode(data, key,
+base=state)`` raises ``KeyframeRequiredError`` (an ``InvalidObjectError``
+carrying ``ref`` and ``chain``) when ``state`` is not ``R_{c-1}`` of the
+object's chain; the reader then catches up: from its state if it is on that
+chain, else from the keyframe, it applies the logged deltas up to ``c - 1``.
+A log entry or keyframe that is not the one named (the writer started a new
+chain meanwhile) skips the peer this time; its next object names the new one.
+A new keyframe starts every ``keyframe_every`` deltas, so a late joiner reads
+one model and at most ``keyframe_every - 1`` small deltas.
 """
 
 from __future__ import annotations
@@ -63,7 +60,8 @@ import numpy as np
 from flwr_serverless.dtypes import DTYPES, dtype_name
 from flwr_serverless.errors import InvalidObjectError
 
-CODECS = ("fp16", "bf16", "int8", "topk")
+CODECS = ("fp16", "bf16", "int8", "delta")
+
 DEFAULT_CHUNK = 4096
 MAX_CHUNK = 1 << 24
 MAX_ELEMENTS = 1 << 40  # no tensor claims more elements than this (a topk shape is not backed by bytes)
@@ -72,7 +70,7 @@ SEP = "::"  # part names: "<tensor>::scales", "<tensor>::indices", "<tensor>::va
 _FP16_MAX = float(np.finfo(np.float16).max)
 _MAX_SCALE = float(np.finfo(np.float32).max) / 127  # 127 * scale stays a finite float32
 _BLOCK = 1 << 20  # elements per slice: temporaries stay a few MB whatever the tensor size
-_PARTS = {"fp16": ("",), "bf16": ("",), "int8": ("", SEP + "scales"), "topk": (SEP + "indices", SEP + "values")}
+_PARTS = {"fp16": ("",), "bf16": ("",), "int8": ("", SEP + "scales"), "delta": (SEP + "indices", SEP + "values")}
 
 
 @dataclass(frozen=True)
@@ -135,7 +133,7 @@ def encode_tensor(array: np.ndarray, codec: str | None, chunk: int = DEFAULT_CHU
             raise ValueError(f"int8 chunk must be in [1, {MAX_CHUNK}], got {chunk}")
         q, scales = quantize_int8(array, chunk)
         return EncodedTensor("int8", dtype, shape, {"": q, SEP + "scales": scales}, chunk)
-    raise ValueError(f"compression codec {codec!r} is not stateless (top-k needs a TopKCompressor)")
+    raise ValueError(f"compression codec {codec!r} is not stateless (top-k deltas come from a TopKCompressor)")
 
 
 def _fits_fp16(array: np.ndarray) -> bool:
@@ -190,19 +188,30 @@ def _rows(segment: np.ndarray, chunk: int) -> np.ndarray:
     return segment.reshape(-1, chunk)
 
 
-def sparse_encode(current: np.ndarray, keyframe: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """The ``k`` entries that moved most since the keyframe: (sorted flat indices, their current values,
-    squared norm of the change sent, squared norm of the change left out)."""
-    flat, base = current.reshape(-1), keyframe.reshape(-1)
-    moved = np.abs(flat - base)
+def index_dtype(size: int) -> str:
+    """The narrowest unsigned type that holds every flat index of a tensor of ``size`` elements."""
+    return "<u2" if size <= 1 << 16 else "<u4" if size <= 1 << 32 else "<u8"
+
+
+def sparse_delta(residual: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest entries of ``residual`` (``W - R``) by magnitude, zeros left out: (sorted flat
+    indices, values as stored: F16 when every value fits, else the residual's own dtype)."""
+    flat = residual.reshape(-1)
+    moved = np.abs(flat)
     indices = _top(moved, k)
     indices = indices[moved[indices] > 0]
     indices.sort()
-    wide = moved if moved.dtype.itemsize >= 4 else moved.astype(np.float32)  # float16 squares overflow
-    total = float(np.dot(wide, wide))
-    sent = float(np.dot(wide[indices], wide[indices]))
-    index_dtype = "<u4" if flat.size <= 1 << 32 else "<u8"
-    return indices.astype(index_dtype), flat[indices], sent, max(total - sent, 0.0)
+    values = flat[indices]
+    if values.dtype.itemsize > 2 and values.size and float(np.abs(values).max()) <= _FP16_MAX:
+        values = values.astype("<f2")
+    return indices.astype(index_dtype(flat.size)), values
+
+
+def apply_delta(state: np.ndarray, indices: np.ndarray, values: np.ndarray) -> None:
+    """``state.flat[indices] += values`` in ``state``'s dtype: the writer and every reader run exactly this,
+    so they hold the same bits."""
+    flat = state.reshape(-1)
+    flat[indices] += values.astype(state.dtype, copy=False)
 
 
 def _top(moved: np.ndarray, k: int) -> np.ndarray:
@@ -221,12 +230,6 @@ def _top(moved: np.ndarray, k: int) -> np.ndarray:
         if candidates.size >= k:
             return candidates[np.argpartition(moved[candidates], candidates.size - k)[candidates.size - k:]]
     return np.argpartition(moved, n - k)[n - k:]
-
-
-def sparse_decode(keyframe: np.ndarray, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
-    out = np.array(keyframe, copy=True, order="C")
-    out.reshape(-1)[indices] = values
-    return out
 
 
 # -- reading: every claim of a hostile header checked before it is used ---------------------------------
@@ -268,8 +271,8 @@ def parse_spec(spec: Any, key: str, name: str) -> Spec:
 
 
 def decode_tensor(spec: Spec, parts: dict[str, np.ndarray], key: str, name: str,
-                  keyframe: np.ndarray | None = None) -> np.ndarray:
-    """Rebuild one tensor in its original dtype from validated parts (top-k needs the keyframe's tensor)."""
+                  base: np.ndarray | None = None) -> np.ndarray:
+    """Rebuild one tensor in its original dtype from validated parts (a delta needs the state it applies to)."""
     def bad(why: str) -> InvalidObjectError:
         return InvalidObjectError(key, f"tensor {name!r} ({spec.codec}): {why}")
 
@@ -292,12 +295,14 @@ def decode_tensor(spec: Spec, parts: dict[str, np.ndarray], key: str, name: str,
         if not (np.isfinite(scales).all() and (scales >= 0).all() and (scales <= _MAX_SCALE).all()):
             raise bad(f"scales must be finite, non-negative and at most {_MAX_SCALE:.3g}")
         return dequantize_int8(q, scales, chunk, spec.dtype)
-    indices = expect(SEP + "indices", (DTYPES["U32"], DTYPES["U64"]), None)
-    values = expect(SEP + "values", (spec.dtype,), (indices.size,))
+    indices = expect(SEP + "indices", (DTYPES["U16"], DTYPES["U32"], DTYPES["U64"]), None)
+    values = expect(SEP + "values", tuple(dict.fromkeys((DTYPES["F16"], spec.dtype))), (indices.size,))
     if indices.size > spec.size:
         raise bad(f"{indices.size} entries for a tensor of {spec.size} elements")
     if indices.size and (indices[-1] >= spec.size or not (indices[1:] > indices[:-1]).all()):
         raise bad(f"indices must be strictly increasing (no duplicates) and below {spec.size}")
-    if keyframe is None or keyframe.shape != spec.shape or keyframe.dtype != spec.dtype:
-        raise bad("the keyframe's tensor does not match the encoding's shape and dtype")
-    return sparse_decode(keyframe, indices, values)
+    if base is None or base.shape != spec.shape or base.dtype != spec.dtype:
+        raise bad("the state it applies to does not match the encoding's shape and dtype")
+    out = np.array(base, copy=True, order="C")
+    apply_delta(out, indices, values)
+    return out

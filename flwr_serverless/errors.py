@@ -52,15 +52,18 @@ class InvalidObjectError(FlwrServerlessError):
 
 
 class KeyframeRequiredError(InvalidObjectError):
-    """A top-k delta names a keyframe the reader does not hold: fetch ``keyframes/<node_id>`` and decode again.
+    """A top-k delta applies to a state of its writer the reader does not hold: catch up, then decode again.
 
-    ``ref`` (a ``header.KeyframeRef``: seq and payload hash) is what the fetched keyframe must be.
+    ``ref`` (a ``header.KeyframeRef``: seq and payload hash) names the delta's keyframe
+    and ``chain`` its position: the reader needs the writer's state at ``chain - 1``.
     """
 
-    def __init__(self, key: str, ref: object) -> None:
+    def __init__(self, key: str, ref: object, chain: int = 0) -> None:
         self.ref = ref
-        super().__init__(key, f"a top-k delta against keyframe seq {getattr(ref, 'seq', '?')}, which the reader "
-                              "does not hold (fetch the writer's keyframe object, then decode again)")
+        self.chain = chain
+        seq = getattr(ref, "seq", "?")
+        super().__init__(key, f"a top-k delta (position {chain} after keyframe seq {seq}) on a state the reader "
+                              "does not hold (fetch the keyframe and logged deltas, then decode again)")
 
 
 class SyncTimeoutError(FlwrServerlessError, TimeoutError):

@@ -44,8 +44,9 @@ class NodeStats:
     store_failures: int = 0
     leftovers_skipped: int = 0
     dropped_members: int = 0
-    keyframe_downloads: int = 0  # top-k: keyframes fetched because a delta named one we did not hold
-    keyframe_misses: int = 0  # top-k: peers skipped because their keyframe changed or was missing meanwhile
+    keyframe_downloads: int = 0  # top-k: keyframes fetched because a delta named a chain we were not on
+    delta_log_downloads: int = 0  # top-k: logged deltas fetched to catch up with a peer's chain
+    keyframe_misses: int = 0  # top-k: peers skipped because their chain changed or a link was missing meanwhile
     cas_conflicts: int = 0  # aggregate mode: compare-and-swap writes that lost to another member's (412 each)
     cas_giveups: int = 0  # aggregate mode: epochs whose contribution waits for the next (attempts used up)
     repairs: int = 0  # aggregate mode: aggregates rebuilt from the contributions (invalid, or naming a lost one)
@@ -62,6 +63,7 @@ class NodeStats:
             "leftovers_skipped": self.leftovers_skipped,
             "dropped_members": self.dropped_members,
             "keyframe_downloads": self.keyframe_downloads,
+            "delta_log_downloads": self.delta_log_downloads,
             "keyframe_misses": self.keyframe_misses,
             "cas_conflicts": self.cas_conflicts,
             "cas_giveups": self.cas_giveups,
@@ -90,7 +92,7 @@ class Exchange:
         self.expected_names: list[str] | None = None  # compared only where names are stable (torch keys)
         self.framework: str | None = None  # "keras" / "torch": objects of the other layout are refused
         self.bad_tags: dict[str, str] = {}  # key -> tag of an object already rejected (not downloaded again)
-        self.keyframes: dict[str, DecodedUpdate] = {}  # peer -> the last keyframe of theirs we decoded (top-k)
+        self.states: dict[str, DecodedUpdate] = {}  # peer -> its last top-k chain state we decoded
 
     # -- calls --------------------------------------------------------------------------
     def put(self, key: str, data: Payload, deadline: Deadline = NO_DEADLINE) -> str:
@@ -100,6 +102,10 @@ class Exchange:
     def publish(self, key: str, data: Payload, deadline: Deadline) -> str:
         """PUT through a store outage, retrying transient faults until ``deadline`` (a barrier's publish)."""
         return self.persist(lambda: self.put(key, data, deadline), deadline, "put", key)
+
+    def copy(self, source: str, target: str, deadline: Deadline = NO_DEADLINE) -> str:
+        with deadline.applied():
+            return self.store.copy(source, target)
 
     def list(self, prefix: str, deadline: Deadline = NO_DEADLINE) -> dict[str, ObjectInfo]:
         with deadline.applied():
@@ -138,10 +144,9 @@ class Exchange:
               node_id: str | None = None) -> DecodedUpdate | None:
         """GET and validate one peer object; a bad object is logged, counted, remembered and skipped.
 
-        A top-k delta is decoded against the peer's keyframe: the cached one, else
-        ``keyframes/<peer>`` is fetched (and cached). If that is not the keyframe the
-        delta names (the peer republished between our two GETs), the peer is skipped
-        this time; its next object names the keyframe we now hold.
+        A top-k delta is decoded onto the peer's state we hold. If that is not the
+        state it follows, we catch up first (``_catch_up``); if the chain changed
+        meanwhile, the peer is skipped this time and its next object is usable.
         """
         key = info.key
         try:
@@ -152,36 +157,65 @@ class Exchange:
             with deadline.applied():
                 data = self.spool.fetch(self.store, key)
             try:
-                update = self._decode(data, key, self.keyframes.get(peer))
+                update = self._decode(data, key, self.states.get(peer))
             except KeyframeRequiredError as required:
-                keyframe = self._fetch_keyframe(peer, deadline)
-                if keyframe is None or (keyframe.header.seq, keyframe.payload_hash) != (
-                        required.ref.seq, required.ref.payload_hash):
-                    self._keyframe_miss(info, required, keyframe)
+                base = self._catch_up(peer, required, deadline)
+                if base is None:
+                    self._keyframe_miss(info, required)
                     return None
-                update = self._decode(data, key, keyframe)
+                update = self._decode(data, key, base)
             if update.header.node_id != peer:
                 raise InvalidObjectError(key, f"header says node {update.header.node_id!r}, key says {peer!r}")
+            if update.chain is not None:
+                self.states[peer] = update
             return update
         except ObjectNotFoundError:
             return None  # deleted between LIST and GET: the peer simply is not there now
         except InvalidObjectError as exc:
-            self.reject(exc, info.tag, key)  # a bad keyframe makes its delta unusable too, until it changes
+            self.reject(exc, info.tag, key)  # a bad keyframe or log entry makes its delta unusable too
             return None
 
-    def _decode(self, data: Any, key: str, keyframe: DecodedUpdate | None) -> DecodedUpdate:
+    def _decode(self, data: Any, key: str, base: DecodedUpdate | None) -> DecodedUpdate:
         names = self.expected_names if self.framework == "torch" else None  # Keras auto-names vary by process
         return decode(data, key, expected=self.expected, secret=self.secret, expected_names=names,
-                      framework=self.framework, keyframe=keyframe)
+                      framework=self.framework, base=base)
 
     def _check_size(self, key: str, size: int) -> None:
         if self.max_object_bytes is not None and size > self.max_object_bytes:
             raise InvalidObjectError(key, f"object is {size} bytes, over the limit of {self.max_object_bytes}")
 
-    def _fetch_keyframe(self, peer: str, deadline: Deadline) -> DecodedUpdate | None:
-        """GET, validate and cache ``keyframes/<peer>``; None when absent. A bad one raises naming its key."""
-        key = layout.keyframe_key(peer)
-        self.stats.keyframe_downloads += 1
+    def _catch_up(self, peer: str, required: KeyframeRequiredError, deadline: Deadline) -> DecodedUpdate | None:
+        """The peer's state just before ``required.chain``: from the one we hold if it is on that chain, else
+        from its keyframe, through its logged deltas (GET in parallel, applied in order). None when a link is
+        missing or belongs to another chain (the writer started a new one meanwhile)."""
+        ref, target = required.ref, max(required.chain - 1, 0)
+        held = self.states.get(peer)
+        position = held.position() if held is not None else None
+        if held is not None and position is not None and position[0] == ref and position[1] <= target:
+            state = held
+        else:
+            self.stats.keyframe_downloads += 1
+            state = self._fetch_link(layout.keyframe_key(peer), peer, deadline, None)
+            if state is None or state.position() != (ref, 0):
+                return None
+        start = state.position()[1]  # type: ignore[index]
+        keys = [layout.delta_key(peer, index) for index in range(start + 1, target + 1)]
+        self.stats.delta_log_downloads += len(keys)
+        with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL_GETS, len(keys)))) as pool:
+            datas = list(pool.map(lambda k: self._get_link(k, deadline), keys))
+        for index, (key, data) in enumerate(zip(keys, datas), start + 1):
+            if data is None:
+                return None
+            try:
+                state = self._decode(data, key, state)
+            except KeyframeRequiredError:
+                return None  # a log entry of another chain (or out of place): the writer moved on
+            if state.header.node_id != peer or state.position() != (ref, index):
+                return None
+        return state
+
+    def _get_link(self, key: str, deadline: Deadline) -> Any:
+        """One keyframe or log entry's bytes (its size checked), or None when absent."""
         try:
             with deadline.applied():
                 if self.max_object_bytes is not None:  # its size before the GET, as for any peer object
@@ -193,25 +227,30 @@ class Exchange:
         except ObjectNotFoundError:
             return None
         self._check_size(key, len(data))
+        return data
+
+    def _fetch_link(self, key: str, peer: str, deadline: Deadline, base: DecodedUpdate | None) -> DecodedUpdate | None:
+        """GET and validate a peer's keyframe: lossless, of that peer. A bad one raises naming its key."""
+        data = self._get_link(key, deadline)
+        if data is None:
+            return None
         try:
-            keyframe = self._decode(data, key, None)
+            state = self._decode(data, key, base)
         except KeyframeRequiredError:
             raise InvalidObjectError(key, "a keyframe must be lossless, this object is a top-k delta") from None
-        if keyframe.header.node_id != peer:
-            raise InvalidObjectError(key, f"header says node {keyframe.header.node_id!r}, key says {peer!r}")
-        if not keyframe.lossless:
-            raise InvalidObjectError(key, f"a keyframe must be lossless, this one stores {keyframe.encodings}")
-        self.keyframes[peer] = keyframe  # the peer's current keyframe: its next deltas name it
-        return keyframe
+        if state.header.node_id != peer:
+            raise InvalidObjectError(key, f"header says node {state.header.node_id!r}, key says {peer!r}")
+        if not state.lossless:
+            raise InvalidObjectError(key, f"a keyframe must be lossless, this one stores {state.encodings}")
+        return state
 
-    def _keyframe_miss(self, info: ObjectInfo, required: KeyframeRequiredError,
-                       keyframe: DecodedUpdate | None) -> None:
-        """The delta's keyframe is gone (republished or missing): skip the peer until it publishes again."""
+    def _keyframe_miss(self, info: ObjectInfo, required: KeyframeRequiredError) -> None:
+        """A link of the delta's chain is gone (a new chain began, or it is missing): skip the peer this time."""
         self.stats.keyframe_misses += 1
         self.bad_tags[info.key] = info.tag  # not a rejection: a protocol writer's next object is usable
-        held = "none" if keyframe is None else f"seq {keyframe.header.seq}"
-        logger.info("node %s skips %s this time: it is a top-k delta against keyframe seq %d, but %s holds %s",
-                    self.node_id, info.key, required.ref.seq, layout.keyframe_key(info.key.rsplit("/", 1)[-1]), held)
+        logger.info("node %s skips %s this time: it is top-k delta %d after keyframe seq %d, and the keyframe or "
+                    "a logged delta before it is missing or of a newer chain", self.node_id, info.key,
+                    required.chain, required.ref.seq)
 
     def fetch_many(self, infos: Sequence[ObjectInfo], deadline: Deadline = NO_DEADLINE,
                    node_ids: Sequence[str] | None = None) -> list[Outcome]:

@@ -36,7 +36,9 @@ _COUNTERS = ("epoch", "num_examples", "local_steps", "base_version", "base_steps
              "base_own_steps")
 _V1_EXTRA = ("seq", "base_own_seq", "base_own_steps", "dataset_size")
 # Fields the codec itself writes next to the header's own (see codec.encode).
-CODEC_FIELDS = ("format", "tensor_names", "payload_hash", "payload_sha256", "encodings", "keyframe", "signature")
+CODEC_FIELDS = ("format", "tensor_names", "payload_hash", "payload_sha256", "encodings", "keyframe", "chain",
+                "signature")
+MAX_CHAIN = 1024  # deltas per top-k chain (compression.MAX_CHAIN)
 
 Scalar = bool | int | float | str
 
@@ -69,7 +71,7 @@ class UpdateHeader:
 
 @dataclass(frozen=True)
 class KeyframeRef:
-    """Names the full-precision object a top-k delta is relative to: its seq and payload hash."""
+    """Names the full-precision object that starts a top-k chain: its seq and payload hash."""
 
     seq: int
     payload_hash: str
@@ -164,6 +166,15 @@ def parse_keyframe(value: Any, key: str) -> KeyframeRef | None:
         raise InvalidObjectError(key, f"header field 'keyframe' must be {{seq, payload_hash}}, got {_show(value)}")
     parse_hash(value["payload_hash"], key)
     return KeyframeRef(int(value["seq"]), value["payload_hash"])
+
+
+def parse_chain(value: Any, key: str) -> int | None:
+    if value is None:
+        return None
+    if not _check_int(value, "chain") or value > MAX_CHAIN:
+        raise InvalidObjectError(key, f"header field 'chain' must be an integer in [0, {MAX_CHAIN}], "
+                                      f"got {_show(value)}")
+    return int(value)
 
 
 def _check_int(value: Any, name: str, optional: bool = False, low: int = 0,

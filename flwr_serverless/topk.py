@@ -1,93 +1,135 @@
-"""Top-k deltas with a keyframe: the writer's state (see ``flwr_serverless.compression`` for the protocol).
+"""Top-k deltas with error feedback on a chain from a keyframe: the writer's state.
 
-Error feedback. Each delta is measured against the keyframe, not against what
-was sent last time, and it carries the *current* values of the entries it
-selects. So whatever a delta left out (the residual ``r_t = (W_t - K) - S_t``)
-is still part of the next candidate change ``W_{t+1} - K = (W_{t+1} - W_t) +
-S_t + r_t``: nothing unsent is ever lost, and an entry whose change keeps
-accumulating is sent as soon as it ranks in the top k. Adding ``r_t`` once more
-would count it twice (the reader holds ``K`` plus the latest delta only, never a
-sum of deltas, because ``nodes/<id>`` is overwritten and a reader may miss
-objects). The compressor keeps the residual's norm per tensor, and publishes a
-new keyframe when the reconstruction error ``|W - R| / |W|`` passes
-``max_error`` or after ``keyframe_every`` deltas.
+The protocol is in ``flwr_serverless.compression``. The compressor holds ``R``,
+the state every reader of this node holds after applying its deltas, and sends
+the ``k`` largest entries of ``W - R`` per tensor. Whatever a delta leaves out
+(or rounds to float16) stays in ``W - R`` and competes again next time: the
+error feedback of sparsified SGD, without the reader ever summing anything but
+the deltas it was sent. ``R`` only advances when the delta is in the store
+(``commit``), so a failed upload never leaves the writer ahead of its readers.
+
+A new keyframe (lossless) starts a chain: the first time, after
+``keyframe_every`` deltas (a late joiner then reads at most that many small
+deltas), when the tensors change shape, and when the readers' state has drifted
+more than ``max_error`` (``|W - R| / |W|``) from the weights, which error
+feedback normally prevents.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from flwr_serverless.compression import SEP, EncodedTensor, compressible, sparse_encode
-from flwr_serverless.header import KeyframeRef
+from flwr_serverless.compression import (
+    SEP,
+    EncodedTensor,
+    apply_delta,
+    compressible,
+    index_dtype,
+    sparse_delta,
+)
+from flwr_serverless.header import MAX_CHAIN, KeyframeRef
+
+DEFAULT_KEYFRAME_EVERY = 50
+DEFAULT_MAX_ERROR = 0.5
+
+Item = np.ndarray | EncodedTensor
+
+
+@dataclass
+class PendingDelta:
+    """A delta not yet in the store: what to publish, and how ``R`` moves once it is."""
+
+    chain: int
+    items: list[Item]
+    error: float  # |W - R'| / |W| after this delta
 
 
 class TopKCompressor:
-    """Turns a node's weights into top-k deltas against its last keyframe, and says when to republish it."""
+    """Turns a node's weights into top-k deltas on a chain, and says when a new keyframe is due."""
 
-    def __init__(self, fraction: float, keyframe_every: int = 10, max_error: float = 0.02,
-                 min_size: int = 1024) -> None:
+    def __init__(self, fraction: float, keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
+                 max_error: float = DEFAULT_MAX_ERROR) -> None:
         if not 0.0 < fraction < 0.5:
             raise ValueError(f"top-k fraction must be in (0, 0.5) (sparse entries cost 2x dense ones), got {fraction}")
-        if keyframe_every < 1:
-            raise ValueError(f"keyframe_every must be at least 1, got {keyframe_every}")
+        if isinstance(keyframe_every, bool) or not isinstance(keyframe_every, int) \
+                or not 1 <= keyframe_every <= MAX_CHAIN:
+            raise ValueError(f"keyframe_every must be an integer in [1, {MAX_CHAIN}], got {keyframe_every!r}")
         if not max_error > 0.0:  # NaN fails too
             raise ValueError(f"max_error must be a positive relative error, got {max_error}")
-        if min_size < 0:
-            raise ValueError(f"min_size must be >= 0, got {min_size}")
         self.fraction = fraction
         self.keyframe_every = keyframe_every
         self.max_error = max_error
-        self.min_size = min_size  # smaller float tensors (biases, norms) travel raw
-        self.keyframe: list[np.ndarray] | None = None
         self.keyframe_ref: KeyframeRef | None = None
-        self.deltas_since_keyframe = 0
-        self.residual_norms: list[float] = []  # |what the last delta left out| per tensor
-        self.last_error: float | None = None  # |W - R| / |W| of the last delta
-        self.last_captured: float | None = None  # share of |W - K|^2 the last delta carried
+        self.state: list[np.ndarray] | None = None  # R: what every reader holds
+        self.chain = 0  # position of R on the chain (0: the keyframe)
+        self.last_error: float | None = None
+        self.keyframes = 0
 
-    def compress(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray | EncodedTensor] | None:
-        """Delta-encode ``arrays``; None when the node must publish a lossless keyframe instead."""
+    def compress(self, arrays: Sequence[np.ndarray]) -> PendingDelta | None:
+        """The next delta (publish it, then ``commit``); None when a lossless keyframe is due instead."""
         arrays = [np.asarray(a) for a in arrays]
-        if not self._keyframe_matches(arrays) or self.deltas_since_keyframe >= self.keyframe_every:
+        if not self._state_matches(arrays) or self.chain >= self.keyframe_every:
             return None
-        out: list[np.ndarray | EncodedTensor] = []
-        residuals: list[float] = []
-        left_out = total = carried = 0.0
-        for array, base in zip(arrays, self.keyframe):
+        assert self.state is not None
+        items: list[Item] = []
+        left = total = 0.0
+        for array, state in zip(arrays, self.state):
             array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-            if array.dtype.kind == "f":
-                flat = array.reshape(-1) if array.dtype.itemsize >= 4 else array.reshape(-1).astype(np.float32)
-                total += float(np.dot(flat, flat))
-            if not compressible(array) or array.size < self.min_size:
-                out.append(array)
-                residuals.append(0.0)
+            if not compressible(array):
+                items.append(array)
                 continue
+            residual = array - state
             k = max(1, math.ceil(self.fraction * array.size))
-            indices, values, sent, missed = sparse_encode(array, base, k)
-            carried += sent
-            parts = {SEP + "indices": indices, SEP + "values": values}
-            out.append(EncodedTensor("topk", array.dtype, tuple(array.shape), parts))
-            residuals.append(math.sqrt(missed))
-            left_out += missed
-        error = math.sqrt(left_out / total) if total > 0 else 0.0
+            indices, values = sparse_delta(residual, k)
+            items.append(EncodedTensor("delta", array.dtype, tuple(array.shape),
+                                       {SEP + "indices": indices, SEP + "values": values}))
+            flat = residual.reshape(-1)
+            flat[indices] -= values.astype(flat.dtype, copy=False)  # what stays unsent (and F16 rounding)
+            left += _squared(flat)
+            total += _squared(array.reshape(-1))
+        error = math.sqrt(left / total) if total > 0 else 0.0
         if error > self.max_error:
-            return None  # the keyframe is too far behind: a fresh one costs less than a bad model
-        self.residual_norms, self.last_error = residuals, error
-        self.last_captured = carried / (carried + left_out) if carried + left_out > 0 else 1.0
-        self.deltas_since_keyframe += 1
-        return out
+            return None  # the readers' state is too far behind: a fresh keyframe costs less than a bad model
+        return PendingDelta(self.chain + 1, items, error)
 
-    def set_keyframe(self, arrays: Sequence[np.ndarray], ref: KeyframeRef) -> None:
-        """Record the lossless object just published (``ref`` from ``codec.object_ref`` of its bytes)."""
-        self.keyframe = [np.array(a, dtype=np.asarray(a).dtype.newbyteorder("<"), copy=True) for a in arrays]
+    def commit(self, pending: PendingDelta) -> None:
+        """The delta is in the store: move ``R`` exactly as a reader applying it does."""
+        assert self.state is not None and pending.chain == self.chain + 1
+        for state, item in zip(self.state, pending.items):
+            if isinstance(item, EncodedTensor):
+                apply_delta(state, item.parts[SEP + "indices"], item.parts[SEP + "values"])
+            else:
+                state[...] = item
+        self.chain = pending.chain
+        self.last_error = pending.error
+
+    def set_keyframe(self, arrays: Sequence[np.ndarray], ref: KeyframeRef) -> list[Item]:
+        """Start a chain at the lossless object just stored (``ref`` from ``codec.object_ref`` of its bytes);
+        returns position 0 to publish at ``nodes/<id>``: an empty delta naming the keyframe."""
+        self.state = [np.array(a, dtype=np.asarray(a).dtype.newbyteorder("<"), copy=True, order="C") for a in arrays]
         self.keyframe_ref = ref
-        self.deltas_since_keyframe = 0
-        self.residual_norms = [0.0] * len(self.keyframe)
+        self.chain = 0
         self.last_error = 0.0
+        self.keyframes += 1
+        return [EncodedTensor("delta", s.dtype, tuple(s.shape), {SEP + "indices": np.zeros(0, index_dtype(s.size)),
+                                                                 SEP + "values": np.zeros(0, "<f2")})
+                if compressible(s) else s for s in self.state]
 
-    def _keyframe_matches(self, arrays: list[np.ndarray]) -> bool:
-        return self.keyframe is not None and len(arrays) == len(self.keyframe) and all(
-            a.shape == k.shape and a.dtype.newbyteorder("<") == k.dtype for a, k in zip(arrays, self.keyframe))
+    def reset(self) -> None:
+        """Forget the chain (an upload failed or its outcome is unknown): the next call starts a new keyframe."""
+        self.state = None
+        self.keyframe_ref = None
+        self.chain = 0
+
+    def _state_matches(self, arrays: list[np.ndarray]) -> bool:
+        return self.state is not None and len(arrays) == len(self.state) and all(
+            a.shape == s.shape and a.dtype.newbyteorder("<") == s.dtype for a, s in zip(arrays, self.state))
+
+
+def _squared(flat: np.ndarray) -> float:
+    wide = flat if flat.dtype.itemsize >= 4 else flat.astype(np.float32)  # float16 squares overflow
+    return float(np.dot(wide, wide))

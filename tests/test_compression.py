@@ -1,5 +1,5 @@
 """Compressed updates: each encoding decodes to the original dtype within its error bound, top-k deltas need
-the right keyframe, and every hostile claim in a compressed object is rejected with a reason."""
+the state they follow on their chain, and every hostile claim in a compressed object is rejected with a reason."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from flwr_serverless.compression import (
     from_bf16_bits,
     parse_compression,
     quantize_int8,
-    sparse_encode,
+    sparse_delta,
     to_bf16_bits,
 )
 from flwr_serverless.errors import InvalidObjectError, KeyframeRequiredError
+from flwr_serverless.node.writer import UpdateWriter
 from flwr_serverless.topk import TopKCompressor
 
 
@@ -122,87 +123,105 @@ def test_topk_is_refused_without_a_compressor():
         encode([np.ones(2, np.float32)], UpdateHeader("n"), compression="topk:0.1")
 
 
-# -- top-k deltas against a keyframe ----------------------------------------------------------------------------
-def _publish(compressor: TopKCompressor, arrays: list[np.ndarray], seq: int) -> tuple[bytes, bytes | None]:
-    """What a node does (see the compression module docstring): (nodes/<id> object, keyframes/<id> object)."""
-    header = UpdateHeader("w", seq=seq)
-    encoded, full = compressor.compress(arrays), None
-    if encoded is None:
-        full = encode(arrays, header)
-        compressor.set_keyframe(arrays, object_ref(full))
-        encoded = compressor.compress(arrays)
-    return encode(encoded, header, keyframe=compressor.keyframe_ref), full
+# -- top-k deltas on a chain ------------------------------------------------------------------------------------
+class Chain:
+    """A writer (the real ``UpdateWriter``) publishing into a dict: what ``put_first`` stored, and each object."""
+
+    def __init__(self, option: str = "topk:0.05", secret: bytes | None = None, **options: object) -> None:
+        self.writer = UpdateWriter(option, **options)  # type: ignore[arg-type]
+        self.secret = secret
+        self.side: dict[str, bytes] = {}
+        self.seq = 0
+
+    def publish(self, arrays: list[np.ndarray]) -> bytes:
+        self.seq += 1
+        parts = self.writer.encode(arrays, UpdateHeader("w", seq=self.seq), None, self.secret, self._put)
+        data = b"".join(bytes(p) for p in parts)
+        self.writer.published("nodes/w", lambda source, target: self.side.__setitem__(target, data))
+        return data
+
+    def _put(self, key: str, data: object) -> None:
+        self.side[key] = b"".join(bytes(p) for p in data) if isinstance(data, list) else bytes(data)  # type: ignore
 
 
-def test_topk_delta_needs_its_keyframe_and_rebuilds_the_sent_entries_exactly():
-    base = _model()
-    compressor = TopKCompressor(0.05, min_size=100)
-    first, keyframe_object = _publish(compressor, base, 1)
-    keyframe = decode(keyframe_object, "keyframes/w")
-    assert keyframe.lossless and compressor.keyframe_ref == object_ref(keyframe_object)
-    assert len(first) < 2000  # an empty delta: only the small tensors travel
-    assert all(np.array_equal(a, b) for a, b in zip(decode(first, "nodes/w", keyframe=keyframe).arrays, base))
-    moved = [a.copy() for a in base]
-    moved[0][3, 4] += 1.0
-    moved[0][10:20] += 0.001  # a small drift of 800 entries: k = 256, so most of it is left out
-    moved[1][:] += 0.5  # 80 elements, below min_size: travels raw
-    delta, no_keyframe = _publish(compressor, moved, 2)
-    assert no_keyframe is None and len(delta) < len(keyframe_object) / 3
-    with pytest.raises(KeyframeRequiredError) as info:
-        decode(delta, "nodes/w")
-    assert info.value.ref == compressor.keyframe_ref and "keyframe seq 1" in info.value.reason
-    decoded = decode(delta, "nodes/w", expected=_spec(base), keyframe=keyframe)
-    assert decoded.encodings == {"t0000": "topk", "t0002": "topk"} and decoded.keyframe.seq == 1
-    assert decoded.arrays[0][3, 4] == moved[0][3, 4]
-    assert np.array_equal(decoded.arrays[1], moved[1]) and np.array_equal(decoded.arrays[2], base[2])
-    assert np.array_equal(decoded.arrays[3], base[3])
-    sent = np.flatnonzero(decoded.arrays[0] != base[0])
-    assert 1 <= sent.size <= compressor.fraction * base[0].size + 1
-    assert compressor.residual_norms[0] > 0 and compressor.last_error < compressor.max_error
+def test_a_chain_rebuilds_the_writers_state_bit_for_bit_from_each_predecessor():
+    chain, base = Chain("topk:0.05"), _model()
+    first = chain.publish(base)
+    keyframe = decode(chain.side["keyframes/w"], "keyframes/w")
+    assert keyframe.lossless and len(first) < 2500  # position 0: an empty delta naming the keyframe
+    state = decode(first, "nodes/w", base=keyframe)
+    assert state.chain == 0 and _same(state.arrays, base)
+    rng, weights = np.random.default_rng(1), base
+    for index in range(1, 6):
+        weights = [a + (rng.standard_normal(a.shape) * 0.01).astype(a.dtype) if a.dtype.kind == "f" else a
+                   for a in weights]
+        data = chain.publish(weights)
+        assert chain.side[f"deltas/w/{index:08d}"] == data  # logged once published
+        assert len(data) < len(chain.side["keyframes/w"]) / 4
+        with pytest.raises(KeyframeRequiredError) as info:
+            decode(data, "nodes/w", base=keyframe if index > 1 else None)
+        assert info.value.chain == index and info.value.ref == keyframe.position()[0]
+        state = decode(data, "nodes/w", expected=_spec(base), base=state)
+        assert state.chain == index and state.encodings == {"t0000": "delta", "t0001": "delta", "t0002": "delta"}
+        assert _same(state.arrays, chain.writer.seen(weights))  # exactly what the writer says readers hold
+        assert _same(state.arrays[3:], weights[3:])  # integer and boolean tensors travel raw
+        assert not _same(state.arrays[:1], weights[:1])  # 5% of a dense drift: lossy
+    assert chain.writer.topk.last_error < 0.05
 
 
-def test_topk_error_feedback_sends_what_accumulates():
-    base = [np.zeros(2000, np.float32)]
-    compressor = TopKCompressor(0.001, keyframe_every=100, max_error=10.0, min_size=0)  # k = 2
-    keyframe = decode(_publish(compressor, base, 1)[1], "k")
-    current = base[0].copy()
-    current[0] = 5.0  # large, sent at once
-    current[1] = 4.0
-    seen = decode(_publish(compressor, [current], 2)[0], "k", keyframe=keyframe).arrays[0]
-    assert seen[0] == 5.0 and seen[1] == 4.0
-    current[7] = 0.5  # third largest: left out, but it stays in the next delta's candidates
-    for step in range(3, 8):
-        current[7] += 2.0  # keeps drifting: overtakes the others and is sent with its current value
-        seen = decode(_publish(compressor, [current], step)[0], "k", keyframe=keyframe).arrays[0]
-    assert seen[7] == current[7] == 10.5
-    assert compressor.deltas_since_keyframe == 7  # the empty delta after the keyframe counts too
+def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def test_topk_republishes_the_keyframe_every_k_deltas_and_when_the_error_grows():
-    compressor = TopKCompressor(0.01, keyframe_every=3, max_error=0.5, min_size=0)
+def test_error_feedback_sends_what_was_left_out_later():
+    chain = Chain("topk:0.001", topk_keyframe_every=100)  # k = 2 of 2000
+    current = np.zeros(2000, np.float32)
+    state = decode(chain.publish([current]), "n", base=decode(chain.side["keyframes/w"], "k"))
+    current[[0, 1, 7]] = [5.0, 4.0, 0.5]  # 0.5 ranks third: left out
+    state = decode(chain.publish([current.copy()]), "n", base=state)
+    assert state.arrays[0][[0, 1, 7]].tolist() == [5.0, 4.0, 0.0]
+    state = decode(chain.publish([current.copy()]), "n", base=state)  # nothing else moved: now it goes
+    assert state.arrays[0][7] == 0.5 and _same(state.arrays, [current])
+    current[9] = 0.1  # not a float16 number: the rounding stays in W - R and is sent next time
+    state = decode(chain.publish([current.copy()]), "n", base=state)
+    first_error = abs(float(state.arrays[0][9]) - 0.1)
+    assert 0 < first_error < 1e-4
+    state = decode(chain.publish([current.copy()]), "n", base=state)
+    assert abs(float(state.arrays[0][9]) - float(np.float32(0.1))) < first_error
+
+
+def test_a_new_keyframe_starts_every_k_deltas_on_a_shape_change_and_on_drift():
+    compressor = TopKCompressor(0.01, keyframe_every=3, max_error=0.5)
     arrays = [np.ones(1000, np.float32)]
     assert compressor.compress(arrays) is None  # no keyframe yet
     compressor.set_keyframe(arrays, object_ref(encode(arrays, UpdateHeader("w", seq=1))))
-    assert all(compressor.compress(arrays) is not None for _ in range(3))
+    for index in range(1, 4):
+        pending = compressor.compress(arrays)
+        assert pending is not None and pending.chain == index
+        compressor.commit(pending)
     assert compressor.compress(arrays) is None  # keyframe_every reached
     compressor.set_keyframe(arrays, object_ref(encode(arrays, UpdateHeader("w", seq=5))))
     assert compressor.compress([np.full(1000, 3.0, np.float32)]) is None  # every entry moved: error ~1
     assert compressor.compress([np.ones((10, 100), np.float32)]) is None  # the model changed shape
+    pending = compressor.compress(arrays)
+    compressor.reset()  # its upload failed: a new chain starts
+    assert pending is not None and compressor.compress(arrays) is None
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"fraction": 0.0}, "fraction"), ({"fraction": 0.5}, "fraction"),
                                                ({"fraction": 0.1, "keyframe_every": 0}, "keyframe_every"),
-                                               ({"fraction": 0.1, "max_error": float("nan")}, "max_error"),
-                                               ({"fraction": 0.1, "min_size": -1}, "min_size")])
+                                               ({"fraction": 0.1, "keyframe_every": 2000}, "keyframe_every"),
+                                               ({"fraction": 0.1, "keyframe_every": True}, "keyframe_every"),
+                                               ({"fraction": 0.1, "max_error": float("nan")}, "max_error")])
 def test_topk_compressor_options_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TopKCompressor(**kwargs)
 
 
-def _keyframe_and_delta(**parts: np.ndarray) -> tuple[DecodedUpdate, bytes]:
+def _keyframe_and_delta(chain: int = 1, **parts: np.ndarray) -> tuple[DecodedUpdate, bytes]:
     keyframe_object = encode([np.zeros(10, np.float32)], UpdateHeader("w", seq=1))
-    delta = EncodedTensor("topk", np.dtype("<f4"), (10,), {SEP + k: v for k, v in parts.items()})
-    data = encode([delta], UpdateHeader("w", seq=2), keyframe=object_ref(keyframe_object))
+    delta = EncodedTensor("delta", np.dtype("<f4"), (10,), {SEP + k: v for k, v in parts.items()})
+    data = encode([delta], UpdateHeader("w", seq=2), keyframe=object_ref(keyframe_object), chain=chain)
     return decode(keyframe_object, "keyframes/w"), data
 
 
@@ -210,34 +229,55 @@ def _keyframe_and_delta(**parts: np.ndarray) -> tuple[DecodedUpdate, bytes]:
     ([3, 3], [1.0, 2.0], "strictly increasing"),
     ([5, 2], [1.0, 2.0], "strictly increasing"),
     ([2, 10], [1.0, 2.0], "below 10"),
-    ([1, 2, 3], [1.0, 2.0], r"expected F32\[3\]"),
+    ([1, 2, 3], [1.0, 2.0], r"expected F16/F32\[3\]"),
     (list(range(11)), [1.0] * 11, "11 entries for a tensor of 10"),
     ([1], [float("nan")], "NaN or Inf"),
 ])
-def test_hostile_topk_parts(indices, values, match):
-    keyframe, data = _keyframe_and_delta(indices=np.array(indices, np.uint32), values=np.array(values, np.float32))
-    _rejected(data, match, keyframe=keyframe)
+def test_hostile_delta_parts(indices, values, match):
+    keyframe, data = _keyframe_and_delta(indices=np.array(indices, np.uint16), values=np.array(values, np.float32))
+    _rejected(data, match, base=keyframe)
 
 
-def test_topk_index_and_value_dtypes_are_checked():
+def test_delta_index_and_value_dtypes_are_checked():
     keyframe, data = _keyframe_and_delta(indices=np.array([1], np.int32), values=np.array([1.0], np.float32))
-    _rejected(data, "expected U32/U64", keyframe=keyframe)
+    _rejected(data, "expected U16/U32/U64", base=keyframe)
     keyframe, data = _keyframe_and_delta(indices=np.array([1], np.uint32), values=np.array([1.0], np.float64))
-    _rejected(data, r"expected F32\[1\]", keyframe=keyframe)
+    _rejected(data, r"expected F16/F32\[1\]", base=keyframe)
+    for index_dtype, value_dtype in ((np.uint16, np.float16), (np.uint64, np.float32)):
+        keyframe, data = _keyframe_and_delta(indices=np.array([1], index_dtype), values=np.array([2.0], value_dtype))
+        assert decode(data, "nodes/w", base=keyframe).arrays[0].tolist() == [0, 2.0] + [0] * 8
 
 
-def test_a_keyframe_must_be_the_named_lossless_object_of_the_same_node():
-    keyframe, data = _keyframe_and_delta(indices=np.array([1], np.uint32), values=np.array([1.0], np.float32))
+def test_a_delta_applies_only_to_the_state_it_follows():
+    keyframe, data = _keyframe_and_delta(chain=1, indices=np.array([1], np.uint16), values=np.array([1.0], np.float32))
     other = decode(encode([np.zeros(10, np.float32)], UpdateHeader("w", seq=9)), "k")
     with pytest.raises(KeyframeRequiredError):
-        decode(data, "nodes/w", keyframe=other)
+        decode(data, "nodes/w", base=other)  # another chain
+    state = decode(data, "nodes/w", base=keyframe)
+    _, second = _keyframe_and_delta(chain=3, indices=np.array([2], np.uint16), values=np.array([1.0], np.float32))
+    with pytest.raises(KeyframeRequiredError):
+        decode(second, "nodes/w", base=state)  # position 3 follows 2, not 1
     impostor = DecodedUpdate(UpdateHeader("x", seq=1), keyframe.names, keyframe.arrays, keyframe.payload_hash)
-    _rejected(data, "same node", keyframe=impostor)
+    _rejected(data, "same node", base=impostor)
     lossy = DecodedUpdate(keyframe.header, keyframe.names, keyframe.arrays, keyframe.payload_hash,
                           encodings={"t0000": "int8"})
-    _rejected(data, "lossless", keyframe=lossy)
-    _rejected(rewrite(data, lambda f: f.update(keyframe=None)), "no 'keyframe'", keyframe=keyframe)
-    assert decode(data, "nodes/w", keyframe=keyframe).arrays[0][1] == 1.0
+    with pytest.raises(KeyframeRequiredError):
+        decode(data, "nodes/w", base=lossy)  # a lossy object is on no chain
+    assert state.arrays[0][1] == 1.0 and state.position() == (keyframe.position()[0], 1)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda f: f.update(keyframe=None), "both 'keyframe' and 'chain'"),
+    (lambda f: f.update(chain=None), "both 'keyframe' and 'chain'"),
+    (lambda f: f.update(chain=-1), "'chain' must be an integer"),
+    (lambda f: f.update(chain=10**6), "'chain' must be an integer"),
+    (lambda f: f.update(chain=True), "'chain' must be an integer"),
+    (lambda f: f.update(chain=0), "position 0 is the keyframe itself"),
+    (lambda f: f["keyframe"].update(seq="1"), "'keyframe' must be"),
+])
+def test_hostile_chain_fields(change, match):
+    keyframe, data = _keyframe_and_delta(indices=np.array([1], np.uint16), values=np.array([1.0], np.float32))
+    _rejected(rewrite(data, change), match, base=keyframe)
 
 
 def _int8_object(q: np.ndarray, scales: np.ndarray, shape: tuple[int, ...] = (10,), chunk: int = 4) -> bytes:
@@ -282,11 +322,11 @@ def test_encodings_must_name_real_tensors():
     _rejected(rewrite(data, lambda f: f["encodings"].clear()), "header and layout disagree")
 
 
-def test_a_topk_shape_must_match_the_keyframe_before_anything_is_allocated():
-    keyframe, data = _keyframe_and_delta(indices=np.array([1], np.uint32), values=np.array([1.0], np.float32))
+def test_a_delta_shape_must_match_its_base_before_anything_is_allocated():
+    keyframe, data = _keyframe_and_delta(indices=np.array([1], np.uint16), values=np.array([1.0], np.float32))
     huge = rewrite(data, lambda f: f["encodings"]["t0000"].update(shape=[2**20, 2**19]))
-    _rejected(huge, "keyframe's tensor does not match", keyframe=keyframe)
-    _rejected(huge, "the local model has", keyframe=keyframe, expected=[((10,), np.float32)])
+    _rejected(huge, "state it applies to does not match", base=keyframe)
+    _rejected(huge, "the local model has", base=keyframe, expected=[((10,), np.float32)])
 
 
 def test_part_names_cannot_collide():
@@ -297,36 +337,34 @@ def test_part_names_cannot_collide():
 
 @pytest.mark.parametrize(("size", "k"), [(200_000, 2_000), (200_000, 60_000), (3_000, 30), (50, 49)])
 def test_sparse_selection_is_the_exact_top_k(size, k):
-    rng = np.random.default_rng(size + k)
-    keyframe = rng.standard_normal(size).astype(np.float32)
-    current = keyframe + rng.standard_t(3, size).astype(np.float32)
-    indices, values, sent, missed = sparse_encode(current, keyframe, k)
-    moved = np.abs(current - keyframe)
-    assert indices.dtype == np.uint32 and np.array_equal(indices, np.sort(np.argpartition(moved, size - k)[-k:]))
-    assert np.array_equal(values, current[indices])
-    assert sent + missed == pytest.approx(float(np.sum(moved.astype(np.float64) ** 2)), rel=1e-4)
+    residual = np.random.default_rng(size + k).standard_t(3, size).astype(np.float32)
+    indices, values = sparse_delta(residual, k)
+    moved = np.abs(residual)
+    assert indices.dtype == (np.uint16 if size <= 65536 else np.uint32)
+    assert np.array_equal(indices, np.sort(np.argpartition(moved, size - k)[-k:]))
+    assert values.dtype == np.float16 and np.array_equal(values, residual[indices].astype(np.float16))
 
 
-def test_unchanged_entries_are_never_sent():
-    keyframe = np.zeros(100_000, np.float32)
-    current = keyframe.copy()
-    current[[5, 70_000]] = [1.0, -2.0]
-    indices, values, _, missed = sparse_encode(current, keyframe, 1000)
-    assert indices.tolist() == [5, 70_000] and values.tolist() == [1.0, -2.0] and missed == 0.0
+def test_unchanged_entries_are_never_sent_and_big_values_keep_their_precision():
+    residual = np.zeros(100_000, np.float32)
+    residual[[5, 70_000]] = [1.0, -2.0]
+    indices, values = sparse_delta(residual, 1000)
+    assert indices.tolist() == [5, 70_000] and values.tolist() == [1.0, -2.0]
+    residual[5] = 1e6  # beyond float16: the values stay float32
+    assert sparse_delta(residual, 1000)[1].dtype == np.float32
 
 
-def test_signed_deltas_cover_the_keyframe_they_name():
-    compressor = TopKCompressor(0.01, min_size=0)
-    base = np.ones(5000, np.float32)
-    _, keyframe_object = _publish(compressor, [base], 1)
+def test_signed_deltas_cover_their_chain_position():
+    chain, base = Chain("topk:0.01", secret=b"s"), np.ones(5000, np.float32)
+    state = decode(chain.publish([base]), "nodes/w", secret=b"s",
+                   base=decode(chain.side["keyframes/w"], "keyframes/w", secret=b"s"))
     moved = base.copy()
-    moved[:10] += 0.01
-    encoded = compressor.compress([moved])
-    assert encoded is not None and isinstance(encoded[0], EncodedTensor)
-    delta = encode(encoded, UpdateHeader("w", seq=2), secret=b"s", keyframe=compressor.keyframe_ref)
-    keyframe = decode(keyframe_object, "keyframes/w")
-    assert np.array_equal(decode(delta, "nodes/w", secret=b"s", keyframe=keyframe).arrays[0], moved)
-    forged = rewrite(delta, lambda f: f["keyframe"].update(seq=7))
-    _rejected(forged, "bad signature", secret=b"s", keyframe=keyframe)
-    with pytest.raises(ValueError, match="keyframe="):
-        encode(encoded, UpdateHeader("w", seq=3))
+    moved[:10] += 0.25
+    delta = chain.publish([moved])
+    assert np.array_equal(decode(delta, "nodes/w", secret=b"s", base=state).arrays[0], moved)
+    for change in (lambda f: f["keyframe"].update(seq=7), lambda f: f.update(chain=2)):
+        _rejected(rewrite(delta, change), "bad signature", secret=b"s", base=state)
+    with pytest.raises(ValueError, match="keyframe= and chain="):
+        encode([EncodedTensor("delta", np.dtype("<f4"), (3,), {SEP + "indices": np.zeros(0, np.uint16),
+                                                                SEP + "values": np.zeros(0, np.float16)})],
+               UpdateHeader("w", seq=3))

@@ -119,7 +119,31 @@ def test_stats_count_requests_and_bytes(store: Store) -> None:
     store.list()
     store.delete("b")
     stats = store.stats.as_dict()
-    assert stats == {"puts": 2, "gets": 1, "lists": 1, "deletes": 1, "requests": 5, "bytes_up": 8, "bytes_down": 5}
+    assert stats == {"puts": 2, "gets": 1, "lists": 1, "deletes": 1, "copies": 0, "requests": 5, "bytes_up": 8,
+                     "bytes_down": 5}
+
+
+def test_copy_inside_the_store_is_an_independent_object(store: Store) -> None:
+    store.put("nodes/a", b"first")
+    up = store.stats.bytes_up
+    tag = store.copy("nodes/a", "deltas/a/00000001")
+    assert store.get("deltas/a/00000001") == b"first"
+    assert store.list("deltas/")["deltas/a/00000001"].tag == tag
+    assert store.stats.copies == 1 and store.stats.bytes_up == up  # no bytes through this process
+    store.put("nodes/a", b"second, longer")  # a later put of the source leaves the copy alone
+    assert store.get("deltas/a/00000001") == b"first"
+    store.copy("nodes/a", "deltas/a/00000001")  # and a copy replaces its destination whole
+    assert store.get("deltas/a/00000001") == b"second, longer"
+    with pytest.raises(ObjectNotFoundError) as info:
+        store.copy("nodes/missing", "deltas/x/00000001")
+    assert info.value.key == "nodes/missing" and "deltas/x/00000001" not in store.list("deltas/")
+
+
+def test_a_backend_without_copy_gets_and_puts() -> None:
+    store = FsspecStore("dir://exp", path="/flwr-copy-fallback", target_protocol="memory")
+    store.put("a", b"12345")
+    store.copy("a", "b")
+    assert store.get("b") == b"12345" and store.stats.copies == 0 and store.stats.bytes_up == 10
 
 
 def test_one_handle_is_safe_to_share_between_threads(store: Store) -> None:

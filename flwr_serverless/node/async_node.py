@@ -72,7 +72,7 @@ class AsyncFederatedNode(FederatedNode):
 
     def _upload(self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline) -> str:
         data = self._encode(arrays, header, deadline)  # a due top-k keyframe is PUT here, before the delta
-        return self.exchange.put(layout.node_key(self.node_id), data, deadline)
+        return self._publish(layout.node_key(self.node_id), data, deadline)
 
     def _keep_local(self, arrays: list[np.ndarray], header: UpdateHeader,
                     exc: StoreError) -> tuple[list[np.ndarray], dict[str, float]]:

@@ -242,6 +242,21 @@ class FederatedNode(ABC):
         return self.writer.encode(arrays, header, self._tensor_names, self.secret,
                                   lambda key, data: put(key, data, deadline))
 
+    def _publish(self, key: str, data: list[bytes | memoryview], deadline: Deadline = NO_DEADLINE,
+                 *, persist: bool = False) -> str:
+        """PUT the encoded object at ``key`` (``persist``: through store outages until ``deadline``); then the
+        writer logs a top-k delta with a copy inside the store."""
+        exchange = self.exchange
+        tag = (exchange.publish if persist else exchange.put)(key, data, deadline)
+
+        def copy(source: str, target: str) -> object:
+            if persist:
+                return exchange.persist(lambda: exchange.copy(source, target, deadline), deadline, "copy", target)
+            return exchange.copy(source, target, deadline)
+
+        self.writer.published(key, copy)
+        return tag
+
     def _aggregate(self, own: Contribution, peers: list[Contribution],
                    headers: Sequence[UpdateHeader]) -> tuple[list[np.ndarray], dict[str, float]]:
         """Aggregate own + peers in node-id order, so every node computing the same set gets the same bits.

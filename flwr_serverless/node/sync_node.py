@@ -129,7 +129,7 @@ class SyncFederatedNode(FederatedNode):
                 logger.warning("node %s could not look up the current round (will retry): %s", self.node_id, exc)
         header.round = self.round
         data = self._encode(arrays, header, deadline, persist=True)
-        self.exchange.publish(layout.round_key(self.round, self.node_id), data, deadline)
+        self._publish(layout.round_key(self.round, self.node_id), data, deadline, persist=True)
         if self.publish_only:
             self.round += 1
             return arrays, self._metrics([Contribution(self.node_id, arrays, 1.0, header.num_examples,

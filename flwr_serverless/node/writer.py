@@ -1,27 +1,37 @@
-"""What a node publishes: its weights encoded with its ``compression`` option, keyframes first for top-k.
+"""What a node publishes: its weights encoded with its ``compression`` option; for top-k, the chain's side objects.
 
 ``compression`` is None | "fp16" | "bf16" | "int8" | "topk:<fraction>" (see
-``flwr_serverless.compression``). For top-k the writer follows the keyframe
-protocol: when the compressor asks for one, the lossless object goes to
-``keyframes/<node_id>`` *before* any delta naming it is published, so a reader
-never sees a delta whose keyframe was never written. If that PUT fails (or
-its outcome is unknown) the compressor forgets its keyframe and the next
-publication starts with a fresh one, never a delta against an object readers
-may not have.
+``flwr_serverless.compression``). For top-k the writer follows the chain
+protocol: a due keyframe goes to ``keyframes/<node_id>`` *before* the object
+naming it is published; once a delta is published, ``published`` copies it
+inside the store to the log ``deltas/<node_id>/<index>`` (no second upload) and
+only then moves the chain. A delta whose publication failed, or whose outcome is
+unknown, is never built on: the next publication starts a new keyframe.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from flwr_serverless import layout
 from flwr_serverless.codec import UpdateHeader, encode, encode_parts, object_ref
-from flwr_serverless.compression import EncodedTensor, Spec, decode_tensor, encode_tensor, parse_compression
-from flwr_serverless.topk import TopKCompressor
+from flwr_serverless.compression import (
+    EncodedTensor,
+    Spec,
+    decode_tensor,
+    encode_tensor,
+    parse_compression,
+)
+from flwr_serverless.errors import StoreError
+from flwr_serverless.header import MAX_CHAIN
+from flwr_serverless.topk import PendingDelta, TopKCompressor
 
-PutKeyframe = Callable[[str, bytes], object]
+logger = logging.getLogger("flwr_serverless")
+
+PutFirst = Callable[[str, bytes | list[bytes | memoryview]], object]
 
 
 def _check_topk_option(name: str, value: object, integer: bool) -> None:
@@ -48,37 +58,65 @@ class UpdateWriter:
             options: dict[str, float] = {}
             if topk_keyframe_every is not None:
                 _check_topk_option("topk_keyframe_every", topk_keyframe_every, integer=True)
+                if topk_keyframe_every > MAX_CHAIN:
+                    raise ValueError(f"topk_keyframe_every must be at most {MAX_CHAIN} (readers refuse longer chains), "
+                                     f"got {topk_keyframe_every}")
                 options["keyframe_every"] = topk_keyframe_every
             if topk_max_error is not None:
                 _check_topk_option("topk_max_error", topk_max_error, integer=False)
                 options["max_error"] = float(topk_max_error)
             self.topk = TopKCompressor(fraction, **options)  # type: ignore[arg-type]
         self.keyframes_written = 0
+        self.deltas_logged = 0
+        self._pending: PendingDelta | None = None  # a delta encoded but not yet published and logged
+        self._restart = False  # its log copy failed: no delta may build on it
+        self._node_id = ""
         self._items: list[np.ndarray | EncodedTensor] | None = None  # what the last object stored, per tensor
 
     def encode(self, arrays: Sequence[np.ndarray], header: UpdateHeader, names: Sequence[str] | None,
-               secret: bytes | None, put_keyframe: PutKeyframe) -> list[bytes | memoryview]:
-        """The object to publish as buffers (stores write them without a join); for top-k,
-        ``put_keyframe(key, data)`` first when a keyframe is due."""
+               secret: bytes | None, put_first: PutFirst) -> list[bytes | memoryview]:
+        """The object to publish as buffers (stores write them without a join); for top-k, a due keyframe is
+        stored with ``put_first(key, data)`` before. Call ``published`` once the object is in the store."""
         if self.topk is None:
             items = [encode_tensor(np.asarray(a), self.codec) for a in arrays]
             self._items = items
             return encode_parts(items, header, names, secret)
-        items_or_none = self.topk.compress(arrays)
-        if items_or_none is None:
+        topk = self.topk
+        if self._pending is not None or self._restart:  # the last delta was not (certainly) published and logged
+            topk.reset()
+            self._pending, self._restart = None, False
+        pending = topk.compress(arrays)
+        if pending is None:
             full = encode(arrays, header, names, secret)
             try:
-                put_keyframe(layout.keyframe_key(header.node_id), full)
+                put_first(layout.keyframe_key(header.node_id), full)
             except BaseException:
-                self.topk.keyframe = None  # it may or may not be there now: start from a fresh keyframe next time
+                topk.reset()  # it may or may not be there now: start a new chain next time
                 raise
-            self.topk.set_keyframe(arrays, object_ref(full))
+            items = topk.set_keyframe(arrays, object_ref(full))
             self.keyframes_written += 1
-            items_or_none = self.topk.compress(arrays)  # an empty delta against the keyframe just written
-            if items_or_none is None:  # pragma: no cover - a fresh keyframe always admits a delta
-                raise RuntimeError("top-k compressor refused a delta against its own new keyframe")
-        self._items = items_or_none
-        return encode_parts(items_or_none, header, names, secret, keyframe=self.topk.keyframe_ref)
+            self._items = items
+            return encode_parts(items, header, names, secret, keyframe=topk.keyframe_ref, chain=0)
+        self._pending, self._node_id = pending, header.node_id
+        self._items = pending.items
+        return encode_parts(pending.items, header, names, secret, keyframe=topk.keyframe_ref, chain=pending.chain)
+
+    def published(self, key: str, copy: Callable[[str, str], object]) -> None:
+        """The object last encoded is at ``key``: log a top-k delta there with ``copy(key, log_key)`` (a copy
+        inside the store) and move the chain. If the copy fails, readers still hold what they read, but no
+        later delta may need this link: the next publication starts a new keyframe."""
+        pending, self._pending = self._pending, None
+        if pending is None or self.topk is None:
+            return
+        log_key = layout.delta_key(self._node_id, pending.chain)
+        try:
+            copy(key, log_key)
+        except StoreError as exc:
+            self._restart = True
+            logger.warning("node %s could not log its top-k delta at %s (its next update starts a new keyframe): "
+                           "%s", self._node_id, log_key, exc)
+        self.topk.commit(pending)  # readers of ``key`` hold this state now, logged or not
+        self.deltas_logged += 0 if self._restart else 1
 
     def seen(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The last published weights as every reader decodes them (bit for bit), little-endian and contiguous.
@@ -86,14 +124,15 @@ class UpdateWriter:
         A sync node aggregates these as its own contribution, so all members of a
         round average the same values and hold identical weights.
         """
+        if self.topk is not None:  # R, what readers hold after the chain (the arrays if no chain yet)
+            state = self.topk.state if self.topk.state is not None and self._items is not None else arrays
+            return [np.array(a, dtype=np.asarray(a).dtype.newbyteorder("<"), copy=True, order="C") for a in state]
         items = self._items if self._items is not None else list(arrays)
-        keyframe = self.topk.keyframe if self.topk is not None else None
         out: list[np.ndarray] = []
         for index, item in enumerate(items):
             if isinstance(item, EncodedTensor):
                 spec = Spec(item.codec, item.dtype, item.shape, item.chunk)
-                base = keyframe[index] if keyframe is not None and item.codec == "topk" else None
-                out.append(decode_tensor(spec, item.parts, "<own>", f"t{index}", base))
+                out.append(decode_tensor(spec, item.parts, "<own>", f"t{index}"))
             else:
                 array = np.asarray(item)
                 out.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")))

@@ -190,7 +190,7 @@ def explain_bucket_error(bucket: str, exc: BaseException) -> str:
 
 def as_store_error(operation: str, key: str, exc: BaseException) -> StoreError:
     """The StoreError subclass a backend failure stands for, naming operation and key."""
-    if operation == "get" and is_not_found(exc):
+    if operation in ("get", "copy") and is_not_found(exc):  # a copy names its source
         return ObjectNotFoundError(key)
     if is_credentials_error(exc):
         return StoreError(operation, key, f"no usable credentials: {exc}")

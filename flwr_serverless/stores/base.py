@@ -55,6 +55,7 @@ class StoreStats:
     gets: int = 0
     lists: int = 0
     deletes: int = 0
+    copies: int = 0  # copies inside the store (no bytes through this process)
     bytes_up: int = 0
     bytes_down: int = 0
     retries: int = 0  # failed attempts that were retried (not requests: not in ``requests``/``as_dict``)
@@ -62,7 +63,7 @@ class StoreStats:
 
     @property
     def requests(self) -> int:
-        return self.puts + self.gets + self.lists + self.deletes
+        return self.puts + self.gets + self.lists + self.deletes + self.copies
 
     def add(self, **counts: int) -> None:
         with self._lock:
@@ -75,6 +76,7 @@ class StoreStats:
             "gets": self.gets,
             "lists": self.lists,
             "deletes": self.deletes,
+            "copies": self.copies,
             "requests": self.requests,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
@@ -185,6 +187,20 @@ class Store(ABC):
         self._retrying("delete", check_key(key), lambda: self._delete(key))
         self.stats.add(deletes=1)
 
+    def copy(self, source: str, destination: str) -> str:
+        """Copy ``source`` to ``destination`` (atomically, like ``put``); return the new object's tag.
+
+        Backends that can copy without the bytes passing through this process (S3
+        CopyObject, a local hard link, a shared in-memory object) do; the default GETs
+        and PUTs. ``ObjectNotFoundError`` names ``source`` when it is absent.
+        """
+        check_key(source)
+        if type(self)._copy is Store._copy:
+            return self.put(destination, self.get(source))
+        tag = self._retrying("copy", check_key(destination), lambda: self._copy(source, destination))
+        self.stats.add(copies=1)
+        return tag
+
     def put_if_absent(self, key: str, data: bytes) -> str:
         """Create-only write; raises ``PreconditionFailedError`` if the key exists.
 
@@ -252,6 +268,10 @@ class Store(ABC):
         data = self._get(key)
         sink.write(data)
         return len(data)
+
+    def _copy(self, source: str, destination: str) -> str:
+        """A copy inside the store; the default has none (``copy`` GETs and PUTs), backends that can override it."""
+        raise NotImplementedError
 
     @abstractmethod
     def _list(self, prefix: str) -> dict[str, ObjectInfo]: ...

@@ -217,6 +217,31 @@ class LocalStore(Store):
                 raise
             return tag
 
+    def _copy(self, source: str, destination: str) -> str:
+        """A hard link to the source's file (objects are never rewritten in place: a put replaces the file),
+        moved over the destination atomically; a plain copy where links are not supported."""
+        src, final = self._path(source), self._path(destination)
+        directory = os.path.dirname(final)
+        with translated("get", source):
+            os.stat(src)
+        with translated("copy", destination):
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = _mkstemp(directory)
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    shutil.copyfile(src, tmp)
+                tag = _stat_tag(os.stat(tmp))
+                with self._locked():
+                    os.replace(tmp, final)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+            return tag
+
     def _get(self, key: str) -> bytes:
         path = self._path(key)
         with translated("get", key), open(path, "rb", buffering=0) as handle:  # the inode stays ours if replaced

@@ -88,6 +88,16 @@ class MemoryStore(Store):
             raise ObjectNotFoundError(key)
         return entry[0]
 
+    def _copy(self, source: str, destination: str) -> str:
+        with self._space.lock:
+            entry = self._space.objects.get(self._base + source)
+            if entry is None:
+                raise ObjectNotFoundError(source)
+            data, _ = entry
+            copied = (data, f"m{next(_GENERATION)}-{len(data)}")  # the same immutable bytes, a new tag
+            self._space.objects[self._base + destination] = copied
+        return copied[1]
+
     def _list(self, prefix: str) -> dict[str, ObjectInfo]:
         wanted, start = self._base + prefix, len(self._base)
         with self._space.lock:

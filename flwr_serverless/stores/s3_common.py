@@ -134,6 +134,13 @@ class S3ObjectStore(Store):
         with translated("get", key):
             return self._stream_object(key, sink)
 
+    def _copy(self, source: str, destination: str) -> str:
+        with translated("copy", source):  # a missing source is a 404 naming it
+            response = self._call("copy_object", Bucket=self.bucket, Key=self._key(destination),
+                                  CopySource={"Bucket": self.bucket, "Key": self._key(source)})
+        etag = response.get("CopyObjectResult", {}).get("ETag")
+        return unquote_etag(etag) if etag is not None else self._tag_of({}, destination)
+
     def _list(self, prefix: str) -> dict[str, ObjectInfo]:
         check_prefix(prefix)  # harmless on S3, but every backend should accept the same prefixes
         base = f"{self.prefix}/" if self.prefix else ""
