@@ -159,9 +159,12 @@ def _compression(text: str) -> str:
     return text
 
 
-_TOPK_HELP = {
-    "topk_keyframe_every": "top-k: publish a full keyframe every N publications (default: the node's)",
-    "topk_max_error": "top-k: publish a keyframe early once the deltas' error exceeds E (default: the node's)",
+#: metavar and help of the top-k flags known today; any other ``topk_*`` node option gets a generic flag
+_TOPK_FLAGS = {
+    "topk_keyframe_every": ("N", "with --compression topk:<f>: a full keyframe at least every N publications "
+                                 "(default: the node's)"),
+    "topk_max_error": ("E", "with --compression topk:<f>: a keyframe as soon as a delta's relative error "
+                            "exceeds E (default: the node's)"),
 }
 
 
@@ -174,8 +177,8 @@ def _add_compression_flags(sim: argparse.ArgumentParser) -> None:
                        help="what every node publishes: fp16, bf16, int8 or topk:<fraction> (default: float32 "
                             "as trained); --mode aggregate takes fp16, bf16 or int8")
     for name in topk_option_names():
-        group.add_argument(flag_of(name), dest=name, type=_number, default=None, metavar="N",
-                           help=_TOPK_HELP.get(name, f"with --compression topk:<f>: the node option {name}"))
+        metavar, text = _TOPK_FLAGS.get(name, ("VALUE", f"with --compression topk:<f>: the node option {name}"))
+        group.add_argument(flag_of(name), dest=name, type=_number, default=None, metavar=metavar, help=text)
 
 
 def _given(**values: Any) -> dict[str, Any]:

@@ -201,3 +201,23 @@ def test_the_printed_summary_shows_non_zero_counters_only() -> None:
     assert "cas_giveups" not in text
     silent = [replace(r, counters=quiet) for r in rows]
     assert "Node counters" not in format_report(SimulationResult(config=config, run_url="memory://x", nodes=silent))
+
+
+def test_ray_places_aggregate_nodes_without_demanding_a_cpu_each() -> None:
+    """Aggregate nodes never wait for each other, so Ray may run them in turns (unlike sync/semisync)."""
+    import numpy as np
+
+    from flwr_serverless.simulation.ray_engine import _check_capacity
+    from flwr_serverless.simulation.runner import NodeTask
+
+    class TwoCpus:
+        def cluster_resources(self) -> dict[str, float]:
+            return {"CPU": 2.0}
+
+    def tasks(mode: str) -> list[NodeTask]:
+        config = SimulationConfig(num_nodes=4, mode=mode, engine="ray", store_url="file:///tmp/x")
+        return [NodeTask("federated", i, f"node-{i}", np.arange(2), config) for i in range(4)]
+
+    _check_capacity(TwoCpus(), tasks("aggregate"), 4)
+    with pytest.raises(RuntimeError, match="--mode sync needs all 4 Ray tasks"):
+        _check_capacity(TwoCpus(), tasks("sync"), 4)
