@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +13,7 @@ from flwr_serverless import layout
 from flwr_serverless.codec import read_header
 from flwr_serverless.errors import FlwrServerlessError, ObjectNotFoundError
 from flwr_serverless.membership import MemberRecord, member_state
-from flwr_serverless.stores import Store
+from flwr_serverless.stores import ObjectInfo, Store
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -25,6 +27,14 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
+#: per-member prefixes whose keys are ``<prefix><node_id>`` or ``<prefix><node_id>/...``, with the kind inspect shows
+MEMBER_PREFIXES: dict[str, str] = {layout.KEYFRAMES: "keyframes", layout.DELTAS: "deltas",
+                                   layout.CONTRIBUTIONS: "contributions"}
+#: kinds whose objects are weights objects with a header (epoch, timestamp) worth one GET
+_WEIGHTS_KINDS = ("nodes", "rounds", "keyframes", "contributions")
+_SHOWN_NAMES = 20  # aggregate members named in full; more are counted
+
+
 @dataclass
 class MemberView:
     node_id: str
@@ -35,6 +45,18 @@ class MemberView:
     object_age: float | None = None
     object_bytes: int = 0
     keys: list[str] = field(default_factory=list)
+    objects: dict[str, list[int]] = field(default_factory=dict)  # kind (nodes, deltas...) -> [count, bytes]
+
+
+@dataclass
+class AggregateView:
+    """The aggregate mode's shared object: its size, version and the members its table names."""
+
+    size: int
+    version: int | None = None
+    members: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # named, but their contribution object is gone
+    problem: str | None = None  # why the table could not be read
 
 
 @dataclass
@@ -42,10 +64,30 @@ class ExperimentView:
     members: dict[str, MemberView]
     rounds: dict[int, list[str]]
     other_keys: list[str]
+    aggregate: AggregateView | None = None
+
+
+def owner_of(key: str) -> tuple[str, str] | None:
+    """(kind, node id) of a key that belongs to one member (not ``members/``, which holds its record)."""
+    node = layout.parse_node_key(key)
+    if node is not None:
+        return "nodes", node
+    node = layout.parse_profile_key(key)
+    if node is not None:
+        return "profiles", node
+    parsed = layout.parse_round_key(key)
+    if parsed is not None:
+        return "rounds", parsed.node_id
+    for prefix, kind in MEMBER_PREFIXES.items():
+        if key.startswith(prefix):
+            node = key[len(prefix):].split("/", 1)[0]
+            if layout.is_valid_node_id(node):
+                return kind, node
+    return None
 
 
 def inspect_experiment(store: Store, now: float | None = None) -> ExperimentView:
-    """Members with status, last epoch/round, age and size of their objects; rounds present."""
+    """Members with status, last epoch/round, age and size of their objects per kind; rounds; the aggregate."""
     now = time.time() if now is None else now
     listing = store.list("")
     members: dict[str, MemberView] = {}
@@ -67,19 +109,44 @@ def inspect_experiment(store: Store, now: float | None = None) -> ExperimentView
                 member.status = member_state(record, now)
                 member.heartbeat_age = now - record.heartbeat
             continue
-        owner = layout.parse_node_key(key) or layout.parse_profile_key(key)
-        parsed = layout.parse_round_key(key)
-        owner = owner or (parsed.node_id if parsed else None)
-        if owner is None:
-            other.append(key)
+        owned = owner_of(key)
+        if owned is None:
+            if key != layout.AGGREGATE:
+                other.append(key)
             continue
+        kind, owner = owned
         member = view(owner)
         member.keys.append(key)
         member.object_bytes += info.size
-        if layout.parse_profile_key(key) is None:
+        counts = member.objects.setdefault(kind, [0, 0])
+        counts[0] += 1
+        counts[1] += info.size
+        if kind in _WEIGHTS_KINDS:
+            parsed = layout.parse_round_key(key)
             _read_header(store, key, member, now, parsed.round if parsed else None)
     rounds = {number: sorted(nodes) for number, nodes in layout.rounds_by_number(listing).items()}
-    return ExperimentView(members, dict(sorted(rounds.items())), other)
+    aggregate = _aggregate_view(store, listing) if layout.AGGREGATE in listing else None
+    return ExperimentView(members, dict(sorted(rounds.items())), other, aggregate)
+
+
+def _aggregate_view(store: Store, listing: Mapping[str, ObjectInfo]) -> AggregateView:
+    """The aggregate's table (one GET): which members it averages, and which of their contributions are gone."""
+    from flwr_serverless.modes.aggregate import TABLE, parse_table
+
+    result = AggregateView(listing[layout.AGGREGATE].size)
+    try:
+        fields, _, _ = read_header(store.get(layout.AGGREGATE), layout.AGGREGATE)
+        extra = fields.get("extra") if isinstance(fields.get("extra"), dict) else {}
+        table = parse_table(extra.get(TABLE), layout.AGGREGATE)
+    except (FlwrServerlessError, ValueError) as exc:
+        result.problem = str(exc)
+        return result
+    seq = fields.get("seq", extra.get("seq"))
+    result.version = seq if isinstance(seq, int) else None
+    result.members = sorted(table)
+    result.missing = [node for node, entry in sorted(table.items())
+                      if layout.contribution_key(node, entry.slot) not in listing]
+    return result
 
 
 def _read_header(store: Store, key: str, member: MemberView, now: float, round_number: int | None) -> None:
@@ -101,24 +168,58 @@ def format_view(view: ExperimentView) -> str:
     def age(seconds: float | None) -> str:
         return "-" if seconds is None else f"{seconds:.0f}s"
 
-    lines = [f"{'node':<24} {'status':<8} {'heartbeat':>10} {'epoch':>6} {'round':>6} {'newest obj':>10} {'MB':>8}"]
+    lines = [f"{'node':<24} {'status':<8} {'heartbeat':>10} {'epoch':>6} {'round':>6} {'newest obj':>10} {'MB':>8}"
+             "  objects"]
     for member in sorted(view.members.values(), key=lambda m: m.node_id):
+        objects = ", ".join(f"{kind} {count} ({_size(size)})" for kind, (count, size) in member.objects.items())
         lines.append(
             f"{member.node_id:<24} {member.status:<8} {age(member.heartbeat_age):>10} "
             f"{'-' if member.epoch is None else member.epoch:>6} {'-' if member.round is None else member.round:>6} "
-            f"{age(member.object_age):>10} {member.object_bytes / 1e6:>8.2f}"
+            f"{age(member.object_age):>10} {member.object_bytes / 1e6:>8.2f}  {objects or '-'}"
         )
     if view.rounds:
         lines.append("rounds: " + "; ".join(f"{n}: {', '.join(nodes)}" for n, nodes in view.rounds.items()))
+    if view.aggregate is not None:
+        lines.append(_aggregate_line(view.aggregate))
     if view.other_keys:
-        lines.append(f"other objects: {len(view.other_keys)}")
+        prefixes = Counter(key.split("/", 1)[0] + ("/" if "/" in key else "") for key in view.other_keys)
+        lines.append(f"other objects: {len(view.other_keys)} ("
+                     + ", ".join(f"{prefix} {count}" for prefix, count in sorted(prefixes.items()))
+                     + "; clean removes them with --all only)")
     return "\n".join(lines)
+
+
+def _size(num_bytes: int) -> str:
+    """850 B, 12.3 kB, 4.56 MB: object sizes span delta logs of bytes to models of hundreds of MB."""
+    if num_bytes < 1000:
+        return f"{num_bytes} B"
+    return f"{num_bytes / 1e3:.1f} kB" if num_bytes < 1_000_000 else f"{num_bytes / 1e6:.2f} MB"
+
+
+def _aggregate_line(aggregate: AggregateView) -> str:
+    line = f"aggregate: {_size(aggregate.size)}"
+    if aggregate.problem is not None:
+        return f"{line}, unreadable table ({aggregate.problem}); the next writer rebuilds it"
+    names = ", ".join(aggregate.members[:_SHOWN_NAMES])
+    more = len(aggregate.members) - _SHOWN_NAMES
+    line += (f", version {aggregate.version if aggregate.version is not None else '-'}, "
+             f"{len(aggregate.members)} member(s) in its table: {names}" + (f" and {more} more" if more > 0 else ""))
+    if aggregate.missing:
+        line += (f"; contribution object gone for {', '.join(aggregate.missing[:_SHOWN_NAMES])} (the mean keeps "
+                 "what they contributed until the aggregate is rebuilt or deleted)")
+    return line
 
 
 def clean_experiment(store: Store, older_than: float | None = None, everything: bool = False,
                      now: float | None = None, dry_run: bool = False) -> list[str]:
-    """Delete the objects of members that are no longer live (left, expired, gone, or unknown without objects
-    newer than ``older_than``); ``everything`` empties the prefix. Returns the deleted keys."""
+    """Delete every key of members that are no longer live (left, expired, gone, or unknown without objects
+    newer than ``older_than``): record, weights, rounds, profile, keyframe, delta log, contributions.
+    ``everything`` empties the prefix (the aggregate and Keras checkpoints too). Returns the deleted keys.
+
+    The aggregate is shared and stays: like a left member's ``nodes/<id>`` in FedAvgAsync, a cleaned member's
+    last contribution stays in its mean until a repair rebuilds it from the contributions left (without that
+    member) or ``clean --all`` deletes it.
+    """
     if not everything and older_than is None:
         older_than = 0.0
     view = inspect_experiment(store, now)

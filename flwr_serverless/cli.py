@@ -24,6 +24,7 @@ from flwr_serverless.simulation.options import (
 from flwr_serverless.simulation.paper import add_experiment_parser, run_experiment
 from flwr_serverless.simulation.report import ProgressPrinter, execution_label, format_report
 from flwr_serverless.simulation.runner import MODES, WORKERS, SimulationConfig
+from flwr_serverless.simulation.update_options import CompressionOptions, topk_option_names
 from flwr_serverless.strategies import STRATEGY_NAMES
 
 
@@ -63,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--nodes", type=int, default=2, help="number of federated nodes (default 2)")
     sim.add_argument("--mode", choices=MODES, default="async",
-                     help="async never waits; sync has a barrier per epoch; semisync one per time budget")
+                     help="async never waits; sync has a barrier per epoch; semisync one per time budget; "
+                          "aggregate is async FedAvg through one compare-and-swap object (O(1) reads per epoch; "
+                          "needs --strategy fedavg and a store with conditional writes)")
     sim.add_argument("--strategy", choices=STRATEGY_NAMES, default="fedavg", help="Flower aggregation strategy")
     sim.add_argument("--strategy-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                      help="Flower strategy argument, e.g. server_momentum=0.9 for fedavgm or eta=0.01 for fedadam "
@@ -109,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--eval-examples", type=int, default=None, metavar="N",
                      help="with --eval-each-epoch: test on the first N test examples (the final test uses all)")
     sim.add_argument("--json", default=None, metavar="PATH", help="also write the full results as JSON")
-    sim.add_argument("--csv", default=None, metavar="PATH", help="also write one row per run as CSV")
+    sim.add_argument("--csv", default=None, metavar="PATH",
+                     help="also write one row per run as CSV (with the store traffic and node counters summed)")
+    sim.add_argument("--nodes-csv", default=None, metavar="PATH",
+                     help="also write one row per federated node and run as CSV (traffic and every node counter)")
     sim.add_argument("--quiet", action="store_true", help="no live per-epoch lines")
     het = sim.add_argument_group("staleness, semi-sync and slow nodes (see README, 'Staleness and semi-sync')")
     het.add_argument("--staleness", default=None, help="async: staleness function: constant, poly:A, hinge:A,B")
@@ -129,9 +135,50 @@ def build_parser() -> argparse.ArgumentParser:
                           "even when threads compete for cores")
     het.add_argument("--time-budget", type=float, default=None, metavar="S",
                      help="stop every node's training after S seconds of wall time")
+    _add_compression_flags(sim)
     add_experiment_parser(commands)
     _add_admin_commands(commands)
     return parser
+
+
+def _number(text: str) -> int | float:
+    """``"5"`` -> 5, ``"0.1"`` -> 0.1: the node checks which it needs and says so naming the flag."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _compression(text: str) -> str:
+    from flwr_serverless.compression import parse_compression
+
+    parse_compression(text)  # ValueError naming the value
+    return text
+
+
+#: metavar and help of the top-k flags known today; any other ``topk_*`` node option gets a generic flag
+_TOPK_FLAGS = {
+    "topk_keyframe_every": ("N", "with --compression topk:<f>: a full keyframe at least every N publications "
+                                 "(default: the node's)"),
+    "topk_max_error": ("E", "with --compression topk:<f>: a keyframe as soon as a delta's relative error "
+                            "exceeds E (default: the node's)"),
+}
+
+
+def _add_compression_flags(sim: argparse.ArgumentParser) -> None:
+    """``--compression`` and one ``--topk-...`` flag per ``topk_*`` option the node accepts (passed through)."""
+    from flwr_serverless.simulation.update_options import flag_of
+
+    group = sim.add_argument_group("compressed updates (see README, 'Compressed updates')")
+    group.add_argument("--compression", type=_typed(_compression), default=None, metavar="CODEC",
+                       help="what every node publishes: fp16, bf16, int8 or topk:<fraction> (default: float32 "
+                            "as trained); --mode aggregate takes fp16, bf16 or int8")
+    for name in topk_option_names():
+        metavar, text = _TOPK_FLAGS.get(name, ("VALUE", f"with --compression topk:<f>: the node option {name}"))
+        group.add_argument(flag_of(name), dest=name, type=_number, default=None, metavar=metavar, help=text)
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -193,11 +240,19 @@ def _config(args: argparse.Namespace, out: TextIO) -> SimulationConfig:
         heterogeneity=Heterogeneity(**_given(slowdown=args.slowdown, batch_seconds=args.batch_seconds,
                                              time_budget=args.time_budget)),
         evaluation=Evaluation(eval_each_epoch=args.eval_each_epoch, eval_examples=args.eval_examples),
+        compression=CompressionOptions(args.compression, _given(**{
+            name: getattr(args, name) for name in topk_option_names()})),
     )
 
 
 def _simulate(args: argparse.Namespace, out: TextIO) -> int:
-    from flwr_serverless.simulation.sweep import format_seed_summary, run_seeds, seed_summary, write_csv
+    from flwr_serverless.simulation.sweep import (
+        format_seed_summary,
+        run_seeds,
+        seed_summary,
+        write_csv,
+        write_nodes_csv,
+    )
 
     config = _config(args, out)
     config.validate()
@@ -222,6 +277,9 @@ def _simulate(args: argparse.Namespace, out: TextIO) -> int:
     if args.csv:
         write_csv(args.csv, results)
         print(f"one row per run written to {args.csv}", file=out)
+    if args.nodes_csv:
+        write_nodes_csv(args.nodes_csv, results)
+        print(f"one row per node written to {args.nodes_csv}", file=out)
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -20,6 +20,8 @@ CHECKPOINTS = "keras/"
 AGGREGATE = "aggregate"
 CONTRIBUTIONS = "contributions/"
 CONTRIBUTION_SLOTS = (0, 1)
+DELTAS = "deltas/"
+DELTA_DIGITS = 8
 PROFILE_SUFFIX = ".json"
 ROUND_DIGITS = 8
 
@@ -38,6 +40,7 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("aggregate", "aggregate mode: FedAvg of every member's latest contribution and the table naming them (CAS)"),
     ("contributions/<node_id>/<slot>", "aggregate mode: a member's contributions, slot 0 or 1 (the one the "
                                        "aggregate names, and the next)"),
+    ("deltas/<node_id>/<index>", "top-k compression: the node's delta log since its keyframe (8-digit index)"),
 )
 
 
@@ -109,6 +112,23 @@ def parse_contribution_key(key: str) -> tuple[str, int] | None:
     if not sep or slot not in ("0", "1") or not is_valid_node_id(node_id):
         return None
     return node_id, int(slot)
+
+
+def delta_key(node_id: str, index: int) -> str:
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"delta indices are integers >= 0, got {index!r}")
+    return f"{DELTAS}{node_id}/{index:0{DELTA_DIGITS}d}"
+
+
+def parse_delta_key(key: str) -> tuple[str, int] | None:
+    """``deltas/alice/00000003`` -> ("alice", 3); None for anything else."""
+    if not key.startswith(DELTAS):
+        return None
+    node_id, sep, index = key[len(DELTAS):].partition("/")
+    if not sep or len(index) != DELTA_DIGITS or not (index.isascii() and index.isdigit()) \
+            or not is_valid_node_id(node_id):
+        return None
+    return node_id, int(index)
 
 
 def _tail(key: str, prefix: str, suffix: str = "") -> str | None:

@@ -38,6 +38,8 @@ class FakeNode:
 
 
 class FakeStore:
+    supports_conditional_writes = True
+
     def close(self) -> None:
         pass
 
@@ -60,6 +62,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
     monkeypatch.setattr(nodes_module, "AsyncFederatedNode", node_class("async"))
     monkeypatch.setattr(nodes_module, "SyncFederatedNode", node_class("sync"))
     monkeypatch.setattr(semisync_module, "SemiSyncFederatedNode", node_class("semisync"))
+    monkeypatch.setattr(nodes_module, "AggregateFederatedNode", node_class("aggregate"))
 
     def open_store(url: str, **kwargs: Any) -> FakeStore:
         calls["store"].append((url, kwargs))
@@ -123,6 +126,29 @@ def test_sync_and_semisync_flags_reach_their_nodes(keras_recorder: dict[str, lis
     _simulate("--mode", "semisync", "--lambda", "1.5", "--no-reestimate", "--timeout", "40")
     for kwargs in _node_kwargs(keras_recorder, "semisync"):
         assert (kwargs["lambda_"], kwargs["reestimate"], kwargs["num_nodes"], kwargs["timeout"]) == (1.5, False, 2, 40)
+
+
+def test_aggregate_mode_builds_aggregate_nodes_with_their_own_backoff_seed(
+        keras_recorder: dict[str, list[Any]]) -> None:
+    _simulate("--mode", "aggregate", "--compression", "int8")
+    for index, kwargs in enumerate(_node_kwargs(keras_recorder, "aggregate")):
+        assert kwargs["seed"] == 1 * 7919 + index and kwargs["compression"] == "int8"
+        assert type(kwargs["strategy"]).__name__ == "FedAvg"
+        assert not {"staleness", "buffer_size", "num_nodes", "timeout", "topk_keyframe_every"} & set(kwargs)
+
+
+@pytest.mark.parametrize("mode", ["async", "sync", "semisync"])
+def test_compression_flags_reach_every_mode_s_node(mode: str, keras_recorder: dict[str, list[Any]]) -> None:
+    _simulate("--mode", mode, "--compression", "topk:0.05", "--topk-keyframe-every", "4", "--topk-max-error", "0.5")
+    for kwargs in _node_kwargs(keras_recorder, mode):
+        assert (kwargs["compression"], kwargs["topk_keyframe_every"], kwargs["topk_max_error"]) == ("topk:0.05", 4,
+                                                                                                    0.5)
+        assert isinstance(kwargs["topk_keyframe_every"], int)
+
+
+def test_without_compression_flags_nodes_get_no_compression_option(keras_recorder: dict[str, list[Any]]) -> None:
+    _simulate()
+    assert all(not {"compression", "topk_keyframe_every"} & set(kw) for kw in _node_kwargs(keras_recorder, "async"))
 
 
 def test_strategy_and_storage_options_reach_the_strategy_and_the_store(

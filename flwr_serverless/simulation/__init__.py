@@ -15,10 +15,12 @@ from flwr_serverless.simulation.runner import (
     make_run_url,
     run_simulation,
 )
+from flwr_serverless.simulation.update_options import CompressionOptions
 
 __all__ = [
     "DATASETS",
     "AsyncOptions",
+    "CompressionOptions",
     "Evaluation",
     "Heterogeneity",
     "NodeResult",

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
-    """The federated node of ``task``: async, sync or semi-sync, on a store opened for this run."""
+    """The federated node of ``task``: async, sync, semi-sync or aggregate, on a store opened for this run."""
     from flwr_serverless.stores import open_store
     from flwr_serverless.strategies import make_strategy
 
@@ -29,7 +29,9 @@ def make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
         strategy_options["proximal_mu"] = config.effective_proximal_mu
     strategy = make_strategy(config.strategy, initial_parameters=initial_weights, **strategy_options)
     store = open_store(task.run_url, **config.storage_options)
-    common: dict[str, Any] = {"strategy": strategy, "node_id": task.name, **config.node_options}
+    compression = config.effective_compression
+    plain = {k: v for k, v in config.node_options.items() if k not in compression.node_kwargs()}
+    common: dict[str, Any] = {"strategy": strategy, "node_id": task.name, **plain, **compression.node_kwargs()}
     if config.mode == "semisync":
         from flwr_serverless.node import SemiSyncFederatedNode
 
@@ -41,6 +43,11 @@ def make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
 
         return SyncFederatedNode(store, num_nodes=config.num_nodes, timeout=config.timeout,
                                  min_nodes=config.min_nodes, **common)
+    if config.mode == "aggregate":
+        from flwr_serverless.node import AggregateFederatedNode
+
+        # The seed makes each node's compare-and-swap backoff jitter reproducible.
+        return AggregateFederatedNode(store, seed=config.seed * 7919 + task.index, **common)
     from flwr_serverless.node import AsyncFederatedNode
 
     return AsyncFederatedNode(store, **config.async_options.node_kwargs(config.seed, task.index), **common)

@@ -51,7 +51,10 @@ def node_result(task: Any, node: Any, reporter: Any, test_accuracy: float, test_
     }
     if node is not None:
         result.update(node.store.stats.as_dict())
-        result.update(node.stats.as_dict())
+        counters = node.stats.as_dict()
+        result.update(counters)  # the named fields of NodeResult (federations, rejected...)
+        result["counters"] = {k: v for k, v in counters.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return result
 
 

@@ -49,8 +49,10 @@ def _groups(tasks: list[NodeTask], workers: int | None) -> list[list[NodeTask]]:
 
 def _check_capacity(ray: Any, tasks: list[NodeTask], groups: int) -> None:
     """Sync and semi-sync nodes wait for each other: all of them must be placed at once, or the barrier times out."""
+    from flwr_serverless.simulation.runner import NON_WAITING_MODES
+
     config = tasks[0].config
-    if config.mode == "async" or tasks[0].role != "federated":
+    if config.mode in NON_WAITING_MODES or tasks[0].role != "federated":
         return
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus < groups:

@@ -98,6 +98,7 @@ def format_report(result: SimulationResult) -> str:
             f"{row.wall_time:>7.1f} {_mb(row.bytes_up):>7} {_mb(row.bytes_down):>8} {row.requests:>8} "
             f"{row.rejected:>8}"
         )
+    lines += counters_lines(result)
     if result.standalone or result.centralized:
         lines += ["", "Baselines (same partitions, same epochs):", f"{'model':<24} {'test acc':>8} {'wall s':>7}"]
         baseline_rows: list[tuple[str, NodeResult]] = [(f"standalone {r.node_id}", r) for r in result.standalone]
@@ -122,6 +123,22 @@ def format_report(result: SimulationResult) -> str:
         lines.append(f"Peer lag in the async aggregates (epochs a peer's update was behind the reader's): "
                      f"max {lag['max']:.0f}, mean {lag['mean']:.2f} over {lag['aggregations']} aggregations")
     return "\n".join(lines)
+
+
+def _counters_text(counters: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:g}" for name, value in counters.items() if value)
+
+
+def counters_lines(result: SimulationResult) -> list[str]:
+    """Each node's non-zero counters (every one its ``NodeStats`` reports: cas_conflicts, repairs,
+    keyframe_downloads...) and their sum over the nodes; nothing when every counter is zero."""
+    rows = [(row.node_id, _counters_text(row.counters)) for row in result.nodes if row.error is None]
+    if not any(text for _, text in rows):
+        return []
+    lines = ["", "Node counters (non-zero):"]
+    lines += [f"{node:<12} {text or '-'}" for node, text in rows]
+    lines.append(f"{'all nodes':<12} {_counters_text(result.totals['counters'])}")
+    return lines
 
 
 def observed_peer_lag(rows: list[NodeResult]) -> dict[str, float] | None:

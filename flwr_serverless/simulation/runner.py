@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,10 +32,14 @@ from flwr_serverless.simulation.options import (
     check_strategy,
     strategy_key,
 )
+from flwr_serverless.simulation.results import NodeResult, SimulationResult
+from flwr_serverless.simulation.update_options import CompressionOptions, check_aggregate
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
-MODES = ("async", "sync", "semisync")
+MODES = ("async", "sync", "semisync", "aggregate")
+#: modes whose nodes never wait for each other (no --timeout, --min-nodes)
+NON_WAITING_MODES = ("async", "aggregate")
 DEFAULT_SYNC_TIMEOUT = 120.0
 #: node kwargs the simulation sets itself; ``node_options`` may not override them
 RESERVED_NODE_OPTIONS = frozenset({"store", "strategy", "node_id", "num_nodes", "timeout", "min_nodes", "lambda_",
@@ -49,7 +53,8 @@ class SimulationConfig:
     """Everything one simulation run needs; plain values only, so it crosses process boundaries."""
 
     num_nodes: int = 2
-    mode: str = "async"  # "async" (never waits), "sync" (barrier per epoch) or "semisync" (barrier per time budget)
+    mode: str = "async"  # "async" (never waits), "sync" (barrier per epoch), "semisync" (barrier per time budget)
+    #                      or "aggregate" (async FedAvg through one compare-and-swap object: O(1) reads per epoch)
     strategy: str = "fedavg"
     strategy_options: dict[str, Any] = field(default_factory=dict)  # Flower strategy kwargs (server_momentum...)
     store_url: str | None = None  # None: a fresh local folder under the temp dir
@@ -77,6 +82,7 @@ class SimulationConfig:
     semisync: SemiSyncOptions = field(default_factory=SemiSyncOptions)
     heterogeneity: Heterogeneity = field(default_factory=Heterogeneity)
     evaluation: Evaluation = field(default_factory=Evaluation)
+    compression: CompressionOptions = field(default_factory=CompressionOptions)  # what every node publishes
 
     def validate(self) -> None:
         """Fail before any training starts, with a message naming the bad option."""
@@ -105,22 +111,34 @@ class SimulationConfig:
             raise ValueError(f"node_options may not set {', '.join(reserved)}: the simulation sets them")
         check_strategy(self.strategy, self.strategy_options)
         check_mode(self.mode, self.async_options, self.semisync)
+        self.effective_compression.validate(self.mode)
+        if self.mode == "aggregate":
+            check_aggregate(self.strategy, self.strategy_options, self.store_url, self.storage_options)
         self.async_options.validate()
         self.semisync.validate()
         self.heterogeneity.validate(self.num_nodes)
         self.evaluation.validate()
 
     def _validate_waiting(self) -> None:
-        if self.mode == "async" and (self.sync_timeout is not None or self.min_nodes is not None):
+        if self.mode in NON_WAITING_MODES and (self.sync_timeout is not None or self.min_nodes is not None):
             name, flag = ("sync_timeout", "--timeout") if self.sync_timeout is not None else ("min_nodes",
                                                                                             "--min-nodes")
             raise ValueError(f"option {name} ({flag}) applies to --mode sync and semisync only: "
-                             "async nodes never wait")
+                             f"{self.mode} nodes never wait")
         if self.sync_timeout is not None and not self.sync_timeout > 0:
             raise ValueError(f"option sync_timeout (--timeout) must be positive, got {self.sync_timeout}")
         if self.min_nodes is not None and not 1 <= self.min_nodes <= self.num_nodes:
             raise ValueError(f"option min_nodes (--min-nodes) must be between 1 and {self.num_nodes}, "
                              f"got {self.min_nodes}")
+
+    @property
+    def effective_compression(self) -> CompressionOptions:
+        """``compression``, or the same options given in ``node_options`` (not both)."""
+        legacy = CompressionOptions.from_node_options(self.node_options)
+        if legacy.given and self.compression.given:
+            raise ValueError("option compression (--compression) is set both in compression= and in node_options; "
+                             "set it once")
+        return self.compression if self.compression.given else legacy
 
     @property
     def timeout(self) -> float:
@@ -165,95 +183,6 @@ class NodeTask:
         """
         stream = [self.config.seed, 1] if self.role == "centralized" else [self.config.seed, 0, self.index]
         return int(np.random.SeedSequence(stream).generate_state(1)[0])
-
-
-@dataclass
-class NodeResult:
-    """One row of the results table."""
-
-    node_id: str
-    role: str = "federated"
-    test_accuracy: float | None = None
-    test_loss: float | None = None
-    epochs_completed: int = 0
-    wall_time: float = 0.0
-    num_train_examples: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    requests: int = 0
-    puts: int = 0
-    gets: int = 0
-    lists: int = 0
-    deletes: int = 0
-    federations: int = 0
-    peers_used: int = 0
-    rejected: int = 0
-    partial_rounds: int = 0  # sync rounds that went on without every node (after the timeout, with min_nodes)
-    error: str | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> NodeResult:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-@dataclass
-class SimulationResult:
-    """Federated rows, baselines and where the run's objects are."""
-
-    config: SimulationConfig
-    run_url: str
-    nodes: list[NodeResult]
-    standalone: list[NodeResult] = field(default_factory=list)
-    centralized: NodeResult | None = None
-    wall_time: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        rows = [*self.nodes, *self.standalone, *([self.centralized] if self.centralized else [])]
-        return all(row.error is None for row in rows)
-
-    @staticmethod
-    def _mean(rows: list[NodeResult]) -> float | None:
-        values = [r.test_accuracy for r in rows if r.test_accuracy is not None]
-        return float(np.mean(values)) if values else None
-
-    @property
-    def federated_mean_accuracy(self) -> float | None:
-        return self._mean(self.nodes)
-
-    @property
-    def standalone_mean_accuracy(self) -> float | None:
-        return self._mean(self.standalone)
-
-    @property
-    def centralized_accuracy(self) -> float | None:
-        return self.centralized.test_accuracy if self.centralized else None
-
-    @property
-    def totals(self) -> dict[str, int]:
-        """Store traffic summed over the federated nodes (the whole experiment's requests and bytes)."""
-        keys = ("requests", "puts", "gets", "lists", "deletes", "bytes_up", "bytes_down")
-        return {key: sum(getattr(row, key) for row in self.nodes) for key in keys} | {
-            "nodes": len(self.nodes), "completed": sum(1 for r in self.nodes if r.error is None
-                                                       and r.epochs_completed == self.config.epochs)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config.public_dict(),
-            "run_url": self.run_url,
-            "wall_time": self.wall_time,
-            "nodes": [asdict(r) for r in self.nodes],
-            "standalone": [asdict(r) for r in self.standalone],
-            "centralized": asdict(self.centralized) if self.centralized else None,
-            "summary": {
-                "federated_mean_accuracy": self.federated_mean_accuracy,
-                "standalone_mean_accuracy": self.standalone_mean_accuracy,
-                "centralized_accuracy": self.centralized_accuracy,
-                "totals": self.totals,
-            },
-        }
 
 
 # -- the simulation ------------------------------------------------------------------

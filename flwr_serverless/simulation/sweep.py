@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from flwr_serverless.simulation.results import TRAFFIC
 from flwr_serverless.simulation.runner import SimulationConfig, SimulationResult, run_simulation
 
 # t(0.975, df) for df = 1..30; beyond, scipy when installed, else the df=30 value (slightly wide).
@@ -82,14 +83,39 @@ def format_seed_summary(results: Sequence[SimulationResult]) -> str:
     return "\n".join(lines)
 
 
+def _counter_names(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Every counter name in ``rows``, in first-seen order (runs of other versions may add or lack some)."""
+    return list(dict.fromkeys(name for counters in rows for name in counters))
+
+
 def write_csv(path: str | Path, results: Sequence[SimulationResult]) -> None:
-    """One row per run: its settings, the three accuracy figures and the wall time."""
+    """One row per run: its settings, the three accuracy figures, the wall time, the store traffic and every
+    node counter summed over the federated nodes."""
+    totals = [result.totals for result in results]
+    counters = _counter_names(t["counters"] for t in totals)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["seed", "mode", "strategy", "nodes", "dataset", "skew", "epochs", *FIGURES, "wall_time"])
-        for result in results:
+        writer.writerow(["seed", "mode", "strategy", "nodes", "dataset", "skew", "epochs", *FIGURES, "wall_time",
+                         *TRAFFIC, *counters])
+        for result, total in zip(results, totals):
             c = result.config
             values = figures(result)
             writer.writerow([c.seed, c.mode, c.strategy, c.num_nodes, c.dataset, c.skew, c.epochs,
                              *("" if values[f] is None else f"{values[f]:.4f}" for f in FIGURES),
-                             f"{result.wall_time:.1f}"])
+                             f"{result.wall_time:.1f}", *(total[k] for k in TRAFFIC),
+                             *(total["counters"].get(k, "") for k in counters)])
+
+
+def write_nodes_csv(path: str | Path, results: Sequence[SimulationResult]) -> None:
+    """One row per federated node and run: accuracy, epochs, the node's store traffic and every counter."""
+    counters = _counter_names(row.counters for result in results for row in result.nodes)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["seed", "mode", "node_id", "test_accuracy", "epochs_completed", "wall_time", *TRAFFIC,
+                         *counters, "error"])
+        for result in results:
+            for row in result.nodes:
+                writer.writerow([result.config.seed, result.config.mode, row.node_id,
+                                 "" if row.test_accuracy is None else f"{row.test_accuracy:.4f}",
+                                 row.epochs_completed, f"{row.wall_time:.1f}", *(getattr(row, k) for k in TRAFFIC),
+                                 *(row.counters.get(k, "") for k in counters), row.error or ""])
