@@ -6,16 +6,16 @@ and a few small ones), it measures per encoding (none, fp16, bf16, int8 with
 
 * bytes per update (top-k: averaged over ``--updates`` updates, keyframes
   included: a keyframe update writes the full ``keyframes/<id>`` plus an empty
-  delta at ``nodes/<id>``; the reader decodes every object as a node would);
+  delta at ``nodes/<id>``; the log entry is a copy inside the store; the reader
+  decodes every object onto its state as a node would);
 * encode and decode seconds (median of ``--repeat``), and their ratio to the
   uncompressed object's encode / decode (the floor);
 * reconstruction error ``|R - W| / |W|`` and the largest absolute error.
 
 Between updates the weights (scale 0.05) drift by heavy-tailed noise (Student
 t, 3 degrees of freedom, scale ``--drifts``), like SGD updates; top-k also
-reports the share of the change since the keyframe each delta carried, and
-the seconds of a delta when it is sent (a keyframe costs a full encode plus the
-discarded delta). It also times the payload hash
+reports the readers' error after each delta (error feedback keeps it from
+growing) and the seconds of a delta when it is sent. It also times the payload hash
 alone (SHA-256, BLAKE3 single- and multi-threaded) and the ``b"".join`` that
 ``encode`` does on top of ``encode_parts``. JSON and a PNG go to
 benchmarks/results/.
@@ -38,9 +38,9 @@ from typing import Any
 import blake3
 import numpy as np
 
-from flwr_serverless.codec import UpdateHeader, decode, encode, encode_parts, object_ref
+from flwr_serverless.codec import UpdateHeader, decode, encode, encode_parts
 from flwr_serverless.errors import KeyframeRequiredError
-from flwr_serverless.topk import TopKCompressor
+from flwr_serverless.node.writer import UpdateWriter
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -94,36 +94,32 @@ def stateless(model: list[np.ndarray], codecs: list[str | None], repeat: int) ->
 
 
 def topk(model: list[np.ndarray], fraction: float, updates: int, scale: float, seed: int) -> dict[str, Any]:
-    """One writer publishing ``updates`` times as the compression module prescribes; one reader following it."""
+    """One writer (``UpdateWriter``, as a node runs it) publishing ``updates`` times; one reader following it."""
     rng = np.random.default_rng(seed)
-    compressor = TopKCompressor(fraction)
-    weights, reader_keyframe = model, None
-    total_bytes, encode_times, decode_times, rel, worst, captured = 0, [], [], [], [], []
+    writer = UpdateWriter(f"topk:{fraction}")
+    side: dict[str, bytes] = {}
+    weights, state = model, None
+    total_bytes, encode_times, decode_times, rel, worst = 0, [], [], [], []
     kinds: list[bool] = []  # True: that update published a keyframe
     for seq in range(1, updates + 1):
         weights = drift(weights, rng, scale)
-        header = UpdateHeader("bench", seq=seq)
+        keyframes = writer.keyframes_written
         start = time.perf_counter()
-        encoded, keyframe_data = compressor.compress(weights), None
-        if encoded is None:
-            keyframe_data = encode(weights, header)  # -> keyframes/<id>
-            compressor.set_keyframe(weights, object_ref(keyframe_data))
-            encoded = compressor.compress(weights)
-        else:
-            captured.append(compressor.last_captured)
-        data = encode(encoded, header, keyframe=compressor.keyframe_ref)  # -> nodes/<id>
+        data = b"".join(writer.encode(weights, UpdateHeader("bench", seq=seq), None, None,
+                                      lambda key, blob: side.__setitem__(key, bytes(blob))))
+        writer.published("nodes/bench", lambda source, target: None)  # the log copy moves no bytes
         encode_times.append(time.perf_counter() - start)
-        total_bytes += len(data) + (len(keyframe_data) if keyframe_data is not None else 0)
-        kinds.append(keyframe_data is not None)
+        keyframe = writer.keyframes_written > keyframes
+        total_bytes += len(data) + (len(side["keyframes/bench"]) if keyframe else 0)
+        kinds.append(keyframe)
         start = time.perf_counter()
         try:
-            decoded = decode(data, "nodes/bench", keyframe=reader_keyframe)
+            state = decode(data, "nodes/bench", base=state)
         except KeyframeRequiredError:
-            reader_keyframe = decode(keyframe_data, "keyframes/bench")
-            decoded = decode(data, "nodes/bench", keyframe=reader_keyframe)
+            state = decode(data, "nodes/bench", base=decode(side["keyframes/bench"], "keyframes/bench"))
         decode_times.append(time.perf_counter() - start)
-        if keyframe_data is None:
-            relative, largest = errors(decoded.arrays, weights)
+        if not keyframe:
+            relative, largest = errors(state.arrays, weights)
             rel.append(relative)
             worst.append(largest)
     delta_encode = [t for t, kf in zip(encode_times, kinds) if not kf]
@@ -135,7 +131,7 @@ def topk(model: list[np.ndarray], fraction: float, updates: int, scale: float, s
             "keyframe_encode_s": statistics.median([t for t, kf in zip(encode_times, kinds) if kf]),
             "keyframe_decode_s": statistics.median([t for t, kf in zip(decode_times, kinds) if kf]),
             "relative_error": max(rel, default=0.0), "max_abs_error": max(worst, default=0.0),
-            "relative_error_per_delta": rel, "change_captured_per_delta": captured}
+            "relative_error_per_delta": rel}
 
 
 def hashing(model: list[np.ndarray], repeat: int) -> dict[str, float]:

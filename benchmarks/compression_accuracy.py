@@ -36,6 +36,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int8": {"compression": "int8"},
     "topk:0.1": {"compression": "topk:0.1"},
     "topk:0.05": {"compression": "topk:0.05"},
+    "topk:0.02": {"compression": "topk:0.02"},
     "topk:0.01": {"compression": "topk:0.01"},
 }
 
@@ -146,12 +147,13 @@ def main() -> None:
                   f"down {row['bytes_down_per_node_epoch']:8.0f} B ({row['wall_time']:.0f} s)", flush=True)
     summary = summarize(runs, names)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"setup": {"dataset": args.dataset, "nodes": args.nodes, "skew": 0.9, "mode": args.mode, "epochs": args.epochs,
-                     "max_train_examples": args.max_train_examples,
+    out = {"setup": {"dataset": args.dataset, "nodes": args.nodes, "skew": 0.9, "mode": args.mode,
+                     "epochs": args.epochs, "max_train_examples": args.max_train_examples,
                      "seeds": seeds, "store": "memory:// (threads)"}, "summary": summary, "runs": runs}
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2))
     plot(summary, RESULTS / f"{args.out}.png",
-         f"Compressed updates: {args.nodes} async nodes, digits, skew 0.9, {args.epochs} epochs, seeds {seeds}")
+         f"Compressed updates: {args.nodes} {args.mode} nodes, {args.dataset}, skew 0.9, {args.epochs} epochs, "
+         f"seeds {seeds}")
     print("\n| encoding | bytes up / node-epoch | cut | bytes down / node-epoch | cut | accuracy (mean +- sd) |")
     for name, s in summary.items():
         print(f"| {name} | {s['bytes_up_per_node_epoch']:.0f} | {100 * s['bytes_up_cut']:.0f}% | "

@@ -14,8 +14,6 @@ NODES = "nodes/"
 ROUNDS = "rounds/"
 PROFILES = "profiles/"
 KEYFRAMES = "keyframes/"
-DELTAS = "deltas/"
-DELTA_DIGITS = 8
 CHECKPOINTS = "keras/"
 AGGREGATE = "aggregate"
 CONTRIBUTIONS = "contributions/"
@@ -34,8 +32,6 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("rounds/<round>/<node_id>", "sync and semi-sync: what the node published for that round (8-digit round)"),
     ("profiles/<node_id>.json", "semi-sync: measured seconds per batch, dataset size, batch size"),
     ("keyframes/<node_id>", "top-k compression: the full weights that start the node's chain of sparse deltas"),
-    ("deltas/<node_id>/<index>", "top-k compression: the log of the chain's deltas (8-digit index from 1), "
-                                 "for readers that missed some"),
     ("keras/<node_id>/", "Keras callback checkpoints: model_{before,after}_aggregation_<epoch>.h5 and metrics JSON"),
     ("aggregate", "aggregate mode: FedAvg of every member's latest contribution and the table naming them (CAS)"),
     ("contributions/<node_id>/<slot>", "aggregate mode: a member's contributions, slot 0 or 1 (the one the "
@@ -80,22 +76,6 @@ def profile_key(node_id: str) -> str:
 
 def keyframe_key(node_id: str) -> str:
     return KEYFRAMES + node_id
-
-
-def delta_key(node_id: str, index: int) -> str:
-    if index < 1:
-        raise ValueError(f"delta log indices start at 1, got {index}")
-    return f"{DELTAS}{node_id}/{index:0{DELTA_DIGITS}d}"
-
-
-def parse_delta_key(key: str) -> tuple[str, int] | None:
-    """``deltas/alice/00000003`` -> ("alice", 3); None for anything else."""
-    if not key.startswith(DELTAS):
-        return None
-    node_id, sep, index = key[len(DELTAS):].partition("/")
-    if not sep or not index.isdigit() or not is_valid_node_id(node_id):
-        return None
-    return node_id, int(index)
 
 
 def contribution_key(node_id: str, slot: int) -> str:
