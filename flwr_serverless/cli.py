@@ -160,11 +160,13 @@ def _compression(text: str) -> str:
 
 
 #: metavar and help of the top-k flags known today; any other ``topk_*`` node option gets a generic flag
-_TOPK_FLAGS = {
-    "topk_keyframe_every": ("N", "with --compression topk:<f>: a full keyframe at least every N publications "
-                                 "(default: the node's)"),
-    "topk_max_error": ("E", "with --compression topk:<f>: a keyframe as soon as a delta's relative error "
-                            "exceeds E (default: the node's)"),
+_TOPK_FLAGS: dict[str, tuple[str, str, Any]] = {
+    "topk_keyframe_every": ("N", "with --compression topk:<f>: a new keyframe at least every N deltas "
+                                 "(default: the node's)", _number),
+    "topk_max_error": ("E", "with --compression topk:<f>: a new keyframe as soon as the readers' relative error "
+                            "exceeds E (default: the node's)", _number),
+    "topk_keyframe": ("CODEC", "with --compression topk:<f>: how keyframes are stored: lossless, fp16, bf16 or "
+                               "int8 (default: int8; the deltas send what it rounds)", str),
 }
 
 
@@ -177,8 +179,9 @@ def _add_compression_flags(sim: argparse.ArgumentParser) -> None:
                        help="what every node publishes: fp16, bf16, int8 or topk:<fraction> (default: float32 "
                             "as trained); --mode aggregate takes fp16, bf16 or int8")
     for name in topk_option_names():
-        metavar, text = _TOPK_FLAGS.get(name, ("VALUE", f"with --compression topk:<f>: the node option {name}"))
-        group.add_argument(flag_of(name), dest=name, type=_number, default=None, metavar=metavar, help=text)
+        metavar, text, kind = _TOPK_FLAGS.get(name, ("VALUE", f"with --compression topk:<f>: the node option {name}",
+                                                     _number))
+        group.add_argument(flag_of(name), dest=name, type=kind, default=None, metavar=metavar, help=text)
 
 
 def _given(**values: Any) -> dict[str, Any]:

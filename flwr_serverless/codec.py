@@ -89,11 +89,17 @@ class DecodedUpdate:
         """Every tensor is exactly what the writer had: the object can serve as that writer's keyframe."""
         return not self.encodings
 
+    @property
+    def is_delta(self) -> bool:
+        """A top-k delta: meaningful only on the state it follows."""
+        return self.chain is not None
+
     def position(self) -> tuple[KeyframeRef, int] | None:
-        """Where on its writer's chain this state is: a delta's (keyframe, chain), a lossless object's (itself, 0)."""
+        """Where on its writer's chain this state is: a delta's (keyframe, chain); any other object can start a
+        chain as a keyframe, at (itself, 0)."""
         if self.keyframe is not None and self.chain is not None:
             return self.keyframe, self.chain
-        if self.lossless and self.payload_hash:
+        if self.chain is None and self.payload_hash:
             return KeyframeRef(self.header.seq, self.payload_hash), 0
         return None
 

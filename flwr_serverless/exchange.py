@@ -230,18 +230,19 @@ class Exchange:
         return data
 
     def _fetch_link(self, key: str, peer: str, deadline: Deadline, base: DecodedUpdate | None) -> DecodedUpdate | None:
-        """GET and validate a peer's keyframe: lossless, of that peer. A bad one raises naming its key."""
+        """GET and validate a peer's keyframe: a whole model (not a delta), of that peer. A bad one raises naming
+        its key."""
         data = self._get_link(key, deadline)
         if data is None:
             return None
         try:
             state = self._decode(data, key, base)
         except KeyframeRequiredError:
-            raise InvalidObjectError(key, "a keyframe must be lossless, this object is a top-k delta") from None
+            raise InvalidObjectError(key, "a keyframe must be a whole model, this object is a top-k delta") from None
         if state.header.node_id != peer:
             raise InvalidObjectError(key, f"header says node {state.header.node_id!r}, key says {peer!r}")
-        if not state.lossless:
-            raise InvalidObjectError(key, f"a keyframe must be lossless, this one stores {state.encodings}")
+        if state.is_delta:
+            raise InvalidObjectError(key, "a keyframe must be a whole model, this object is a top-k delta")
         return state
 
     def _keyframe_miss(self, info: ObjectInfo, required: KeyframeRequiredError) -> None:

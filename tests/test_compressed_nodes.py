@@ -118,11 +118,13 @@ def test_async_nodes_with_mixed_compression_aggregate_what_each_peer_published(b
     assert nodes["plain"].stats.keyframe_downloads == 1
 
     # The top-k node moves; the reader GETs its delta alone (it holds the chain's state) and rebuilds what
-    # the writer says readers hold, bit for bit: the moved entries within float16 rounding of the change.
+    # the writer says readers hold, bit for bit: within the int8 keyframe's rounding, which later deltas send.
     weights["sparse"] = _drift(weights["sparse"], 1)
     nodes["sparse"].update_parameters(weights["sparse"], counts["sparse"], epoch=1)
     seen = nodes["sparse"].writer.seen(weights["sparse"])
-    assert np.abs(seen[0] - weights["sparse"][0]).max() < 1e-4 and _same(seen[1:], weights["sparse"][1:])
+    for got, want in zip(seen[:2], weights["sparse"][:2]):
+        assert np.abs(got - want).max() < 0.01 * np.abs(want).max()
+    assert _same(seen[2:], weights["sparse"][2:])  # the int64 tensor travels raw
     before = store.stats.gets
     result, _ = nodes["plain"].update_parameters(weights["plain"], counts["plain"], epoch=1)
     assert store.stats.gets - before == 1 and nodes["plain"].stats.keyframe_downloads == 1
@@ -201,7 +203,7 @@ def test_a_failed_keyframe_put_publishes_nothing_and_the_next_epoch_starts_afres
     writer.update_parameters(_model(1), 10, epoch=1)
     reader = AsyncFederatedNode(_open(backend), node_id="r")
     result, _ = reader.update_parameters(_model(2), 10, epoch=0)
-    for got, want in zip(result, _expected(_model(2), 10, [(_model(1), 10)])):
+    for got, want in zip(result, _expected(_model(2), 10, [(writer.writer.seen(_model(1)), 10)])):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
@@ -225,15 +227,11 @@ def test_no_delta_builds_on_one_that_was_not_published_and_logged(backend, block
     writer.update_parameters(moved, 10, epoch=2)  # a new chain: never a delta 2 that needs the missing link
     assert writer.writer.topk.chain == 0 and writer.writer.keyframes_written == 2
     result, _ = reader.update_parameters(_model(2), 10, epoch=0)
-    for got, want in zip(result, _expected(_model(2), 10, [(moved, 10)])):
+    for got, want in zip(result, _expected(_model(2), 10, [(writer.writer.seen(moved), 10)])):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 # -- hostile keyframes -----------------------------------------------------------------------------------
-def _lossy_keyframe(arrays: list[np.ndarray], header: UpdateHeader) -> bytes:
-    return encode(arrays, header, compression="int8")
-
-
 def _delta_as_keyframe(arrays: list[np.ndarray], header: UpdateHeader) -> bytes:
     delta = EncodedTensor("delta", np.dtype("<f4"), (64, 32), {SEP + "indices": np.array([1], np.uint32),
                                                                SEP + "values": np.array([1.0], np.float32)})
@@ -247,8 +245,7 @@ def _corrupt(data: bytes) -> bytes:
 
 HOSTILE = {
     "other-node": (lambda a, h: encode(a, UpdateHeader("mallory", seq=h.seq)), "header says node 'mallory'"),
-    "lossy": (_lossy_keyframe, "keyframe must be lossless"),
-    "delta": (_delta_as_keyframe, "keyframe must be lossless, this object is a top-k delta"),
+    "delta": (_delta_as_keyframe, "keyframe must be a whole model, this object is a top-k delta"),
     "wrong-shape": (lambda a, h: encode([np.ones((32, 64), np.float32), *a[1:]], h), "local model has"),
     "corrupt": (lambda a, h: _corrupt(encode(a, h)), "checksum mismatch"),
     "bad-field": (lambda a, h: rewrite(encode(a, h), lambda f: f.update(seq=-1)), "seq"),

@@ -148,16 +148,18 @@ def test_a_chain_rebuilds_the_writers_state_bit_for_bit_from_each_predecessor():
     chain, base = Chain("topk:0.05"), _model()
     first = chain.publish(base)
     keyframe = decode(chain.side["keyframes/w"], "keyframes/w")
-    assert keyframe.lossless and len(first) < 2500  # position 0: an empty delta naming the keyframe
+    assert not keyframe.is_delta and len(first) < 2500  # position 0: an empty delta naming the keyframe
+    assert keyframe.encodings == {"t0000": "int8", "t0001": "int8", "t0002": "int8"}  # the default keyframe codec
     state = decode(first, "nodes/w", base=keyframe)
-    assert state.chain == 0 and _same(state.arrays, base)
+    assert state.chain == 0 and _same(state.arrays, keyframe.arrays) and _same(state.arrays, chain.writer.seen(base))
+    assert np.abs(state.arrays[0] - base[0]).max() < 0.01 * np.abs(base[0]).max()
     rng, weights = np.random.default_rng(1), base
     for index in range(1, 6):
         weights = [a + (rng.standard_normal(a.shape) * 0.01).astype(a.dtype) if a.dtype.kind == "f" else a
                    for a in weights]
         data = chain.publish(weights)
         assert chain.side[f"deltas/w/{index:08d}"] == data  # logged once published
-        assert len(data) < len(chain.side["keyframes/w"]) / 4
+        assert len(data) < len(encode(weights, UpdateHeader("w"))) / 8
         with pytest.raises(KeyframeRequiredError) as info:
             decode(data, "nodes/w", base=keyframe if index > 1 else None)
         assert info.value.chain == index and info.value.ref == keyframe.position()[0]
@@ -173,8 +175,22 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("codec", ["lossless", "fp16", "bf16", "int8"])
+def test_the_keyframe_codec_is_chosen_and_error_feedback_sends_what_it_rounded(codec):
+    base = [np.random.default_rng(3).standard_normal(3000).astype(np.float32)]
+    chain = Chain("topk:0.2", topk_keyframe=codec)  # k = 600: five deltas cover every entry
+    keyframe = decode(chain.side["keyframes/w"], "k") if chain.publish(base) else None
+    assert keyframe.encodings == ({} if codec == "lossless" else {"t0000": codec})
+    state = decode(chain.publish(base), "n", base=keyframe)
+    first = np.abs(state.arrays[0] - base[0]).max()
+    assert (first == 0) == (codec == "lossless")
+    for _ in range(6):
+        state = decode(chain.publish(base), "n", base=state)
+    assert np.abs(state.arrays[0] - base[0]).max() <= first / 100
+
+
 def test_error_feedback_sends_what_was_left_out_later():
-    chain = Chain("topk:0.001", topk_keyframe_every=100)  # k = 2 of 2000
+    chain = Chain("topk:0.001", topk_keyframe_every=100, topk_keyframe="lossless")  # k = 2 of 2000
     current = np.zeros(2000, np.float32)
     state = decode(chain.publish([current]), "n", base=decode(chain.side["keyframes/w"], "k"))
     current[[0, 1, 7]] = [5.0, 4.0, 0.5]  # 0.5 ranks third: left out
@@ -259,10 +275,9 @@ def test_a_delta_applies_only_to_the_state_it_follows():
         decode(second, "nodes/w", base=state)  # position 3 follows 2, not 1
     impostor = DecodedUpdate(UpdateHeader("x", seq=1), keyframe.names, keyframe.arrays, keyframe.payload_hash)
     _rejected(data, "same node", base=impostor)
-    lossy = DecodedUpdate(keyframe.header, keyframe.names, keyframe.arrays, keyframe.payload_hash,
-                          encodings={"t0000": "int8"})
-    with pytest.raises(KeyframeRequiredError):
-        decode(data, "nodes/w", base=lossy)  # a lossy object is on no chain
+    quantized = DecodedUpdate(keyframe.header, keyframe.names, keyframe.arrays, keyframe.payload_hash,
+                              encodings={"t0000": "int8"})
+    assert quantized.position() == keyframe.position()  # any whole model can start a chain
     assert state.arrays[0][1] == 1.0 and state.position() == (keyframe.position()[0], 1)
 
 

@@ -94,6 +94,7 @@ class FederatedNode(ABC):
         compression: str | None = None,
         topk_keyframe_every: int | None = None,
         topk_max_error: float | None = None,
+        topk_keyframe: str | None = None,
     ) -> None:
         store = store if store is not None else shared_folder  # `shared_folder` is the original's name
         if store is None:
@@ -102,7 +103,7 @@ class FederatedNode(ABC):
         self.strategy: Strategy = resolve_strategy(strategy)
         # None | "fp16" | "bf16" | "int8" | "topk:<fraction>": what this node publishes (any reader decodes all).
         self.writer = UpdateWriter(compression, topk_keyframe_every=topk_keyframe_every,
-                                   topk_max_error=topk_max_error)
+                                   topk_max_error=topk_max_error, topk_keyframe=topk_keyframe)
         self.member_lease = check_lease(member_lease)
         self.owner_token = owner_token or new_owner_token()
         self.stats = NodeStats()

@@ -31,6 +31,9 @@ from flwr_serverless.topk import PendingDelta, TopKCompressor
 
 logger = logging.getLogger("flwr_serverless")
 
+KEYFRAME_CODECS = ("lossless", "fp16", "bf16", "int8")
+DEFAULT_KEYFRAME_CODEC = "int8"
+
 PutFirst = Callable[[str, bytes | list[bytes | memoryview]], object]
 
 
@@ -45,11 +48,16 @@ class UpdateWriter:
     """Encodes one node's weights with its compression option; remembers what peers will decode."""
 
     def __init__(self, compression: str | None = None, *, topk_keyframe_every: int | None = None,
-                 topk_max_error: float | None = None) -> None:
+                 topk_max_error: float | None = None, topk_keyframe: str | None = None) -> None:
         self.codec, fraction = parse_compression(compression)  # ValueError naming the option
         self.option = compression
         self.topk: TopKCompressor | None = None
-        topk_options = {"topk_keyframe_every": topk_keyframe_every, "topk_max_error": topk_max_error}
+        if topk_keyframe is not None and topk_keyframe not in KEYFRAME_CODECS:
+            raise ValueError(f"topk_keyframe must be one of {', '.join(KEYFRAME_CODECS)}, got {topk_keyframe!r}")
+        # A keyframe only starts a chain: error feedback sends what its encoding rounded, so int8 is the default.
+        self.keyframe_codec = None if topk_keyframe == "lossless" else (topk_keyframe or DEFAULT_KEYFRAME_CODEC)
+        topk_options = {"topk_keyframe_every": topk_keyframe_every, "topk_max_error": topk_max_error,
+                        "topk_keyframe": topk_keyframe}
         given = [name for name, value in topk_options.items() if value is not None]
         if self.codec != "topk" and given:
             raise ValueError(f"{', '.join(given)} only apply with compression='topk:<fraction>', "
@@ -87,13 +95,14 @@ class UpdateWriter:
             self._pending, self._restart = None, False
         pending = topk.compress(arrays)
         if pending is None:
-            full = encode(arrays, header, names, secret)
+            stored = [encode_tensor(np.asarray(a), self.keyframe_codec) for a in arrays]
+            full = encode(stored, header, names, secret)
             try:
                 put_first(layout.keyframe_key(header.node_id), full)
             except BaseException:
                 topk.reset()  # it may or may not be there now: start a new chain next time
                 raise
-            items = topk.set_keyframe(arrays, object_ref(full))
+            items = topk.set_keyframe(_as_read(stored), object_ref(full))
             self.keyframes_written += 1
             self._items = items
             return encode_parts(items, header, names, secret, keyframe=topk.keyframe_ref, chain=0)
@@ -127,13 +136,17 @@ class UpdateWriter:
         if self.topk is not None:  # R, what readers hold after the chain (the arrays if no chain yet)
             state = self.topk.state if self.topk.state is not None and self._items is not None else arrays
             return [np.array(a, dtype=np.asarray(a).dtype.newbyteorder("<"), copy=True, order="C") for a in state]
-        items = self._items if self._items is not None else list(arrays)
-        out: list[np.ndarray] = []
-        for index, item in enumerate(items):
-            if isinstance(item, EncodedTensor):
-                spec = Spec(item.codec, item.dtype, item.shape, item.chunk)
-                out.append(decode_tensor(spec, item.parts, "<own>", f"t{index}"))
-            else:
-                array = np.asarray(item)
-                out.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")))
-        return out
+        return _as_read(self._items if self._items is not None else list(arrays))
+
+
+def _as_read(items: Sequence[np.ndarray | EncodedTensor]) -> list[np.ndarray]:
+    """Stored items (not top-k deltas) as every reader decodes them: little-endian, contiguous, bit for bit."""
+    out: list[np.ndarray] = []
+    for index, item in enumerate(items):
+        if isinstance(item, EncodedTensor):
+            spec = Spec(item.codec, item.dtype, item.shape, item.chunk)
+            out.append(decode_tensor(spec, item.parts, "<own>", f"t{index}"))
+        else:
+            array = np.asarray(item)
+            out.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")))
+    return out
