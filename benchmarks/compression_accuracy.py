@@ -27,8 +27,8 @@ from flwr_serverless.simulation.runner import SimulationConfig, SimulationResult
 
 RESULTS = Path(__file__).parent / "results"
 
-#: name -> node options. Top-k variants use the defaults: a chain of deltas with error feedback and a new
-#: keyframe every 50 deltas.
+#: name -> node options. Top-k variants use the defaults: a chain of deltas with error feedback, a new int8
+#: keyframe every 50 deltas (or when the readers' error passes 50%).
 VARIANTS: dict[str, dict[str, Any]] = {
     "none": {"compression": None},
     "fp16": {"compression": "fp16"},
@@ -38,6 +38,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "topk:0.05": {"compression": "topk:0.05"},
     "topk:0.02": {"compression": "topk:0.02"},
     "topk:0.01": {"compression": "topk:0.01"},
+    "topk:0.01-lossless-keyframe": {"compression": "topk:0.01", "topk_keyframe": "lossless"},
 }
 
 
