@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from flwr_serverless import layout
-from flwr_serverless.codec import DecodedUpdate, decode
+from flwr_serverless.codec import DecodedUpdate, KeyframeRef, UpdateHeader, decode
 from flwr_serverless.deadline import NO_DEADLINE, Deadline
 from flwr_serverless.errors import InvalidObjectError, KeyframeRequiredError, ObjectNotFoundError, StoreError
 from flwr_serverless.spool import PeerSpool
@@ -174,6 +174,16 @@ class Exchange:
         except InvalidObjectError as exc:
             self.reject(exc, info.tag, key)  # a bad keyframe or log entry makes its delta unusable too
             return None
+
+    def rebase(self, peers: Sequence[str], arrays: list[np.ndarray], ref: KeyframeRef) -> None:
+        """After a sync round, ``peers`` hold ``arrays`` as we do: their next top-k deltas apply to it."""
+        frozen = []  # our own read-only copy: the caller may change the arrays it trains on in place
+        for array in arrays:
+            copy = np.array(array, copy=True)
+            copy.flags.writeable = False
+            frozen.append(copy)
+        for peer in peers:
+            self.states[peer] = DecodedUpdate(UpdateHeader(peer, seq=ref.seq), [], frozen, keyframe=ref, chain=0)
 
     def _decode(self, data: Any, key: str, base: DecodedUpdate | None) -> DecodedUpdate:
         names = self.expected_names if self.framework == "torch" else None  # Keras auto-names vary by process

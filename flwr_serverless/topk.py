@@ -8,7 +8,12 @@ error feedback of sparsified SGD, without the reader ever summing anything but
 the deltas it was sent. ``R`` only advances when the delta is in the store
 (``commit``), so a failed upload never leaves the writer ahead of its readers.
 
-A new keyframe (lossless) starts a chain: the first time, after
+In lockstep (sync and semi-sync rounds) every member ends a round holding the
+same aggregate, so ``rebase`` moves ``R`` there on the writer and on every
+reader: the next delta is the node's local training alone, not the pull
+towards the community that aggregation applied to every weight.
+
+A new keyframe starts a chain: the first time, after
 ``keyframe_every`` deltas (a late joiner then reads at most that many small
 deltas), when the tensors change shape, and when the readers' state has drifted
 more than ``max_error`` (``|W - R| / |W|``) from the weights, which error
@@ -68,6 +73,7 @@ class TopKCompressor:
         self.chain = 0  # position of R on the chain (0: the keyframe)
         self.last_error: float | None = None
         self.keyframes = 0
+        self.rebased = False  # R is a round's aggregate every member holds, not a stored object
 
     def compress(self, arrays: Sequence[np.ndarray]) -> PendingDelta | None:
         """The next delta (publish it, then ``commit``); None when a lossless keyframe is due instead."""
@@ -115,9 +121,19 @@ class TopKCompressor:
         self.chain = 0
         self.last_error = 0.0
         self.keyframes += 1
+        self.rebased = False
         return [EncodedTensor("delta", s.dtype, tuple(s.shape), {SEP + "indices": np.zeros(0, index_dtype(s.size)),
                                                                  SEP + "values": np.zeros(0, "<f2")})
                 if compressible(s) else s for s in self.state]
+
+    def rebase(self, arrays: Sequence[np.ndarray], ref: KeyframeRef) -> None:
+        """Every reader now holds ``arrays`` for this writer too (a round's aggregate, named by ``ref``)."""
+        if self.state is None or not self._state_matches([np.asarray(a) for a in arrays]):
+            return  # no chain to move (a keyframe comes next anyway)
+        self.state = [np.array(a, dtype=np.asarray(a).dtype.newbyteorder("<"), copy=True, order="C") for a in arrays]
+        self.keyframe_ref = ref
+        self.chain = 0
+        self.rebased = True
 
     def reset(self) -> None:
         """Forget the chain (an upload failed or its outcome is unknown): the next call starts a new keyframe."""

@@ -373,3 +373,65 @@ def test_compression_cuts_the_bytes_each_node_moves_per_epoch(backend, compressi
     up, down = run(compression)
     assert up_plain > 384 * 1024 and down_plain > 384 * 1024
     assert up <= at_most * up_plain and down <= at_most * down_plain, (up / up_plain, down / down_plain)
+
+
+# -- sync: deltas against the round's aggregate ------------------------------------------------------------
+def _sync_topk_nodes(backend: tuple[str, dict[str, Any]], ids: list[str]) -> list[SyncFederatedNode]:
+    return [SyncFederatedNode(_open(backend), num_nodes=len(ids), timeout=30, node_id=i, compression="topk:0.05")
+            for i in ids]
+
+
+def test_sync_topk_deltas_carry_only_the_local_training(backend):
+    """After a round every member holds the aggregate, so the next deltas are against it: 20 moved entries
+    per node are sent exactly, and the round equals FedAvg of the true weights, not of lagging states."""
+    ids = ["n0", "n1", "n2"]
+    nodes = _sync_topk_nodes(backend, ids)
+    counts = {"n0": 10, "n1": 25, "n2": 40}
+    inputs = {i: _model(k) for k, i in enumerate(ids)}
+    sizes = []
+    for round_number in range(4):
+        before = nodes[0].store.stats.bytes_up
+        results = _run_sync_round(nodes, inputs, counts)
+        sizes.append(nodes[0].store.stats.bytes_up - before)
+        for i in ids:
+            assert _same(results[i], results["n0"])
+        if round_number >= 1:  # round 0 published int8 keyframes
+            want = _expected(inputs["n0"], 10, [(inputs["n1"], 25), (inputs["n2"], 40)])
+            for got, expected in zip(results["n0"], want):
+                np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)  # float16 rounding of the deltas
+        inputs = {i: _drift(results[i], 10 * round_number + k) for k, i in enumerate(ids)}
+    assert all(n.writer.keyframes_written == 1 and n.stats.keyframe_misses == 0 for n in nodes)
+    assert max(sizes[1:]) < sizes[0] / 2  # a delta of 20 entries against an int8 keyframe of 2048
+    assert "deltas/" not in str(list(nodes[0].store.list("deltas/")))  # rebased chains need no log
+
+
+@pytest.mark.parametrize("shift", [1e-3, 1.0])
+def test_sync_members_whose_aggregates_differ_resynchronise_through_keyframes(backend, monkeypatch, shift):
+    """n2 ends round 1 holding another aggregate than n0 and n1 (as if it had missed a peer). A small
+    difference: its next delta names its own view, so both sides skip each other (a miss each way). A large
+    one: its next object is a keyframe while the others sent deltas. Either way every member publishes a
+    keyframe the round after, and from then on they agree again."""
+    ids = ["n0", "n1", "n2"]
+    nodes = _sync_topk_nodes(backend, ids)
+    counts = {i: 10 for i in ids}
+    inputs = {i: _model(k) for k, i in enumerate(ids)}
+    odd = nodes[2]
+    real_rebase = odd._rebase
+
+    def rebase_elsewhere(arrays: list[np.ndarray], peers: list[str], diverged: bool) -> None:
+        real_rebase([a + shift if a.dtype.kind == "f" else a for a in arrays], peers, diverged)
+
+    history = []
+    for round_number in range(6):
+        monkeypatch.setattr(odd, "_rebase", rebase_elsewhere if round_number == 1 else real_rebase)
+        results = _run_sync_round(nodes, inputs, counts)
+        history.append(all(_same(results[i], results["n0"]) for i in ids))
+        inputs = {i: _drift(results[i], 10 * round_number + k) for k, i in enumerate(ids)}
+    assert history == [True, True, False, True, True, True]
+    assert all(n.stats.rejected == 0 for n in nodes) and odd.stats.keyframe_misses == 2
+    if shift < 0.1:  # a delta on n2's own view: n0 and n1 could not follow it either
+        assert nodes[0].stats.keyframe_misses == nodes[1].stats.keyframe_misses == 1
+        assert [n.writer.keyframes_written for n in nodes] == [2, 2, 2]
+    else:  # n2's view was too far from its weights: it started a keyframe in round 2 already
+        assert nodes[0].stats.keyframe_misses == nodes[1].stats.keyframe_misses == 0
+        assert [n.writer.keyframes_written for n in nodes] == [2, 2, 3]

@@ -11,7 +11,7 @@ from flwr.server.strategy import Strategy
 
 from flwr_serverless import layout
 from flwr_serverless.aggregation import Contribution
-from flwr_serverless.codec import UpdateHeader
+from flwr_serverless.codec import UpdateHeader, state_ref
 from flwr_serverless.deadline import Deadline
 from flwr_serverless.errors import IncompatiblePeersError, StoreError, SyncTimeoutError
 from flwr_serverless.exchange import is_transient
@@ -128,6 +128,7 @@ class SyncFederatedNode(FederatedNode):
                     raise
                 logger.warning("node %s could not look up the current round (will retry): %s", self.node_id, exc)
         header.round = self.round
+        keyframes = self.writer.keyframes_written
         data = self._encode(arrays, header, deadline, persist=True)
         self._publish(layout.round_key(self.round, self.node_id), data, deadline, persist=True)
         if self.publish_only:
@@ -139,19 +140,38 @@ class SyncFederatedNode(FederatedNode):
         own_arrays = self.writer.seen(arrays)
         listing, state = self._wait_for_round(deadline)
         others = [listing[layout.round_key(self.round, n)] for n in sorted(state.counted - {self.node_id})]
-        peers, headers = self._gather(others, deadline)
+        misses = self.stats.keyframe_misses
+        peers, headers, peer_keyframe = self._gather(others, deadline)
         self._check_compatibility(others, peers)
         own = Contribution(self.node_id, own_arrays, self._weight(header), header.num_examples, header.metrics)
         result = self._aggregate(own, peers, [header, *headers])
+        own_keyframe = self.writer.keyframes_written > keyframes
+        self._rebase(result[0], [p.node_id for p in peers],
+                     diverged=self.stats.keyframe_misses > misses or (peer_keyframe and not own_keyframe))
         if self.round >= 2:
             self.exchange.delete_quietly(layout.round_key(self.round - 2, self.node_id), deadline)
         self.round += 1
         self.started = True
         return result
 
-    def _gather(self, others: list[ObjectInfo], deadline: Deadline) -> tuple[list[Contribution], list[UpdateHeader]]:
+    def _rebase(self, arrays: list[np.ndarray], peers: list[str], diverged: bool) -> None:
+        """Every member that aggregated what we did now holds ``arrays``: top-k deltas of the next round are
+        against them, on writers and readers alike (named by a hash, so a member whose round went otherwise
+        cannot misapply them). Views differ when we could not follow a peer's delta, or a peer started a new
+        keyframe while we sent a delta (it could not follow us, or just joined): then we publish a keyframe
+        next, as it does, and that round every member reads every other whole and agrees again."""
+        ref = state_ref(self.round, arrays)
+        self.exchange.rebase(peers, arrays, ref)
+        self.writer.rebase(arrays, ref)
+        if diverged:
+            self.writer.restart()
+
+    def _gather(self, others: list[ObjectInfo],
+                deadline: Deadline) -> tuple[list[Contribution], list[UpdateHeader], bool]:
+        """The usable peer objects, their headers, and whether one starts a new top-k keyframe."""
         peers: list[Contribution] = []
         headers: list[UpdateHeader] = []
+        keyframe = False
         for info, outcome in zip(others, self.exchange.fetch_many(others, deadline)):
             if isinstance(outcome, StoreError):
                 self.exchange.store_failure(info.key, outcome, f"in round {self.round}")
@@ -159,7 +179,8 @@ class SyncFederatedNode(FederatedNode):
                 h = outcome.header
                 peers.append(Contribution(h.node_id, outcome.arrays, self._weight(h), h.num_examples, h.metrics))
                 headers.append(h)
-        return peers, headers
+                keyframe = keyframe or outcome.chain == 0
+        return peers, headers, keyframe
 
     def _check_compatibility(self, others: list[ObjectInfo], peers: list[Contribution]) -> None:
         """Peers present but none usable, round after round: say so instead of training alone."""

@@ -26,7 +26,7 @@ from flwr_serverless.compression import (
     parse_compression,
 )
 from flwr_serverless.errors import StoreError
-from flwr_serverless.header import MAX_CHAIN
+from flwr_serverless.header import MAX_CHAIN, KeyframeRef
 from flwr_serverless.topk import PendingDelta, TopKCompressor
 
 logger = logging.getLogger("flwr_serverless")
@@ -79,6 +79,7 @@ class UpdateWriter:
         self._pending: PendingDelta | None = None  # a delta encoded but not yet published and logged
         self._restart = False  # its log copy failed: no delta may build on it
         self._node_id = ""
+        self._published: list[np.ndarray] | None = None  # top-k: the chain state of the last publication
         self._items: list[np.ndarray | EncodedTensor] | None = None  # what the last object stored, per tensor
 
     def encode(self, arrays: Sequence[np.ndarray], header: UpdateHeader, names: Sequence[str] | None,
@@ -103,6 +104,7 @@ class UpdateWriter:
                 topk.reset()  # it may or may not be there now: start a new chain next time
                 raise
             items = topk.set_keyframe(_as_read(stored), object_ref(full))
+            self._published = topk.state
             self.keyframes_written += 1
             self._items = items
             return encode_parts(items, header, names, secret, keyframe=topk.keyframe_ref, chain=0)
@@ -117,6 +119,10 @@ class UpdateWriter:
         pending, self._pending = self._pending, None
         if pending is None or self.topk is None:
             return
+        if self.topk.rebased:  # on a round's aggregate: a reader without it cannot use a log either
+            self.topk.commit(pending)
+            self._published = self.topk.state
+            return
         log_key = layout.delta_key(self._node_id, pending.chain)
         try:
             copy(key, log_key)
@@ -125,7 +131,18 @@ class UpdateWriter:
             logger.warning("node %s could not log its top-k delta at %s (its next update starts a new keyframe): "
                            "%s", self._node_id, log_key, exc)
         self.topk.commit(pending)  # readers of ``key`` hold this state now, logged or not
+        self._published = self.topk.state  # a rebase replaces the list, a commit changes it: kept until then
         self.deltas_logged += 0 if self._restart else 1
+
+    def rebase(self, arrays: Sequence[np.ndarray], ref: KeyframeRef) -> None:
+        """A sync round ended with every member holding ``arrays``: the next delta is against them."""
+        if self.topk is not None and self._pending is None and not self._restart:
+            self.topk.rebase(arrays, ref)
+
+    def restart(self) -> None:
+        """Some peer could not follow (or we could not follow a peer): the next publication is a keyframe."""
+        if self.topk is not None:
+            self._restart = True
 
     def seen(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The last published weights as every reader decodes them (bit for bit), little-endian and contiguous.
@@ -133,8 +150,8 @@ class UpdateWriter:
         A sync node aggregates these as its own contribution, so all members of a
         round average the same values and hold identical weights.
         """
-        if self.topk is not None:  # R, what readers hold after the chain (the arrays if no chain yet)
-            state = self.topk.state if self.topk.state is not None and self._items is not None else arrays
+        if self.topk is not None:  # R as published, what readers decoded (the arrays if nothing yet)
+            state = self._published if self._published is not None and self._items is not None else arrays
             return [np.array(a, dtype=np.asarray(a).dtype.newbyteorder("<"), copy=True, order="C") for a in state]
         return _as_read(self._items if self._items is not None else list(arrays))
 
