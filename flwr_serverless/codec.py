@@ -230,16 +230,6 @@ def object_ref(data: bytes | memoryview, key: str = "<encoded>") -> KeyframeRef:
     return KeyframeRef(parse_header(fields, key).seq, f"{algorithm}:{digest}")
 
 
-def state_ref(round_number: int, arrays: Sequence[np.ndarray]) -> KeyframeRef:
-    """Names a sync round's aggregate (every member computes the same bits, hence the same hash)."""
-    hasher = _hasher("blake3" if _blake3 is not None else "sha256", sum(np.asarray(a).nbytes for a in arrays))
-    for array in arrays:
-        array = np.asarray(array)
-        hasher.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8))
-    algorithm = "blake3" if _blake3 is not None else "sha256"
-    return KeyframeRef(round_number, f"{algorithm}:{hasher.hexdigest()}")
-
-
 def decode(
     data: bytes | memoryview | mmap.mmap,
     key: str,

@@ -26,6 +26,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import blake3
 import numpy as np
 
 from flwr_serverless.compression import (
@@ -144,6 +145,15 @@ class TopKCompressor:
     def _state_matches(self, arrays: list[np.ndarray]) -> bool:
         return self.state is not None and len(arrays) == len(self.state) and all(
             a.shape == s.shape and a.dtype.newbyteorder("<") == s.dtype for a, s in zip(arrays, self.state))
+
+
+def state_ref(round_number: int, arrays: Sequence[np.ndarray]) -> KeyframeRef:
+    """Names a sync round's aggregate: every member computes the same bits, hence the same BLAKE3 hash."""
+    hasher = blake3.blake3()
+    for array in arrays:
+        array = np.asarray(array)
+        hasher.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8))
+    return KeyframeRef(round_number, f"blake3:{hasher.hexdigest()}")
 
 
 def _squared(flat: np.ndarray) -> float:

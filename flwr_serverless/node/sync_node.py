@@ -11,13 +11,14 @@ from flwr.server.strategy import Strategy
 
 from flwr_serverless import layout
 from flwr_serverless.aggregation import Contribution
-from flwr_serverless.codec import UpdateHeader, state_ref
+from flwr_serverless.codec import UpdateHeader
 from flwr_serverless.deadline import Deadline
 from flwr_serverless.errors import IncompatiblePeersError, StoreError, SyncTimeoutError
 from flwr_serverless.exchange import is_transient
 from flwr_serverless.modes.synchronous import Barrier, barrier, check_counts, current_members, entry_round
 from flwr_serverless.node.base import FederatedNode
 from flwr_serverless.stores import ObjectInfo, Store
+from flwr_serverless.topk import state_ref
 
 logger = logging.getLogger("flwr_serverless")
 
