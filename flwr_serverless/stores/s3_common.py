@@ -105,6 +105,10 @@ class S3ObjectStore(Store):
     def _stream_object(self, key: str, sink: BinaryIO) -> int:
         """One GET, its body written to ``sink`` in chunks; return the size."""
 
+    @abstractmethod
+    def _read_object_tagged(self, key: str) -> tuple[bytes, str]:
+        """One GET: the whole body and the ETag of exactly those bytes (S3 returns it with the body)."""
+
     # -- shared ------------------------------------------------------------------------
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -133,6 +137,18 @@ class S3ObjectStore(Store):
     def _get_into(self, key: str, sink: BinaryIO) -> int:
         with translated("get", key):
             return self._stream_object(key, sink)
+
+    def get_with_tag(self, key: str) -> tuple[bytes, str]:
+        """One GET instead of LIST + GET: the response carries the ETag of the body it returns."""
+        def attempt() -> tuple[bytes, str]:
+            with translated("get", key):
+                return self._read_object_tagged(key)
+
+        data, tag = self._retrying("get", check_key(key), attempt)
+        self.stats.add(gets=1, bytes_down=len(data))
+        if not unquote_etag(tag):  # an S3-compatible service that omits it: the generic LIST, GET, LIST
+            return super().get_with_tag(key)
+        return data, unquote_etag(tag)
 
     def _list(self, prefix: str) -> dict[str, ObjectInfo]:
         check_prefix(prefix)  # harmless on S3, but every backend should accept the same prefixes
