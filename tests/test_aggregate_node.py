@@ -18,7 +18,7 @@ from flwr.server.strategy.aggregate import aggregate as flower_fedavg
 from flwr_serverless import AggregateFederatedNode, AsyncFederatedNode, open_store
 from flwr_serverless.codec import UpdateHeader, decode, encode
 from flwr_serverless.errors import ConditionalWritesUnsupportedError, StoreError
-from flwr_serverless.modes.aggregate import TABLE, Entry, fold, parse_table, rebuild, stored_specs
+from flwr_serverless.modes.aggregate import TABLE, Entry, fold, parse_table, rebuild, short_hash, stored_specs
 from flwr_serverless.stores.faults import FaultyStore
 from tests.objects import rewrite
 
@@ -54,7 +54,7 @@ def _named_contributions(store: Any, table: dict[str, Entry]) -> list[tuple[list
     out = []
     for node, entry in sorted(table.items()):
         decoded = decode(store.get(f"contributions/{node}/{entry.slot}"), node)
-        assert decoded.payload_hash == entry.payload_hash
+        assert short_hash(decoded.payload_hash) == entry.payload_hash
         out.append((list(decoded.arrays), int(entry.weight)))
     return out
 
@@ -268,7 +268,7 @@ HOSTILE = {
     "negative-weight": (_table_change(lambda t: t["members"]["a"].__setitem__(2, -5)), "weight of 'a'"),
     "bad-slot": (_table_change(lambda t: t["members"]["a"].__setitem__(0, 2)), "slot of 'a'"),
     "bool-seq": (_table_change(lambda t: t["members"]["a"].__setitem__(1, True)), "seq of 'a'"),
-    "short-entry": (_table_change(lambda t: t["members"]["a"].pop()), "must be [slot, seq, weight"),
+    "short-entry": (_table_change(lambda t: t["members"]["a"].pop()), "must be [slot, seq, weight, hash]"),
     "bad-member": (_table_change(lambda t: t["members"].update({"../x": t["members"]["a"]})), "plain node id"),
     "no-table": (lambda data: rewrite(data, lambda f: f["extra"].pop(TABLE)), "must be {'members'"),
     "empty-table": (_table_change(lambda t: t.update(members={})), "no members"),
@@ -319,3 +319,17 @@ def test_thousands_of_folds_stay_within_float32_tolerance_of_an_exact_fedavg():
     assert exact_table == table
     np.testing.assert_allclose(mean[0], exact[0], rtol=1e-5, atol=1e-5)
     assert mean[0].dtype == np.float32 and np.array_equal(mean[1], np.maximum(mean[1], exact[1]))
+
+
+def test_the_table_keeps_64_bit_hashes_and_reads_tables_with_full_ones():
+    import json
+
+    from flwr_serverless.modes.aggregate import table_json
+
+    full = "blake3:" + "ab" * 32
+    table = {f"n{i:03d}": Entry(i % 2, 1000 + i, 150.0, short_hash(full)) for i in range(100)}
+    size = len(json.dumps(table_json(table), separators=(",", ":")))
+    assert size < 40 * 100, size  # ~37 bytes per member instead of ~110 with the full digest
+    assert parse_table(table_json(table), "aggregate") == table
+    legacy = {"members": {"a": [0, 3, 10.0, full]}}
+    assert parse_table(legacy, "aggregate") == {"a": Entry(0, 3, 10.0, "ab" * 8)}

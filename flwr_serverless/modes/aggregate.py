@@ -1,9 +1,16 @@
 """Aggregate mode (O(1) reads per node-epoch): one shared object holds FedAvg of every member's latest contribution.
 
 The object ``aggregate`` stores the weighted mean ``M`` of the contributions
-its *table* names: per member ``[slot, seq, weight, payload hash]``, the slot
+its *table* names: per member ``[slot, seq, weight, hash]``, the slot
 of ``contributions/<id>/<slot>`` holding the contribution, its seq, weight ``c``
-(examples) and payload hash.
+(examples) and the first 64 bits of its payload hash (``short_hash``).
+
+Why 64 bits are enough: the table's hash only tells which of a member's
+contributions the mean includes (an accidental mismatch is a 2^-64 event).
+It is no defence against a hostile writer: one who can write contributions can
+rewrite the aggregate itself, table and all; the object's HMAC signature
+(``secret``) is what refuses forgeries, of both. The full 256-bit digests cost
+~75 bytes per member on every read (7.5 KB at N = 100).
 A member replaces its own contribution with one compare-and-swap write::
 
     M' = (T M - c_old w_old + c_new w_new) / T'      T = sum of the table's weights, T' = T - c_old + c_new
@@ -21,6 +28,7 @@ folding one contribution in, and rebuilding ``M`` from scratch.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +42,8 @@ from flwr_serverless.header import parse_hash
 TABLE = "aggregate"  # the key of the table in the aggregate object's header ``extra``
 MAX_MEMBERS = 100_000
 CHUNK = 1 << 16  # elements per slice of a fold: float64 temporaries stay 512 KiB
+SHORT_HASH = 16  # hex digits of a payload hash kept in the table (64 bits)
+_SHORT = re.compile(rf"[0-9a-f]{{{SHORT_HASH}}}")
 TensorSpec = tuple[tuple[int, ...], np.dtype]
 
 
@@ -44,12 +54,20 @@ class Entry:
     slot: int
     seq: int
     weight: float
-    payload_hash: str
+    payload_hash: str  # short_hash() of the contribution's payload hash
     timestamp: float = field(default=0.0, compare=False)  # the writer's clock (repairs pick the newer slot)
 
     def to_json(self) -> list[Any]:
-        """``[slot, seq, weight, payload_hash]``: a list, as the table is read every epoch at any N."""
-        return [self.slot, self.seq, self.weight, self.payload_hash]
+        """``[slot, seq, weight, hash]``: a list, as the table is read every epoch at any N."""
+        weight = int(self.weight) if self.weight.is_integer() and abs(self.weight) < 2**53 else self.weight
+        return [self.slot, self.seq, weight, self.payload_hash]
+
+
+def short_hash(payload_hash: str) -> str:
+    """``"blake3:<64 hex>"`` -> its first 16 hex digits (a short hash passes through)."""
+    if _SHORT.fullmatch(payload_hash):
+        return payload_hash
+    return parse_hash(payload_hash, "payload_hash")[1][:SHORT_HASH]
 
 
 Table = dict[str, Entry]
@@ -88,7 +106,7 @@ def parse_table(value: Any, key: str) -> Table:
         if not layout.is_valid_node_id(node):
             raise bad(f"member {str(node)[:40]!r} is not a plain node id")
         if not isinstance(raw, list) or len(raw) != 4:
-            raise bad(f"entry of {node!r} must be [slot, seq, weight, payload_hash]")
+            raise bad(f"entry of {node!r} must be [slot, seq, weight, hash]")
         slot, seq, weight, payload_hash = raw
         if isinstance(slot, bool) or not isinstance(slot, int) or slot not in layout.CONTRIBUTION_SLOTS:
             raise bad(f"slot of {node!r} must be 0 or 1")
@@ -96,8 +114,9 @@ def parse_table(value: Any, key: str) -> Table:
             raise bad(f"seq of {node!r} must be an integer in [0, 2**53]")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1e300:
             raise bad(f"weight of {node!r} must be a positive finite number")
-        algorithm, digest = parse_hash(payload_hash, key)
-        table[node] = Entry(int(slot), int(seq), float(weight), f"{algorithm}:{digest}")
+        if not (isinstance(payload_hash, str) and _SHORT.fullmatch(payload_hash)):  # or a full one (0.3 tables)
+            payload_hash = parse_hash(payload_hash, key)[1][:SHORT_HASH]
+        table[node] = Entry(int(slot), int(seq), float(weight), payload_hash)
     return table
 
 

@@ -66,6 +66,7 @@ from flwr_serverless.modes.aggregate import (
     free_slot,
     parse_table,
     rebuild,
+    short_hash,
     stored_specs,
     table_json,
     total_weight,
@@ -140,7 +141,8 @@ class AggregateFederatedNode(FederatedNode):
         header.framework = self._framework
         data = b"".join(self.writer.encode(arrays, header, self._tensor_names, self.secret, _no_keyframes))
         folded = self.writer.seen(arrays)  # what a reader of the contribution decodes: what the mean holds
-        entry = Entry(0, header.seq, float(header.num_examples), object_ref(data).payload_hash, header.timestamp)
+        entry = Entry(0, header.seq, float(header.num_examples), short_hash(object_ref(data).payload_hash),
+                      header.timestamp)
         try:
             mean, table = self._update(data, folded, entry, deadline)
         except StoreError as exc:
@@ -259,7 +261,7 @@ class AggregateFederatedNode(FederatedNode):
             return state, held[1]
         key = layout.contribution_key(self.node_id, entry.slot)
         update = self.exchange.fetch(ObjectInfo(key, "", 0), deadline, node_id=self.node_id)
-        if update is not None and update.payload_hash == entry.payload_hash:
+        if update is not None and short_hash(update.payload_hash) == entry.payload_hash:
             return state, list(update.arrays)
         logger.warning("node %s: the aggregate names its contribution %s (%s), which is gone or changed; "
                        "rebuilding the aggregate", self.node_id, key, entry.payload_hash[:18])
@@ -282,7 +284,7 @@ class AggregateFederatedNode(FederatedNode):
             if isinstance(outcome, StoreError) or outcome is None or outcome.header.num_examples < 1:
                 continue
             h = outcome.header
-            entry = Entry(slot, h.seq, float(h.num_examples), outcome.payload_hash, h.timestamp)
+            entry = Entry(slot, h.seq, float(h.num_examples), short_hash(outcome.payload_hash), h.timestamp)
             # The newer of a member's two slots is its latest contribution (seq restarts with the process).
             if node not in best or (entry.timestamp, entry.seq) > (best[node][0].timestamp, best[node][0].seq):
                 best[node] = (entry, list(outcome.arrays))
