@@ -164,6 +164,16 @@ class S3ObjectStore(Store):
                     return found
                 request["ContinuationToken"] = token
 
+    def _list_page(self, prefix: str, start_after: str, max_keys: int) -> dict[str, ObjectInfo]:
+        check_prefix(prefix)
+        base = f"{self.prefix}/" if self.prefix else ""
+        request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + prefix, "MaxKeys": max_keys}
+        if start_after:
+            request["StartAfter"] = base + start_after
+        with translated("list", prefix):
+            page = self._call("list_objects_v2", **request)
+        return {info.key: info for info in listing_objects(page.get("Contents", []), base)}
+
     def _delete(self, key: str) -> None:
         with translated("delete", key):
             try:
