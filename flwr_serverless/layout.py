@@ -17,7 +17,8 @@ KEYFRAMES = "keyframes/"
 CHECKPOINTS = "keras/"
 AGGREGATE = "aggregate"
 CONTRIBUTIONS = "contributions/"
-CONTRIBUTION_SLOTS = (0, 1)
+CONTRIBUTION_SLOTS = (0, 1, 2)
+PENDING = "pending/"
 PROFILE_SUFFIX = ".json"
 ROUND_DIGITS = 8
 
@@ -32,8 +33,11 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("keyframes/<node_id>", "top-k compression: the full weights that the node's sparse deltas apply to"),
     ("keras/<node_id>/", "Keras callback checkpoints: model_{before,after}_aggregation_<epoch>.h5 and metrics JSON"),
     ("aggregate", "aggregate mode: FedAvg of every member's latest contribution and the table naming them (CAS)"),
-    ("contributions/<node_id>/<slot>", "aggregate mode: a member's contributions, slot 0 or 1 (the one the "
-                                       "aggregate names, and the next)"),
+    ("contributions/<node_id>/<slot>", "aggregate mode: a member's contributions, slot 0, 1 or 2 (the one the "
+                                       "aggregate names, the one a pending change may name, and the next)"),
+    ("pending/<node_id>/<base>.<slot>.<hash>", "aggregate mode: a change that lost its compare-and-swap (the "
+                                               "weighted difference from contribution <base> to <slot>), for "
+                                               "another member to fold in"),
 )
 
 
@@ -86,9 +90,31 @@ def parse_contribution_key(key: str) -> tuple[str, int] | None:
     if not key.startswith(CONTRIBUTIONS):
         return None
     node_id, sep, slot = key[len(CONTRIBUTIONS):].partition("/")
-    if not sep or slot not in ("0", "1") or not is_valid_node_id(node_id):
+    if not sep or slot not in ("0", "1", "2") or not is_valid_node_id(node_id):
         return None
     return node_id, int(slot)
+
+
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+def pending_key(node_id: str, base: str | None, slot: int, new: str) -> str:
+    """``pending/<node>/<base hash or ->.<slot>.<new hash>``: a reader of a listing knows what it replaces."""
+    return f"{PENDING}{node_id}/{base or '-'}.{slot}.{new}"
+
+
+def parse_pending_key(key: str) -> tuple[str, str | None, int, str] | None:
+    """``pending/alice/<base>.1.<new>`` -> ("alice", base or None, 1, new); None for anything else."""
+    if not key.startswith(PENDING):
+        return None
+    node_id, sep, name = key[len(PENDING):].partition("/")
+    parts = name.split(".")
+    if not sep or len(parts) != 3 or not is_valid_node_id(node_id):
+        return None
+    base, slot, new = parts
+    if (base != "-" and not _HEX16.fullmatch(base)) or slot not in ("0", "1", "2") or not _HEX16.fullmatch(new):
+        return None
+    return node_id, None if base == "-" else base, int(slot), new
 
 
 def _tail(key: str, prefix: str, suffix: str = "") -> str | None:
