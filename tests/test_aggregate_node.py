@@ -235,6 +235,24 @@ def test_a_winner_folds_a_pending_change_exactly_once_and_its_owner_replaces_it_
     _close(_aggregate_of(a.store, _model(0))[0], want)
 
 
+def test_a_node_whose_changes_keep_losing_never_overwrites_the_slot_a_helper_made_it_name(store_url_factory):
+    url = store_url_factory("memory")
+    a = _lost_and_pending(url)  # change 1: slot 0 -> 1, pending
+    d = AggregateFederatedNode(_open(url), node_id="d", helping=False)
+    helper = AggregateFederatedNode(_open(url), node_id="c", **TOY)
+    helper.update_parameters(_model(6), 30, epoch=0)  # folds change 1: the table names a's slot 1
+    assert helper.helping_stats.folded_for_others == 1
+    a.store.before_cas = lambda: d.update_parameters(_model(8), 20, epoch=0)
+    a.update_parameters(_model(5), 10, epoch=2)  # loses again: change 2 from slot 1 to slot 2, pending
+    assert a.stats.cas_giveups == 2 and a.helping_stats.folded_by_helper == 1
+    got, _ = a.update_parameters(_model(9), 10, epoch=3)  # must go to slot 0: 1 is named, 2 may be
+    _close(got, _fedavg([(_model(9), 10), (_model(4), 20), (_model(6), 30), (_model(8), 20)]))
+    mean, table = _aggregate_of(a.store, _model(0))
+    assert table["a"].slot == 0 and a.stats.repairs == 0
+    _close(mean, _fedavg([(_model(9), 10), (_model(4), 20), (_model(6), 30), (_model(8), 20)]))
+    _close(mean, _fedavg(_named_contributions(a.store, table)))
+
+
 def test_a_node_dying_with_a_pending_change_loses_nothing_and_its_restart_avoids_its_slot(store_url_factory):
     url = store_url_factory("boto3")
     a = _lost_and_pending(url)  # a dies here: contribution in slot 1, pending change from slot 0 to slot 1

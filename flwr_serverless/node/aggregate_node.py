@@ -134,7 +134,8 @@ class AggregateFederatedNode(Helping, FederatedNode):
         self.random = random.Random(seed)
         self.sleep = time.sleep  # backoff between attempts (tests inject their own)
         self.version = 0  # the aggregate version this node last wrote or saw
-        self._named: Entry | None = None  # our entry in the aggregate, as of our last successful write
+        self._named: Entry | None = None  # our entry in the aggregate, as of our last read or write
+        self._named_known = False  # False until the first read: then where to PUT before reading is unknown
         self._slots: dict[int, tuple[str, list[np.ndarray]]] = {}  # slot -> (payload hash, arrays) we wrote there
         self.helping = bool(helping)  # fold one pending change of another member into our writes
         self.helping_stats = HelpingStats()
@@ -160,6 +161,7 @@ class AggregateFederatedNode(Helping, FederatedNode):
         try:
             mean, table = self._update(data, folded, entry, deadline)
         except StoreError as exc:
+            self._named_known = False  # a write may have landed: read before choosing a slot again
             self.stats.store_failures += 1
             logger.warning("node %s could not federate this epoch, keeping local weights: %s", self.node_id, exc)
             mean, table = None, {}
@@ -213,6 +215,8 @@ class AggregateFederatedNode(Helping, FederatedNode):
                     upload.result()
                     upload, written = None, guess
                 named = state.table.get(self.node_id)
+                # Since this read, only our own write or a helper folding one of our live changes moves it.
+                self._named, self._named_known = named, True
                 self._settle_own(named, deadline)
                 mean, table, helped = state.mean, state.table, None
                 if named is not None and mean is not None and (named.seq, named.weight, named.payload_hash) \
@@ -251,7 +255,7 @@ class AggregateFederatedNode(Helping, FederatedNode):
                     self.exchange.delete_quietly(helped.ref.key, deadline)
                 return mean, table
         self.stats.cas_giveups += 1
-        if last is not None and written is not None:
+        if last is not None and written is not None and last[2] != last[0].table.get(self.node_id):
             self._publish_pending(last[0].table.get(self.node_id), last[1], folded, last[2], deadline)
         else:
             self.helping_stats.deferred += 1

@@ -140,6 +140,7 @@ class Helping:
     _tensor_names: list[str] | None
     _framework: str | None
     _named: Entry | None
+    _named_known: bool
     helping_stats: HelpingStats
     max_models_down: float | None
     max_requests: int | None
@@ -155,7 +156,7 @@ class Helping:
 
     def _guess_slot(self) -> int | None:
         """Where to PUT the contribution before reading: free whatever helpers did since (None: unknown)."""
-        if self._named is None or not self._own_listed:
+        if not self._named_known or not self._own_listed:
             return None
         return free_slot(self._taken(self._named))
 
