@@ -4,17 +4,19 @@ Instead of reading every peer (O(N) GETs per epoch), a node reads and updates
 one shared object, ``aggregate``: FedAvg of every member's latest contribution
 and a table naming them (see ``flwr_serverless.modes.aggregate``). One epoch:
 
-1. LIST + GET ``aggregate``: its tag (for the compare-and-swap), mean and table;
-2. PUT the new contribution to the node's free slot ``contributions/<id>/<slot>``
-   (never the slot the aggregate names; skipped on a retry that keeps the slot);
-3. fold it in (subtract the old contribution, add the new) and write the
-   aggregate with ``put_if_match`` on the tag from 1 (``put_if_absent`` the first time).
+1. LIST one page of ``pending/`` (changes of members whose writes lost);
+2. GET ``aggregate`` (S3 returns its tag with it), beside it GET one pending
+   change and PUT the new contribution to a free slot ``contributions/<id>/<slot>``
+   (never the slot the aggregate names, nor one a live pending change of ours names);
+3. fold the pending change in if the table still names exactly its base entry,
+   fold our own in (subtract the old contribution, add the new), and write the
+   aggregate with ``put_if_match`` on the tag from 2 (``put_if_absent`` the first time).
 
 A 412 (another member wrote in between) means: back off (jittered), read again,
-fold again, at most ``max_attempts`` times. Then the node trains on from the mean
-it would have written, and its contribution waits: the next epoch's replaces it,
-and only the latest counts. An epoch costs 4 requests plus 3 per retry, and one
-aggregate (one model) down per attempt.
+fold again, while ``max_attempts``, ``max_requests`` (10) and ``max_models_down``
+(3 model sizes) allow. Then the node trains on from the mean it would have
+written and publishes its change as pending (``aggregate_pending``): the next
+member to win a write folds it in, or the node's next epoch replaces it.
 
 Consistency: every successful write is a linearizable step from the aggregate
 it read, so the aggregate is always exactly FedAvg (up to float rounding) over
@@ -26,8 +28,9 @@ contribution keeps its weight until its member replaces it, and a member that
 left keeps its last contribution in the mean (as its ``nodes/<id>`` would in
 FedAvgAsync).
 
-Crash safety: the aggregate only names contributions written before it, and a
-node never overwrites the slot the aggregate names, so a node killed anywhere
+Crash safety: the aggregate only names contributions written before it (a
+pending change is published after its contribution), and a node never
+overwrites the slot the aggregate names or may name, so a node killed anywhere
 leaves an aggregate whose contributions can all be subtracted. A restarted node
 GETs its named contribution once. An aggregate that fails validation, or names
 a contribution that was lost or changed, is rebuilt from the contributions in
@@ -98,8 +101,10 @@ def _no_keyframes(key: str, data: bytes) -> None:  # pragma: no cover - top-k is
 class AggregateFederatedNode(Helping, FederatedNode):
     """FedAvgAsync over one shared aggregate kept by compare-and-swap: O(1) requests per epoch at any N.
 
-    ``max_attempts`` (3) bounds the compare-and-swap attempts per epoch (requests
-    <= 1 + 3 * max_attempts); ``timeout`` bounds the whole call. Needs a store with
+    ``max_attempts`` (3) bounds the compare-and-swap attempts per epoch, ``max_requests``
+    (10) and ``max_models_down`` (3 model sizes; None: no bound) what an epoch may spend on
+    retries and on folding another member's pending change (``helping``, on by default);
+    ``timeout`` bounds the whole call. Needs a store with
     conditional writes (S3, memory://, local folders) and FedAvg; ``compression``
     may be "fp16", "bf16" or "int8" (contributions must be subtractable exactly).
     """
