@@ -79,11 +79,20 @@ def run(mode: str, n: int, args: argparse.Namespace, epoch_seconds: float, endpo
     client.create_bucket(Bucket=bucket)
     url = f"s3://{bucket}/{mode}-{n}"
 
+    listed: dict[str, int] = {}  # bytes of LIST answers per node (the store counts GET bytes only)
+
     def make(i: int) -> Any:
         store = open_store(url, endpoint_url=endpoint, backend="boto3")
+        node_id = f"n{i:03d}"
+        listed[node_id] = 0
+
+        def count(http_response: Any, **_: Any) -> None:
+            listed[node_id] += len(http_response.content or b"")
+
+        store.client.meta.events.register("after-call.s3.ListObjectsV2", count)
         if mode == "aggregate":
-            return AggregateFederatedNode(store, node_id=f"n{i:03d}", seed=i)
-        return AsyncFederatedNode(store, node_id=f"n{i:03d}")
+            return AggregateFederatedNode(store, node_id=node_id, seed=i, helping=args.helping == "on")
+        return AsyncFederatedNode(store, node_id=node_id)
 
     nodes = [make(i) for i in range(n)]
     model_bytes = 4 * args.params
@@ -102,15 +111,19 @@ def run(mode: str, n: int, args: argparse.Namespace, epoch_seconds: float, endpo
                 time.sleep(epoch_seconds * pace.uniform(0.8, 1.2))
                 weights = [w + rng.standard_normal(w.shape).astype(np.float32) * 0.01 for w in weights]
                 before, stats = node.store.stats.as_dict(), node.stats.as_dict()
+                helping, list_bytes = _helping(node), listed[node.node_id]
                 started = time.perf_counter()
                 node.update_parameters(weights, count, epoch=epoch)
                 seconds = time.perf_counter() - started
                 after, later = node.store.stats.as_dict(), node.stats.as_dict()
+                helped = _helping(node)
                 with lock:
                     rows.append({"epoch": epoch, "seconds": seconds,
                                  **{k: after[k] - before[k] for k in ("requests", "gets", "puts", "lists")},
-                                 "bytes_down": after["bytes_down"] - before["bytes_down"],
-                                 **{k: later[k] - stats[k] for k in ("cas_conflicts", "cas_giveups", "repairs")}})
+                                 "bytes_down": after["bytes_down"] - before["bytes_down"]
+                                 + listed[node.node_id] - list_bytes,
+                                 **{k: later[k] - stats[k] for k in ("cas_conflicts", "cas_giveups", "repairs")},
+                                 **{k: helped[k] - helping[k] for k in helped}})
                     last[node.node_id] = ([np.array(w) for w in weights], count)
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -141,12 +154,25 @@ def run(mode: str, n: int, args: argparse.Namespace, epoch_seconds: float, endpo
     if mode == "aggregate":
         conflicts = sum(r["cas_conflicts"] for r in rows)
         writes = len(rows) - sum(r["cas_giveups"] for r in rows) + conflicts
-        result.update(conflict_rate=conflicts / writes, deferred_epochs=sum(r["cas_giveups"] for r in rows),
-                      repairs=sum(r["repairs"] for r in rows), node_epochs_all=len(rows),
-                      **check_aggregate(nodes[0], last))
+        checked = check_aggregate(nodes[0], last)
+        # Changes still pending when the run ends: folded by a helper if the final table names them.
+        final = checked.pop("table")
+        ends = [final.get(node.node_id) is not None and final[node.node_id].payload_hash == ref.new
+                for node in nodes for ref in node._own.values()]
+        result.update(conflict_rate=conflicts / writes, lost_all_attempts=sum(r["cas_giveups"] for r in rows),
+                      folded_by_helper=sum(r.get("folded_by_helper", 0) for r in rows) + sum(ends),
+                      folded_for_others=sum(r.get("folded_for_others", 0) for r in rows),
+                      deferred_epochs=sum(r.get("deferred", 0) for r in rows) + len(ends) - sum(ends),
+                      list_bytes_mean=statistics.fmean(listed.values()) / args.epochs,
+                      repairs=sum(r["repairs"] for r in rows), node_epochs_all=len(rows), **checked)
     for node in nodes:
         node.store.close()
     return result
+
+
+def _helping(node: Any) -> dict[str, int]:
+    stats = getattr(node, "helping_stats", None)
+    return {} if stats is None else dict(vars(stats))
 
 
 def check_aggregate(node: Any, last: dict[str, tuple[list[np.ndarray], int]]) -> dict[str, Any]:
@@ -168,7 +194,7 @@ def check_aggregate(node: Any, last: dict[str, tuple[list[np.ndarray], int]]) ->
     error = max(float(np.max(np.abs(m - e)) / max(float(np.max(np.abs(e))), 1e-30))
                 for m, e in zip(decoded.arrays, exact))
     return {"max_relative_error_vs_exact_fedavg": error, "members_in_table": len(table),
-            "members_latest_folded": latest}
+            "members_latest_folded": latest, "table": table}
 
 
 def plot(out: dict[str, Any], path: Path) -> None:
@@ -209,12 +235,14 @@ def main() -> None:
     parser.add_argument("--epoch-seconds", type=float, default=5.0)
     parser.add_argument("--contention", default="2,1,0.5", help="epoch seconds of the sweep at the largest N")
     parser.add_argument("--modes", default="all-peers,aggregate")
+    parser.add_argument("--helping", choices=("on", "off"), default="on",
+                        help="aggregate mode: fold one pending change of another member into each write")
     args = parser.parse_args()
     sizes = [int(x) for x in args.nodes.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped on kill too
     server, endpoint, client = start_server()
-    out: dict[str, Any] = {"setup": {"params": args.params, "epochs": args.epochs,
+    out: dict[str, Any] = {"setup": {"params": args.params, "epochs": args.epochs, "helping": args.helping,
                                      "epoch_seconds": args.epoch_seconds, "store": "moto S3 server process, boto3",
                                      "steady_state": "epochs after the first"}, "sweep": [], "contention": []}
     try:
@@ -237,11 +265,12 @@ def main() -> None:
     (RESULTS / "aggregate_mode.json").write_text(json.dumps(out, indent=2))
     plot(out, RESULTS / "aggregate_mode.png")
     print("\n| mode | N | requests / node-epoch (max) | models down / node-epoch (max) | s per federation | "
-          "conflict rate | deferred |")
+          "conflict rate | lost all attempts | folded by a helper | deferred |")
     for r in [*out["sweep"], *out["contention"]]:
         print(f"| {r['mode']} ({r['epoch_seconds']:g} s epochs) | {r['nodes']} | {r['requests_mean']:.2f} "
               f"({r['requests_max']}) | {r['models_down_mean']:.2f} ({r['models_down_max']:.2f}) | "
-              f"{r['seconds_median']:.3f} | {r.get('conflict_rate', 0):.2f} | {r.get('deferred_epochs', '-')} |")
+              f"{r['seconds_median']:.3f} | {r.get('conflict_rate', 0):.2f} | {r.get('lost_all_attempts', '-')} | "
+              f"{r.get('folded_by_helper', '-')} | {r.get('deferred_epochs', '-')} |")
 
 
 if __name__ == "__main__":

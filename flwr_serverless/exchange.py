@@ -331,5 +331,12 @@ class Exchange:
         self.stats.store_failures += 1
         logger.warning("node %s skips %s %s, could not pull it: %s", self.node_id, key, what, exc)
 
+    # -- added for the aggregate mode's helping (kept at the end of the class) --------------------------
+    def list_page(self, prefix: str, start_after: str, max_keys: int,
+                  deadline: Deadline = NO_DEADLINE) -> dict[str, ObjectInfo]:
+        """One page of ``prefix`` (``Store.list_page``): at most ``max_keys`` keys after ``start_after``."""
+        with deadline.applied():
+            return self.store.list_page(prefix, start_after, max_keys)
+
 
 __all__ = ["Exchange", "NodeStats", "Outcome", "is_transient"]

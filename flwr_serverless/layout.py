@@ -17,7 +17,8 @@ KEYFRAMES = "keyframes/"
 CHECKPOINTS = "keras/"
 AGGREGATE = "aggregate"
 CONTRIBUTIONS = "contributions/"
-CONTRIBUTION_SLOTS = (0, 1)
+CONTRIBUTION_SLOTS = (0, 1, 2)
+PENDING = "pending/"
 DELTAS = "deltas/"
 DELTA_DIGITS = 8
 PROFILE_SUFFIX = ".json"
@@ -34,8 +35,11 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("keyframes/<node_id>", "top-k compression: the full weights that start the node's chain of sparse deltas"),
     ("keras/<node_id>/", "Keras callback checkpoints: model_{before,after}_aggregation_<epoch>.h5 and metrics JSON"),
     ("aggregate", "aggregate mode: FedAvg of every member's latest contribution and the table naming them (CAS)"),
-    ("contributions/<node_id>/<slot>", "aggregate mode: a member's contributions, slot 0 or 1 (the one the "
-                                       "aggregate names, and the next)"),
+    ("contributions/<node_id>/<slot>", "aggregate mode: a member's contributions, slot 0, 1 or 2 (the one the "
+                                       "aggregate names, the one a pending change may name, and the next)"),
+    ("pending/<node_id>/<base>.<slot>.<hash>", "aggregate mode: a change that lost its compare-and-swap (the "
+                                               "weighted difference from contribution <base> to <slot>), for "
+                                               "another member to fold in"),
     ("deltas/<node_id>/<index>", "top-k compression: the node's delta log since its keyframe (8-digit index)"),
 )
 
@@ -89,7 +93,7 @@ def parse_contribution_key(key: str) -> tuple[str, int] | None:
     if not key.startswith(CONTRIBUTIONS):
         return None
     node_id, sep, slot = key[len(CONTRIBUTIONS):].partition("/")
-    if not sep or slot not in ("0", "1") or not is_valid_node_id(node_id):
+    if not sep or slot not in ("0", "1", "2") or not is_valid_node_id(node_id):
         return None
     return node_id, int(slot)
 
@@ -109,6 +113,26 @@ def parse_delta_key(key: str) -> tuple[str, int] | None:
             or not is_valid_node_id(node_id):
         return None
     return node_id, int(index)
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+def pending_key(node_id: str, base: str | None, slot: int, new: str) -> str:
+    """``pending/<node>/<base hash or ->.<slot>.<new hash>``: a reader of a listing knows what it replaces."""
+    return f"{PENDING}{node_id}/{base or '-'}.{slot}.{new}"
+
+
+def parse_pending_key(key: str) -> tuple[str, str | None, int, str] | None:
+    """``pending/alice/<base>.1.<new>`` -> ("alice", base or None, 1, new); None for anything else."""
+    if not key.startswith(PENDING):
+        return None
+    node_id, sep, name = key[len(PENDING):].partition("/")
+    parts = name.split(".")
+    if not sep or len(parts) != 3 or not is_valid_node_id(node_id):
+        return None
+    base, slot, new = parts
+    if (base != "-" and not _HEX16.fullmatch(base)) or slot not in ("0", "1", "2") or not _HEX16.fullmatch(new):
+        return None
+    return node_id, None if base == "-" else base, int(slot), new
 
 
 def _tail(key: str, prefix: str, suffix: str = "") -> str | None:

@@ -1,9 +1,16 @@
 """Aggregate mode (O(1) reads per node-epoch): one shared object holds FedAvg of every member's latest contribution.
 
 The object ``aggregate`` stores the weighted mean ``M`` of the contributions
-its *table* names: per member ``[slot, seq, weight, payload hash]``, the slot
+its *table* names: per member ``[slot, seq, weight, hash]``, the slot
 of ``contributions/<id>/<slot>`` holding the contribution, its seq, weight ``c``
-(examples) and payload hash.
+(examples) and the first 64 bits of its payload hash (``short_hash``).
+
+Why 64 bits are enough: the table's hash only tells which of a member's
+contributions the mean includes (an accidental mismatch is a 2^-64 event).
+It is no defence against a hostile writer: one who can write contributions can
+rewrite the aggregate itself, table and all; the object's HMAC signature
+(``secret``) is what refuses forgeries, of both. The full 256-bit digests cost
+~75 bytes per member on every read (7.5 KB at N = 100).
 A member replaces its own contribution with one compare-and-swap write::
 
     M' = (T M - c_old w_old + c_new w_new) / T'      T = sum of the table's weights, T' = T - c_old + c_new
@@ -14,13 +21,20 @@ update. Integer and boolean tensors hold the element-wise maximum of every
 contribution folded so far (FedAvg keeps the maximum of such tensors; for step
 counters, which only grow, that is the maximum of the latest ones).
 
+A member whose compare-and-swap lost publishes its change as a *pending* delta
+``d = c_new w_new - c_old w_old`` with the entries it replaces and adds; any
+member that wins a write can fold it in with ``M' = (T M + d) / T'``
+(``fold_delta``), but only while the table still names exactly that base
+entry: the fold replaces it, so no delta is ever folded twice.
+
 Everything here is pure: parsing and checking a table read from the store,
-folding one contribution in, and rebuilding ``M`` from scratch.
+folding one contribution or delta in, and rebuilding ``M`` from scratch.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +48,8 @@ from flwr_serverless.header import parse_hash
 TABLE = "aggregate"  # the key of the table in the aggregate object's header ``extra``
 MAX_MEMBERS = 100_000
 CHUNK = 1 << 16  # elements per slice of a fold: float64 temporaries stay 512 KiB
+SHORT_HASH = 16  # hex digits of a payload hash kept in the table (64 bits)
+_SHORT = re.compile(rf"[0-9a-f]{{{SHORT_HASH}}}")
 TensorSpec = tuple[tuple[int, ...], np.dtype]
 
 
@@ -44,12 +60,20 @@ class Entry:
     slot: int
     seq: int
     weight: float
-    payload_hash: str
+    payload_hash: str  # short_hash() of the contribution's payload hash
     timestamp: float = field(default=0.0, compare=False)  # the writer's clock (repairs pick the newer slot)
 
     def to_json(self) -> list[Any]:
-        """``[slot, seq, weight, payload_hash]``: a list, as the table is read every epoch at any N."""
-        return [self.slot, self.seq, self.weight, self.payload_hash]
+        """``[slot, seq, weight, hash]``: a list, as the table is read every epoch at any N."""
+        weight = int(self.weight) if self.weight.is_integer() and abs(self.weight) < 2**53 else self.weight
+        return [self.slot, self.seq, weight, self.payload_hash]
+
+
+def short_hash(payload_hash: str) -> str:
+    """``"blake3:<64 hex>"`` -> its first 16 hex digits (a short hash passes through)."""
+    if _SHORT.fullmatch(payload_hash):
+        return payload_hash
+    return parse_hash(payload_hash, "payload_hash")[1][:SHORT_HASH]
 
 
 Table = dict[str, Entry]
@@ -87,24 +111,37 @@ def parse_table(value: Any, key: str) -> Table:
     for node, raw in members.items():
         if not layout.is_valid_node_id(node):
             raise bad(f"member {str(node)[:40]!r} is not a plain node id")
-        if not isinstance(raw, list) or len(raw) != 4:
-            raise bad(f"entry of {node!r} must be [slot, seq, weight, payload_hash]")
-        slot, seq, weight, payload_hash = raw
-        if isinstance(slot, bool) or not isinstance(slot, int) or slot not in layout.CONTRIBUTION_SLOTS:
-            raise bad(f"slot of {node!r} must be 0 or 1")
-        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= 2**53:
-            raise bad(f"seq of {node!r} must be an integer in [0, 2**53]")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1e300:
-            raise bad(f"weight of {node!r} must be a positive finite number")
-        algorithm, digest = parse_hash(payload_hash, key)
-        table[node] = Entry(int(slot), int(seq), float(weight), f"{algorithm}:{digest}")
+        table[node] = parse_entry(raw, node, key, "aggregate table")
     return table
 
 
-def free_slot(table: Mapping[str, Entry], node: str) -> int:
-    """The slot a member writes its next contribution to: never the one the aggregate names."""
-    entry = table.get(node)
-    return 0 if entry is None else 1 - entry.slot
+def parse_entry(raw: Any, node: str, key: str, where: str) -> Entry:
+    """One ``[slot, seq, weight, hash]`` entry of ``node``, checked; ``InvalidObjectError`` otherwise."""
+    def bad(why: str) -> InvalidObjectError:
+        return InvalidObjectError(key, f"{where}: {why}")
+
+    if not isinstance(raw, list) or len(raw) != 4:
+        raise bad(f"entry of {node!r} must be [slot, seq, weight, hash]")
+    slot, seq, weight, payload_hash = raw
+    if isinstance(slot, bool) or not isinstance(slot, int) or slot not in layout.CONTRIBUTION_SLOTS:
+        raise bad(f"slot of {node!r} must be one of {layout.CONTRIBUTION_SLOTS}")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= 2**53:
+        raise bad(f"seq of {node!r} must be an integer in [0, 2**53]")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1e300:
+        raise bad(f"weight of {node!r} must be a positive finite number")
+    if not (isinstance(payload_hash, str) and _SHORT.fullmatch(payload_hash)):  # or a full one (0.3 tables)
+        payload_hash = parse_hash(payload_hash, key)[1][:SHORT_HASH]
+    return Entry(int(slot), int(seq), float(weight), payload_hash)
+
+
+def free_slot(taken: set[int], preferred: int | None = None) -> int | None:
+    """A slot outside ``taken`` (the one the aggregate names, and any a live pending change may name).
+
+    ``preferred`` (where the contribution already is) if it is free; None if every slot is taken.
+    """
+    if preferred is not None and preferred not in taken:
+        return preferred
+    return next((slot for slot in layout.CONTRIBUTION_SLOTS if slot not in taken), None)
 
 
 def fold(mean: Sequence[np.ndarray] | None, table: Mapping[str, Entry], node: str,
@@ -130,6 +167,52 @@ def fold(mean: Sequence[np.ndarray] | None, table: Mapping[str, Entry], node: st
             continue
         previous = None if old is None else np.asarray(old[index])
         out.append(_fold_tensor(current, before, previous, old_weight, fresh, entry.weight, after))
+    return out, updated
+
+
+def delta(old: Sequence[np.ndarray] | None, old_weight: float, new: Sequence[np.ndarray],
+          new_weight: float) -> list[np.ndarray]:
+    """A pending change: ``new_weight * new - old_weight * old`` for float tensors (in float64, stored at
+    least float32), ``new`` itself for integer ones (the mean keeps their maximum)."""
+    out = []
+    for index, fresh in enumerate(new):
+        fresh = np.asarray(fresh)
+        dtype = stored_dtype(fresh.dtype)
+        if dtype.kind != "f":
+            out.append(np.ascontiguousarray(fresh, dtype=dtype))
+            continue
+        acc = fresh.astype(np.float64) * new_weight
+        if old is not None:
+            acc -= np.asarray(old[index]).astype(np.float64) * old_weight
+        out.append(acc.astype(dtype))
+    return out
+
+
+def fold_delta(mean: Sequence[np.ndarray], table: Mapping[str, Entry], node: str, base: Entry | None,
+               change: Sequence[np.ndarray], entry: Entry) -> tuple[list[np.ndarray], Table]:
+    """Fold another member's pending ``change`` (see ``delta``) in: ``M' = (T M + d) / T'``.
+
+    Only valid while the table names exactly ``base`` for ``node`` (None: no entry), which the
+    caller checks; the new table names ``entry``, so the same change never matches again.
+    """
+    if table.get(node) != base:
+        raise ValueError(f"node {node}: the pending change replaces {base}, the table names {table.get(node)}")
+    updated = dict(table)
+    before = total_weight(updated)
+    updated[node] = entry
+    after = total_weight(updated)
+    out = []
+    for current, d in zip(mean, change):
+        current, d = np.asarray(current), np.asarray(d)
+        if current.dtype.kind != "f":
+            out.append(np.maximum(current, d.astype(current.dtype)))
+            continue
+        result = np.empty(current.shape, current.dtype)
+        flat, m, n = result.reshape(-1), current.reshape(-1), d.reshape(-1)
+        for start in range(0, m.size, CHUNK):
+            end = start + CHUNK
+            flat[start:end] = (m[start:end].astype(np.float64) * before + n[start:end]) / after
+        out.append(result)
     return out, updated
 
 

@@ -4,17 +4,19 @@ Instead of reading every peer (O(N) GETs per epoch), a node reads and updates
 one shared object, ``aggregate``: FedAvg of every member's latest contribution
 and a table naming them (see ``flwr_serverless.modes.aggregate``). One epoch:
 
-1. LIST + GET ``aggregate``: its tag (for the compare-and-swap), mean and table;
-2. PUT the new contribution to the node's free slot ``contributions/<id>/<slot>``
-   (never the slot the aggregate names; skipped on a retry that keeps the slot);
-3. fold it in (subtract the old contribution, add the new) and write the
-   aggregate with ``put_if_match`` on the tag from 1 (``put_if_absent`` the first time).
+1. LIST one page of ``pending/`` (changes of members whose writes lost);
+2. GET ``aggregate`` (S3 returns its tag with it), beside it GET one pending
+   change and PUT the new contribution to a free slot ``contributions/<id>/<slot>``
+   (never the slot the aggregate names, nor one a live pending change of ours names);
+3. fold the pending change in if the table still names exactly its base entry,
+   fold our own in (subtract the old contribution, add the new), and write the
+   aggregate with ``put_if_match`` on the tag from 2 (``put_if_absent`` the first time).
 
 A 412 (another member wrote in between) means: back off (jittered), read again,
-fold again, at most ``max_attempts`` times. Then the node trains on from the mean
-it would have written, and its contribution waits: the next epoch's replaces it,
-and only the latest counts. An epoch costs 4 requests plus 3 per retry, and one
-aggregate (one model) down per attempt.
+fold again, while ``max_attempts``, ``max_requests`` (10) and ``max_models_down``
+(3 model sizes) allow. Then the node trains on from the mean it would have
+written and publishes its change as pending (``aggregate_pending``): the next
+member to win a write folds it in, or the node's next epoch replaces it.
 
 Consistency: every successful write is a linearizable step from the aggregate
 it read, so the aggregate is always exactly FedAvg (up to float rounding) over
@@ -26,8 +28,9 @@ contribution keeps its weight until its member replaces it, and a member that
 left keeps its last contribution in the mean (as its ``nodes/<id>`` would in
 FedAvgAsync).
 
-Crash safety: the aggregate only names contributions written before it, and a
-node never overwrites the slot the aggregate names, so a node killed anywhere
+Crash safety: the aggregate only names contributions written before it (a
+pending change is published after its contribution), and a node never
+overwrites the slot the aggregate names or may name, so a node killed anywhere
 leaves an aggregate whose contributions can all be subtracted. A restarted node
 GETs its named contribution once. An aggregate that fails validation, or names
 a contribution that was lost or changed, is rebuilt from the contributions in
@@ -63,21 +66,23 @@ from flwr_serverless.modes.aggregate import (
     Entry,
     Table,
     fold,
+    fold_delta,
     free_slot,
     parse_table,
     rebuild,
+    short_hash,
+    stored_dtype,
     stored_specs,
     table_json,
     total_weight,
 )
+from flwr_serverless.node.aggregate_pending import RESERVED, Helping, HelpingStats, Pending, PendingRef, Spend
 from flwr_serverless.node.base import FederatedNode
 from flwr_serverless.stores import ObjectInfo, Store
 
 logger = logging.getLogger("flwr_serverless")
 
 BACKOFF = 0.05  # seconds: the first retry waits up to this, doubling after each conflict
-
-
 @dataclass
 class AggregateState:
     """The aggregate as read: its tag (None: absent), mean (None: empty), table and version."""
@@ -93,20 +98,28 @@ def _no_keyframes(key: str, data: bytes) -> None:  # pragma: no cover - top-k is
     raise RuntimeError("the aggregate mode publishes no keyframes")
 
 
-class AggregateFederatedNode(FederatedNode):
+class AggregateFederatedNode(Helping, FederatedNode):
     """FedAvgAsync over one shared aggregate kept by compare-and-swap: O(1) requests per epoch at any N.
 
-    ``max_attempts`` (3) bounds the compare-and-swap attempts per epoch (requests
-    <= 1 + 3 * max_attempts); ``timeout`` bounds the whole call. Needs a store with
+    ``max_attempts`` (3) bounds the compare-and-swap attempts per epoch, ``max_requests``
+    (10) and ``max_models_down`` (3 model sizes; None: no bound) what an epoch may spend on
+    retries and on folding another member's pending change (``helping``, on by default);
+    ``timeout`` bounds the whole call. Needs a store with
     conditional writes (S3, memory://, local folders) and FedAvg; ``compression``
     may be "fp16", "bf16" or "int8" (contributions must be subtractable exactly).
     """
 
     def __init__(self, store: Store | str | None = None, strategy: Strategy | str | None = None, *,
                  max_attempts: int = 3, timeout: float | None = None, seed: int | None = None,
+                 helping: bool = True, max_models_down: float | None = 3.0, max_requests: int | None = 10,
                  **options: Any) -> None:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"max_attempts must be a positive integer, got {max_attempts!r}")
+        if max_models_down is not None and (isinstance(max_models_down, bool) or not max_models_down >= 1):
+            raise ValueError(f"max_models_down must be a number of model sizes >= 1 or None, got {max_models_down!r}")
+        if max_requests is not None and (isinstance(max_requests, bool) or not isinstance(max_requests, int)
+                                         or max_requests < 4 + RESERVED):
+            raise ValueError(f"max_requests must be an integer >= {4 + RESERVED} or None, got {max_requests!r}")
         if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         super().__init__(store, strategy, **options)
@@ -121,12 +134,20 @@ class AggregateFederatedNode(FederatedNode):
                 "put_if_match", layout.AGGREGATE,
                 f"{self.store!r} cannot compare-and-swap, which the aggregate mode needs (use AsyncFederatedNode)")
         self.max_attempts = max_attempts
+        self.max_models_down, self.max_requests = max_models_down, max_requests
         self.timeout = timeout
         self.random = random.Random(seed)
         self.sleep = time.sleep  # backoff between attempts (tests inject their own)
         self.version = 0  # the aggregate version this node last wrote or saw
-        self._named: Entry | None = None  # our entry in the aggregate, as of our last successful write
+        self._named: Entry | None = None  # our entry in the aggregate, as of our last read or write
+        self._named_known = False  # False until the first read: then where to PUT before reading is unknown
         self._slots: dict[int, tuple[str, list[np.ndarray]]] = {}  # slot -> (payload hash, arrays) we wrote there
+        self.helping = bool(helping)  # fold one pending change of another member into our writes
+        self.helping_stats = HelpingStats()
+        self._own: dict[str, PendingRef] = {}  # our published changes that may still be folded
+        self._own_listed = False  # whether _own covers what an earlier process of ours published
+        self._members_seen: set[str] = set()  # members of the last table read (random starts of the page)
+        self._aggregate_size: int | None = None  # bytes of the last aggregate read
 
     def _deadline(self) -> Deadline:
         return Deadline.after(self.timeout, self.clock)
@@ -140,10 +161,12 @@ class AggregateFederatedNode(FederatedNode):
         header.framework = self._framework
         data = b"".join(self.writer.encode(arrays, header, self._tensor_names, self.secret, _no_keyframes))
         folded = self.writer.seen(arrays)  # what a reader of the contribution decodes: what the mean holds
-        entry = Entry(0, header.seq, float(header.num_examples), object_ref(data).payload_hash, header.timestamp)
+        entry = Entry(0, header.seq, float(header.num_examples), short_hash(object_ref(data).payload_hash),
+                      header.timestamp)
         try:
             mean, table = self._update(data, folded, entry, deadline)
         except StoreError as exc:
+            self._named_known = False  # a write may have landed: read before choosing a slot again
             self.stats.store_failures += 1
             logger.warning("node %s could not federate this epoch, keeping local weights: %s", self.node_id, exc)
             mean, table = None, {}
@@ -160,35 +183,66 @@ class AggregateFederatedNode(FederatedNode):
 
     def _update(self, data: bytes, folded: list[np.ndarray], new: Entry,
                 deadline: Deadline) -> tuple[list[np.ndarray], Table]:
-        """Read, fold, compare-and-swap, at most ``max_attempts`` times; the last mean computed either way.
+        """Read, fold (one pending change of another member too), compare-and-swap; the last mean either way.
 
-        Once the node knows its free slot, the contribution's PUT runs beside the read, which keeps the
-        window between read and write (where another member's write makes ours fail) to LIST + GET + CAS.
+        Beside the read: the contribution's PUT (once the node knows a free slot), and one pending change
+        listed just before. Retries stop at ``max_attempts`` or when another would pass 3 models down or
+        10 requests this epoch; then the node publishes its own change as pending, for others to fold in.
         """
-        guess = None if self._named is None else 1 - self._named.slot
+        spend = Spend(self, sum(a.size * stored_dtype(a.dtype).itemsize for a in map(np.asarray, folded)))
+        if self._aggregate_size is None:
+            self._aggregate_size = spend.model_bytes + 4096
+        guess = self._guess_slot()
         result: tuple[list[np.ndarray], Table] | None = None
-        with ThreadPoolExecutor(max_workers=1) as uploader:
-            upload = None if guess is None else uploader.submit(self._put_contribution, guess, data, folded,
-                                                                new.payload_hash, deadline)
+        last: tuple[AggregateState, list[np.ndarray] | None, Entry] | None = None
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            upload = None if guess is None else pool.submit(self._put_contribution, guess, data, folded,
+                                                            new.payload_hash, deadline)
+            if not self._own_listed:  # a fresh process: changes its predecessor published may still be folded
+                self._own = {ref.key: ref for key, info in self.exchange.list(
+                    f"{layout.PENDING}{self.node_id}/", deadline).items()
+                    if (ref := PendingRef.parse(key, info.size)) is not None}
+                self._own_listed = True
+            candidate = self._pick_pending(deadline, spend) if self.helping else None
             written: int | None = None  # the slot our new contribution is in
+            helper: Pending | None = None
             for attempt in range(self.max_attempts):
                 if attempt:
+                    if not spend.allows(self._aggregate_size, requests=2):
+                        break
                     self.sleep(min(self.random.uniform(0, BACKOFF * 2 ** (attempt - 1)), deadline.remaining()))
+                fetching = None if candidate is None else pool.submit(self._fetch_pending, candidate, deadline)
+                candidate = None
                 state = self._read(deadline)
+                helper = fetching.result() if fetching is not None else helper
                 state, old = self._old_contribution(state, deadline)
                 if upload is not None:
                     upload.result()
                     upload, written = None, guess
-                own = state.table.get(self.node_id)
-                if own is not None and own.payload_hash == new.payload_hash and state.mean is not None:
-                    mean, table = state.mean, state.table  # a repair already folded this very contribution in
+                named = state.table.get(self.node_id)
+                # Since this read, only our own write or a helper folding one of our live changes moves it.
+                self._named, self._named_known = named, True
+                self._settle_own(named, deadline)
+                mean, table, helped = state.mean, state.table, None
+                if named is not None and mean is not None and (named.seq, named.weight, named.payload_hash) \
+                        == (new.seq, new.weight, new.payload_hash):
+                    entry = named  # a repair already folded this very contribution in: write what it rebuilt
                 else:
-                    entry = replace(new, slot=free_slot(state.table, self.node_id))
-                    if written != entry.slot:
-                        self._put_contribution(entry.slot, data, folded, new.payload_hash, deadline)
-                        written = entry.slot
-                    mean, table = fold(state.mean, state.table, self.node_id, old, folded, entry)
-                result = (mean, table)
+                    slot = free_slot(self._taken(named), written)
+                    if slot is None:  # a restart found changes of its predecessor that may land in every slot
+                        logger.warning("node %s: every contribution slot may still be named; skipping this epoch",
+                                       self.node_id)
+                        break
+                    entry = replace(new, slot=slot)
+                    if written != slot:
+                        self._put_contribution(slot, data, folded, new.payload_hash, deadline)
+                        written = slot
+                    helped = helper if helper is not None and mean is not None and helper.applies_to(table) else None
+                    if helped is not None and mean is not None:
+                        mean, table = fold_delta(mean, table, helped.ref.node, helped.base, helped.change,
+                                                 helped.entry)
+                    mean, table = fold(mean, table, self.node_id, old, folded, entry)
+                result, last = (mean, table), (state, old, entry)
                 payload = self._encode_aggregate(mean, table, max(state.version, self.version) + 1)
                 try:
                     if state.tag is None:
@@ -199,12 +253,19 @@ class AggregateFederatedNode(FederatedNode):
                     self.stats.cas_conflicts += 1
                     continue
                 self.version = max(state.version, self.version) + 1
-                self._named = table[self.node_id]
+                self._named = entry
+                self._settle_own(entry, deadline)  # our write replaced the base of any change still pending
+                if helped is not None:
+                    self.helping_stats.folded_for_others += 1
+                    self.exchange.delete_quietly(helped.ref.key, deadline)
                 return mean, table
         self.stats.cas_giveups += 1
-        logger.info("node %s: %d compare-and-swap attempts lost to other members; its contribution waits for the "
-                    "next epoch", self.node_id, self.max_attempts)
-        assert result is not None
+        if last is not None and written is not None and last[2] != last[0].table.get(self.node_id):
+            self._publish_pending(last[0].table.get(self.node_id), last[1], folded, last[2], deadline)
+        else:
+            self.helping_stats.deferred += 1
+        if result is None:
+            raise StoreError("update", layout.AGGREGATE, "no compare-and-swap attempt was possible")
         return result
 
     def _put_contribution(self, slot: int, data: bytes, folded: list[np.ndarray], payload_hash: str,
@@ -229,6 +290,7 @@ class AggregateFederatedNode(FederatedNode):
         if got is None:  # a fresh experiment (or the aggregate was deleted: members add themselves back)
             return AggregateState(None, None, {}, self.version)
         data, tag = got
+        self._aggregate_size = len(data)
         try:
             names = exchange.expected_names if exchange.framework == "torch" else None
             expected = None if exchange.expected is None else stored_specs(exchange.expected)
@@ -240,6 +302,7 @@ class AggregateFederatedNode(FederatedNode):
         except InvalidObjectError as exc:
             exchange.reject(exc)
             return self._repair(tag, deadline)
+        self._members_seen = set(table)
         return AggregateState(tag, list(decoded.arrays), table, decoded.header.seq)
 
     def _listed_tag(self, deadline: Deadline) -> str | None:
@@ -259,7 +322,7 @@ class AggregateFederatedNode(FederatedNode):
             return state, held[1]
         key = layout.contribution_key(self.node_id, entry.slot)
         update = self.exchange.fetch(ObjectInfo(key, "", 0), deadline, node_id=self.node_id)
-        if update is not None and update.payload_hash == entry.payload_hash:
+        if update is not None and short_hash(update.payload_hash) == entry.payload_hash:
             return state, list(update.arrays)
         logger.warning("node %s: the aggregate names its contribution %s (%s), which is gone or changed; "
                        "rebuilding the aggregate", self.node_id, key, entry.payload_hash[:18])
@@ -282,7 +345,7 @@ class AggregateFederatedNode(FederatedNode):
             if isinstance(outcome, StoreError) or outcome is None or outcome.header.num_examples < 1:
                 continue
             h = outcome.header
-            entry = Entry(slot, h.seq, float(h.num_examples), outcome.payload_hash, h.timestamp)
+            entry = Entry(slot, h.seq, float(h.num_examples), short_hash(outcome.payload_hash), h.timestamp)
             # The newer of a member's two slots is its latest contribution (seq restarts with the process).
             if node not in best or (entry.timestamp, entry.seq) > (best[node][0].timestamp, best[node][0].seq):
                 best[node] = (entry, list(outcome.arrays))

@@ -182,6 +182,22 @@ class Store(ABC):
         self.stats.add(lists=1)
         return found
 
+    def list_page(self, prefix: str, start_after: str = "", max_keys: int = 1000) -> dict[str, ObjectInfo]:
+        """At most ``max_keys`` objects under ``prefix`` whose key sorts after ``start_after``, in one request.
+
+        S3 sends only that page (its answer stays small however many objects there are); the
+        default lists ``prefix`` and cuts the page out of it.
+        """
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be positive, got {max_keys!r}")
+        found = self._retrying("list", check_prefix(prefix), lambda: self._list_page(prefix, start_after, max_keys))
+        self.stats.add(lists=1)
+        return found
+
+    def _list_page(self, prefix: str, start_after: str, max_keys: int) -> dict[str, ObjectInfo]:
+        listing = self._list(prefix)
+        return {key: listing[key] for key in sorted(k for k in listing if k > start_after)[:max_keys]}
+
     def delete(self, key: str) -> None:
         """Remove an object; deleting a missing key is not an error."""
         self._retrying("delete", check_key(key), lambda: self._delete(key))

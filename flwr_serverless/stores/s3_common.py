@@ -105,6 +105,10 @@ class S3ObjectStore(Store):
     def _stream_object(self, key: str, sink: BinaryIO) -> int:
         """One GET, its body written to ``sink`` in chunks; return the size."""
 
+    @abstractmethod
+    def _read_object_tagged(self, key: str) -> tuple[bytes, str]:
+        """One GET: the whole body and the ETag of exactly those bytes (S3 returns it with the body)."""
+
     # -- shared ------------------------------------------------------------------------
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -141,6 +145,18 @@ class S3ObjectStore(Store):
         etag = response.get("CopyObjectResult", {}).get("ETag")
         return unquote_etag(etag) if etag is not None else self._tag_of({}, destination)
 
+    def get_with_tag(self, key: str) -> tuple[bytes, str]:
+        """One GET instead of LIST + GET: the response carries the ETag of the body it returns."""
+        def attempt() -> tuple[bytes, str]:
+            with translated("get", key):
+                return self._read_object_tagged(key)
+
+        data, tag = self._retrying("get", check_key(key), attempt)
+        self.stats.add(gets=1, bytes_down=len(data))
+        if not unquote_etag(tag):  # an S3-compatible service that omits it: the generic LIST, GET, LIST
+            return super().get_with_tag(key)
+        return data, unquote_etag(tag)
+
     def _list(self, prefix: str) -> dict[str, ObjectInfo]:
         check_prefix(prefix)  # harmless on S3, but every backend should accept the same prefixes
         base = f"{self.prefix}/" if self.prefix else ""
@@ -154,6 +170,16 @@ class S3ObjectStore(Store):
                 if not page.get("IsTruncated") or not token:
                     return found
                 request["ContinuationToken"] = token
+
+    def _list_page(self, prefix: str, start_after: str, max_keys: int) -> dict[str, ObjectInfo]:
+        check_prefix(prefix)
+        base = f"{self.prefix}/" if self.prefix else ""
+        request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + prefix, "MaxKeys": max_keys}
+        if start_after:
+            request["StartAfter"] = base + start_after
+        with translated("list", prefix):
+            page = self._call("list_objects_v2", **request)
+        return {info.key: info for info in listing_objects(page.get("Contents", []), base)}
 
     def _delete(self, key: str) -> None:
         with translated("delete", key):

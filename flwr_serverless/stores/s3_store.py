@@ -113,9 +113,13 @@ class S3Store(S3ObjectStore):
         return getattr(self._client, method)(**params)
 
     def _read_object(self, key: str) -> bytes:
-        body = self._call("get_object", Bucket=self.bucket, Key=self._key(key))["Body"]
+        return self._read_object_tagged(key)[0]
+
+    def _read_object_tagged(self, key: str) -> tuple[bytes, str]:
+        response = self._call("get_object", Bucket=self.bucket, Key=self._key(key))
+        body = response["Body"]
         try:
-            return body.read()
+            return body.read(), str(response.get("ETag", ""))
         finally:
             body.close()
 

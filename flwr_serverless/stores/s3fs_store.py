@@ -75,13 +75,18 @@ class S3FsStore(S3ObjectStore):
         return b"".join(chunks)
 
     def _stream_object(self, key: str, sink: BinaryIO) -> int:
-        return self._consume(key, sink.write)
+        return self._consume(key, sink.write)[0]
 
-    def _consume(self, key: str, write: Callable[[bytes], Any]) -> int:
-        """One GET, its body read in chunks by one coroutine on s3fs's event loop."""
+    def _read_object_tagged(self, key: str) -> tuple[bytes, str]:
+        chunks: list[bytes] = []
+        _, etag = self._consume(key, chunks.append)
+        return b"".join(chunks), etag
+
+    def _consume(self, key: str, write: Callable[[bytes], Any]) -> tuple[int, str]:
+        """One GET, its body read in chunks by one coroutine on s3fs's event loop; the size and ETag."""
         from fsspec.asyn import sync
 
-        async def stream() -> int:
+        async def stream() -> tuple[int, str]:
             response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(key))
             body = response["Body"]
             size = 0
@@ -91,7 +96,7 @@ class S3FsStore(S3ObjectStore):
                     size += len(chunk)
             finally:
                 body.close()
-            return size
+            return size, str(response.get("ETag", ""))
 
         return sync(self.fs.loop, stream)
 
