@@ -29,7 +29,7 @@ def parse_duration(text: str) -> float:
 
 #: per-member prefixes whose keys are ``<prefix><node_id>`` or ``<prefix><node_id>/...``, with the kind inspect shows
 MEMBER_PREFIXES: dict[str, str] = {layout.KEYFRAMES: "keyframes", layout.DELTAS: "deltas",
-                                   layout.CONTRIBUTIONS: "contributions"}
+                                   layout.CONTRIBUTIONS: "contributions", layout.PENDING: "pending"}
 #: kinds whose objects are weights objects with a header (epoch, timestamp) worth one GET
 _WEIGHTS_KINDS = ("nodes", "rounds", "keyframes", "contributions")
 _SHOWN_NAMES = 20  # aggregate members named in full; more are counted

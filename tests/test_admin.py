@@ -54,6 +54,7 @@ def test_every_member_key_is_attributed_to_its_node() -> None:
     assert owner_of(layout.delta_key("t", 12)) == ("deltas", "t")
     assert owner_of(layout.contribution_key("a", 1)) == ("contributions", "a")
     assert owner_of("deltas/t/not-an-index") == ("deltas", "t")  # still t's: clean removes it with the rest
+    assert owner_of("pending/p/00000003.2.0123456789abcdef") == ("pending", "p")  # a change that lost its CAS
     assert owner_of(layout.round_key(3, "s")) == ("rounds", "s")
     for shared in (layout.AGGREGATE, "keras/b/model.h5", "deltas/../x", "contributions/", layout.member_key("a")):
         assert owner_of(shared) is None, shared
