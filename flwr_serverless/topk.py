@@ -75,6 +75,7 @@ class TopKCompressor:
         self.last_error: float | None = None
         self.keyframes = 0
         self.rebased = False  # R is a round's aggregate every member holds, not a stored object
+        self.carry: list[np.ndarray] | None = None  # error feedback memory across rebases (unsent progress)
 
     def compress(self, arrays: Sequence[np.ndarray]) -> PendingDelta | None:
         """The next delta (publish it, then ``commit``); None when a lossless keyframe is due instead."""
@@ -84,12 +85,15 @@ class TopKCompressor:
         assert self.state is not None
         items: list[Item] = []
         left = total = 0.0
-        for array, state in zip(arrays, self.state):
+        carry = self.carry if self.carry is not None else [None] * len(arrays)
+        for array, state, unsent in zip(arrays, self.state, carry):
             array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
             if not compressible(array):
                 items.append(array)
                 continue
             residual = array - state
+            if unsent is not None:
+                residual += unsent
             k = max(1, math.ceil(self.fraction * array.size))
             indices, values = sparse_delta(residual, k)
             items.append(EncodedTensor("delta", array.dtype, tuple(array.shape),
@@ -123,14 +127,25 @@ class TopKCompressor:
         self.last_error = 0.0
         self.keyframes += 1
         self.rebased = False
+        self.carry = None
         return [EncodedTensor("delta", s.dtype, tuple(s.shape), {SEP + "indices": np.zeros(0, index_dtype(s.size)),
                                                                  SEP + "values": np.zeros(0, "<f2")})
                 if compressible(s) else s for s in self.state]
 
-    def rebase(self, arrays: Sequence[np.ndarray], ref: KeyframeRef) -> None:
-        """Every reader now holds ``arrays`` for this writer too (a round's aggregate, named by ``ref``)."""
+    def rebase(self, arrays: Sequence[np.ndarray], ref: KeyframeRef, weights: Sequence[np.ndarray]) -> None:
+        """Every reader now holds ``arrays`` for this writer too (a round's aggregate, named by ``ref``).
+
+        ``weights`` are what the node trained before it took ``arrays``: their unsent part
+        (``weights - R``) reached no one, and the node's weights no longer hold it, so it is
+        kept (``carry``) and added to the next candidates: error feedback's memory.
+        """
         if self.state is None or not self._state_matches([np.asarray(a) for a in arrays]):
             return  # no chain to move (a keyframe comes next anyway)
+        unsent = [np.asarray(w, dtype=s.dtype) - s if s.dtype.kind == "f" else None
+                  for w, s in zip(weights, self.state)]
+        if self.carry is not None:
+            unsent = [u if c is None else u + c for u, c in zip(unsent, self.carry)]
+        self.carry = unsent  # type: ignore[assignment]
         self.state = [np.array(a, dtype=np.asarray(a).dtype.newbyteorder("<"), copy=True, order="C") for a in arrays]
         self.keyframe_ref = ref
         self.chain = 0
@@ -139,6 +154,7 @@ class TopKCompressor:
     def reset(self) -> None:
         """Forget the chain (an upload failed or its outcome is unknown): the next call starts a new keyframe."""
         self.state = None
+        self.carry = None
         self.keyframe_ref = None
         self.chain = 0
 

@@ -147,7 +147,7 @@ class SyncFederatedNode(FederatedNode):
         own = Contribution(self.node_id, own_arrays, self._weight(header), header.num_examples, header.metrics)
         result = self._aggregate(own, peers, [header, *headers])
         own_keyframe = self.writer.keyframes_written > keyframes
-        self._rebase(result[0], [p.node_id for p in peers],
+        self._rebase(result[0], [p.node_id for p in peers], arrays,
                      diverged=self.stats.keyframe_misses > misses or (peer_keyframe and not own_keyframe))
         if self.round >= 2:
             self.exchange.delete_quietly(layout.round_key(self.round - 2, self.node_id), deadline)
@@ -155,7 +155,7 @@ class SyncFederatedNode(FederatedNode):
         self.started = True
         return result
 
-    def _rebase(self, arrays: list[np.ndarray], peers: list[str], diverged: bool) -> None:
+    def _rebase(self, arrays: list[np.ndarray], peers: list[str], trained: list[np.ndarray], diverged: bool) -> None:
         """Every member that aggregated what we did now holds ``arrays``: top-k deltas of the next round are
         against them, on writers and readers alike (named by a hash, so a member whose round went otherwise
         cannot misapply them). Views differ when we could not follow a peer's delta, or a peer started a new
@@ -163,7 +163,7 @@ class SyncFederatedNode(FederatedNode):
         next, as it does, and that round every member reads every other whole and agrees again."""
         ref = state_ref(self.round, arrays)
         self.exchange.rebase(peers, arrays, ref)
-        self.writer.rebase(arrays, ref)
+        self.writer.rebase(arrays, ref, trained)
         if diverged:
             self.writer.restart()
 

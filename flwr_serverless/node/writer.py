@@ -134,10 +134,11 @@ class UpdateWriter:
         self._published = self.topk.state  # a rebase replaces the list, a commit changes it: kept until then
         self.deltas_logged += 0 if self._restart else 1
 
-    def rebase(self, arrays: Sequence[np.ndarray], ref: KeyframeRef) -> None:
-        """A sync round ended with every member holding ``arrays``: the next delta is against them."""
+    def rebase(self, arrays: Sequence[np.ndarray], ref: KeyframeRef, weights: Sequence[np.ndarray]) -> None:
+        """A sync round ended with every member holding ``arrays`` (we trained ``weights`` before): the next
+        delta is against them, plus what of ``weights`` was never sent."""
         if self.topk is not None and self._pending is None and not self._restart:
-            self.topk.rebase(arrays, ref)
+            self.topk.rebase(arrays, ref, weights)
 
     def restart(self) -> None:
         """Some peer could not follow (or we could not follow a peer): the next publication is a keyframe."""
