@@ -1,11 +1,10 @@
 """Does the aggregate mode learn like FedAvgAsync? 4 nodes on digits (skew 0.9), same seeds, final accuracy.
 
 Both modes run through ``run_simulation`` (threads, ``memory://``), so data,
-partitions, models and training loop are the same; for the aggregate mode the
-simulation's node factory is wrapped to build an ``AggregateFederatedNode``
-(the simulation has no ``mode="aggregate"`` yet). Reports the final test
-accuracy (mean over nodes) per seed, and requests and bytes down per
-node-epoch. JSON goes to benchmarks/results/.
+partitions, models and training loop are the same: ``mode="async"`` builds
+FedAvgAsync nodes, ``mode="aggregate"`` builds ``AggregateFederatedNode``.
+Reports the final test accuracy (mean over nodes) per seed, and requests and
+bytes down per node-epoch. JSON goes to benchmarks/results/.
 
     python benchmarks/aggregate_accuracy.py [--epochs 30] [--seeds 0,1,2]
 """
@@ -18,19 +17,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from flwr_serverless import AggregateFederatedNode
-from flwr_serverless.simulation import keras_worker
 from flwr_serverless.simulation.runner import SimulationConfig, run_simulation
 
 RESULTS = Path(__file__).parent / "results"
-_make_node = keras_worker._make_node
-
-
-def _make_aggregate_node(task: Any, initial_weights: list[Any]) -> Any:
-    node = _make_node(task, initial_weights)  # the simulation's store and strategy (the async node never ran)
-    if not task.config.extra.get("aggregate_mode"):
-        return node
-    return AggregateFederatedNode(node.store, node.strategy, node_id=task.name, seed=task.index)
+MODES = {"fedavg-async": "async", "aggregate": "aggregate"}
 
 
 def main() -> None:
@@ -39,13 +29,11 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--seeds", default="0,1,2")
     args = parser.parse_args()
-    keras_worker._make_node = _make_aggregate_node
     runs: list[dict[str, Any]] = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for mode in ("fedavg-async", "aggregate"):
-            config = SimulationConfig(num_nodes=args.nodes, mode="async", epochs=args.epochs, dataset="digits",
-                                      skew=0.9, seed=seed, baselines=False, store_url=f"memory://agg-acc-{mode}",
-                                      extra={"aggregate_mode": mode == "aggregate"})
+            config = SimulationConfig(num_nodes=args.nodes, mode=MODES[mode], epochs=args.epochs, dataset="digits",
+                                      skew=0.9, seed=seed, baselines=False, store_url=f"memory://agg-acc-{mode}")
             result = run_simulation(config)
             errors = [n.error for n in result.nodes if n.error]
             if errors:
