@@ -16,13 +16,15 @@ object stays valid safetensors; ``name`` is the tensor's name):
   of ``chunk`` consecutive elements (C order), symmetric: ``x ~ q * scale``,
   ``scale = max|x| / 127`` over the chunk.
 * ``delta`` (written by ``compression="topk:<f>"``): ``name::indices`` (U16, U32
-  or U64; strictly increasing flat indices) and ``name::values`` (F16, or the
+  or U64; strictly increasing flat indices; with ``"gaps": true`` in the spec,
+  U16 gaps between consecutive indices, the first from 0, which the writer uses
+  past 65,536 elements when every gap fits) and ``name::values`` (F16, or the
   original dtype when a value does not fit F16): a sparse change the reader
   *adds* to the writer's previous state, ``out = base.copy();
   out.flat[indices] += values``.
 
 The header's ``encodings`` maps each compressed tensor to
-``{"codec", "dtype", "shape"[, "chunk"]}``; readers validate it as strictly as the
+``{"codec", "dtype", "shape"[, "chunk" | "gaps"]}``; readers validate it as strictly as the
 rest of the object (see ``parse_spec`` and ``decode_tensor``).
 
 Top-k deltas on a chain (the writer's side is ``flwr_serverless.topk``)
@@ -82,12 +84,15 @@ class EncodedTensor:
     shape: tuple[int, ...]
     parts: dict[str, np.ndarray] = field(default_factory=dict)
     chunk: int | None = None  # int8 only
+    gaps: bool = False  # delta only: ``::indices`` holds U16 gaps between consecutive indices
 
     def spec(self) -> dict[str, Any]:
         """The header's ``encodings`` entry."""
         spec: dict[str, Any] = {"codec": self.codec, "dtype": dtype_name(self.dtype), "shape": list(self.shape)}
         if self.chunk is not None:
             spec["chunk"] = self.chunk
+        if self.gaps:
+            spec["gaps"] = True
         return spec
 
 
@@ -207,6 +212,21 @@ def sparse_delta(residual: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return indices.astype(index_dtype(flat.size)), values
 
 
+def pack_indices(indices: np.ndarray, size: int) -> tuple[np.ndarray, bool]:
+    """Sorted flat indices as stored: U16 when they fit; past 65,536 elements the U16 gaps between
+    consecutive indices (the first from 0) when every gap fits, else absolute U32/U64. Returns (part, gaps)."""
+    if size > 1 << 16 and indices.size:
+        gaps = np.diff(indices.astype(np.int64), prepend=0)
+        if int(gaps.max()) < 1 << 16:
+            return gaps.astype("<u2"), True
+    return indices.astype(index_dtype(size)), False
+
+
+def unpack_indices(part: np.ndarray, gaps: bool) -> np.ndarray:
+    """``pack_indices`` reversed: absolute flat indices."""
+    return np.cumsum(part, dtype=np.uint64) if gaps else part
+
+
 def apply_delta(state: np.ndarray, indices: np.ndarray, values: np.ndarray) -> None:
     """``state.flat[indices] += values`` in ``state``'s dtype: the writer and every reader run exactly this,
     so they hold the same bits."""
@@ -239,6 +259,7 @@ class Spec:
     dtype: np.dtype
     shape: tuple[int, ...]
     chunk: int | None
+    gaps: bool = False
 
     @property
     def size(self) -> int:
@@ -253,7 +274,7 @@ def parse_spec(spec: Any, key: str, name: str) -> Spec:
     if not isinstance(spec, dict) or spec.get("codec") not in CODECS:
         raise bad(f"must name a codec in {CODECS}, got {str(spec)[:60]}")
     codec = spec["codec"]
-    allowed = {"codec", "dtype", "shape", "chunk"} if codec == "int8" else {"codec", "dtype", "shape"}
+    allowed = {"codec", "dtype", "shape", *{"int8": ("chunk",), "delta": ("gaps",)}.get(codec, ())}
     if not set(spec) <= allowed or not {"dtype", "shape"} <= set(spec):
         raise bad(f"{codec!r} has fields {sorted(spec)}, expected {sorted(allowed)}")
     dtype = DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
@@ -267,7 +288,9 @@ def parse_spec(spec: Any, key: str, name: str) -> Spec:
     chunk = spec.get("chunk")
     if codec == "int8" and not (isinstance(chunk, int) and not isinstance(chunk, bool) and 1 <= chunk <= MAX_CHUNK):
         raise bad(f"int8 chunk must be an integer in [1, {MAX_CHUNK}], got {str(chunk)[:20]}")
-    return Spec(codec, dtype, tuple(shape), chunk)
+    if spec.get("gaps", True) is not True:
+        raise bad(f"gaps, when present, must be true, got {str(spec['gaps'])[:20]}")
+    return Spec(codec, dtype, tuple(shape), chunk, "gaps" in spec)
 
 
 def decode_tensor(spec: Spec, parts: dict[str, np.ndarray], key: str, name: str,
@@ -295,10 +318,14 @@ def decode_tensor(spec: Spec, parts: dict[str, np.ndarray], key: str, name: str,
         if not (np.isfinite(scales).all() and (scales >= 0).all() and (scales <= _MAX_SCALE).all()):
             raise bad(f"scales must be finite, non-negative and at most {_MAX_SCALE:.3g}")
         return dequantize_int8(q, scales, chunk, spec.dtype)
-    indices = expect(SEP + "indices", (DTYPES["U16"], DTYPES["U32"], DTYPES["U64"]), None)
-    values = expect(SEP + "values", tuple(dict.fromkeys((DTYPES["F16"], spec.dtype))), (indices.size,))
-    if indices.size > spec.size:
-        raise bad(f"{indices.size} entries for a tensor of {spec.size} elements")
+    kinds = (DTYPES["U16"],) if spec.gaps else (DTYPES["U16"], DTYPES["U32"], DTYPES["U64"])
+    stored = expect(SEP + "indices", kinds, None)
+    values = expect(SEP + "values", tuple(dict.fromkeys((DTYPES["F16"], spec.dtype))), (stored.size,))
+    if stored.size > spec.size:
+        raise bad(f"{stored.size} entries for a tensor of {spec.size} elements")
+    if spec.gaps and stored.size > 1 and not (stored[1:] > 0).all():
+        raise bad("index gaps after the first must be positive (no duplicates)")
+    indices = unpack_indices(stored, spec.gaps)
     if indices.size and (indices[-1] >= spec.size or not (indices[1:] > indices[:-1]).all()):
         raise bad(f"indices must be strictly increasing (no duplicates) and below {spec.size}")
     if base is None or base.shape != spec.shape or base.dtype != spec.dtype:

@@ -35,7 +35,9 @@ from flwr_serverless.compression import (
     apply_delta,
     compressible,
     index_dtype,
+    pack_indices,
     sparse_delta,
+    unpack_indices,
 )
 from flwr_serverless.header import MAX_CHAIN, KeyframeRef
 
@@ -96,8 +98,9 @@ class TopKCompressor:
                 residual += unsent
             k = max(1, math.ceil(self.fraction * array.size))
             indices, values = sparse_delta(residual, k)
+            stored, gaps = pack_indices(indices, array.size)
             items.append(EncodedTensor("delta", array.dtype, tuple(array.shape),
-                                       {SEP + "indices": indices, SEP + "values": values}))
+                                       {SEP + "indices": stored, SEP + "values": values}, gaps=gaps))
             flat = residual.reshape(-1)
             flat[indices] -= values.astype(flat.dtype, copy=False)  # what stays unsent (and F16 rounding)
             left += _squared(flat)
@@ -112,7 +115,7 @@ class TopKCompressor:
         assert self.state is not None and pending.chain == self.chain + 1
         for state, item in zip(self.state, pending.items):
             if isinstance(item, EncodedTensor):
-                apply_delta(state, item.parts[SEP + "indices"], item.parts[SEP + "values"])
+                apply_delta(state, unpack_indices(item.parts[SEP + "indices"], item.gaps), item.parts[SEP + "values"])
             else:
                 state[...] = item
         self.chain = pending.chain

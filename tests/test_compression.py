@@ -3,6 +3,8 @@ the state they follow on their chain, and every hostile claim in a compressed ob
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from objects import rewrite
@@ -13,10 +15,12 @@ from flwr_serverless.compression import (
     EncodedTensor,
     dequantize_int8,
     from_bf16_bits,
+    pack_indices,
     parse_compression,
     quantize_int8,
     sparse_delta,
     to_bf16_bits,
+    unpack_indices,
 )
 from flwr_serverless.errors import InvalidObjectError, KeyframeRequiredError
 from flwr_serverless.node.writer import UpdateWriter
@@ -383,3 +387,59 @@ def test_signed_deltas_cover_their_chain_position():
         encode([EncodedTensor("delta", np.dtype("<f4"), (3,), {SEP + "indices": np.zeros(0, np.uint16),
                                                                 SEP + "values": np.zeros(0, np.float16)})],
                UpdateHeader("w", seq=3))
+
+
+def test_indices_of_large_tensors_travel_as_u16_gaps_when_they_fit():
+    size = 200_000
+    spread = np.arange(0, size, 100, dtype=np.uint32)  # gaps of 100
+    stored, gaps = pack_indices(spread, size)
+    assert gaps and stored.dtype == np.uint16 and np.array_equal(unpack_indices(stored, gaps), spread)
+    far = np.array([3, 70_000], np.uint32)  # one gap past 65,535: absolute U32
+    stored, gaps = pack_indices(far, size)
+    assert not gaps and stored.dtype == np.uint32
+    small = np.array([3, 60_000], np.uint32)
+    assert pack_indices(small, 65_536)[0].dtype == np.uint16 and not pack_indices(small, 65_536)[1]
+
+    chain = Chain("topk:0.01", topk_keyframe="lossless")
+    base = [np.random.default_rng(5).standard_normal(size).astype(np.float32)]
+    state = decode(chain.publish(base), "n", base=decode(chain.side["keyframes/w"], "k"))
+    moved = [base[0] + 0.1 * np.random.default_rng(6).standard_normal(size).astype(np.float32)]
+    data = chain.publish(moved)
+    state = decode(data, "n", base=state)
+    assert _same(state.arrays, chain.writer.seen(moved))
+    spec = json.loads(json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["flwr_serverless"])
+    assert spec["encodings"]["t0000"]["gaps"] is True
+    assert len(data) < 2000 * (2 + 2) + 2000  # 2,000 entries of U16 gap + F16 value, plus the header
+
+
+def _gap_object(gaps: list[int], size: int = 70_000, spec: dict[str, object] | None = None,
+                ) -> tuple[DecodedUpdate, bytes]:
+    keyframe_object = encode([np.zeros(size, np.float32)], UpdateHeader("w", seq=1))
+    delta = EncodedTensor("delta", np.dtype("<f4"), (size,), {SEP + "indices": np.array(gaps, np.uint16),
+                                                              SEP + "values": np.ones(len(gaps), np.float16)},
+                          gaps=True)
+    data = encode([delta], UpdateHeader("w", seq=2), keyframe=object_ref(keyframe_object), chain=1)
+    if spec:
+        data = rewrite(data, lambda f: f["encodings"]["t0000"].update(spec))  # type: ignore[arg-type]
+    return decode(keyframe_object, "keyframes/w"), data
+
+
+@pytest.mark.parametrize(("gaps", "spec", "match"), [
+    ([5, 0], {}, "gaps after the first must be positive"),
+    ([60_000, 60_000], {}, "below 70000"),
+    ([5, 6], {"gaps": False}, "gaps, when present, must be true"),
+    ([5, 6], {"gaps": 1}, "gaps, when present, must be true"),
+])
+def test_hostile_index_gaps(gaps, spec, match):
+    keyframe, data = _gap_object(gaps, spec=spec)
+    _rejected(data, match, base=keyframe)
+
+
+def test_index_gaps_decode_and_must_be_u16():
+    keyframe, data = _gap_object([0, 5, 65_535])
+    assert np.flatnonzero(decode(data, "n", base=keyframe).arrays[0]).tolist() == [0, 5, 65_540]
+    keyframe_object = encode([np.zeros(70_000, np.float32)], UpdateHeader("w", seq=1))
+    delta = EncodedTensor("delta", np.dtype("<f4"), (70_000,), {SEP + "indices": np.array([1], np.uint32),
+                                                                 SEP + "values": np.ones(1, np.float16)}, gaps=True)
+    data = encode([delta], UpdateHeader("w", seq=2), keyframe=object_ref(keyframe_object), chain=1)
+    _rejected(data, "is U32.1., expected U16 with one dimension", base=decode(keyframe_object, "k"))
