@@ -211,8 +211,10 @@ class Exchange:
         start = state.position()[1]  # type: ignore[index]
         keys = [layout.delta_key(peer, index) for index in range(start + 1, target + 1)]
         self.stats.delta_log_downloads += len(keys)
-        with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL_GETS, len(keys)))) as pool:
-            datas = list(pool.map(lambda k: self._get_link(k, deadline), keys))
+        datas: list[Any] = []
+        if keys:
+            with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_GETS, len(keys))) as pool:
+                datas = list(pool.map(lambda k: self._get_link(k, deadline), keys))
         for index, (key, data) in enumerate(zip(keys, datas), start + 1):
             if data is None:
                 return None

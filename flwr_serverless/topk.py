@@ -11,7 +11,8 @@ the deltas it was sent. ``R`` only advances when the delta is in the store
 In lockstep (sync and semi-sync rounds) every member ends a round holding the
 same aggregate, so ``rebase`` moves ``R`` there on the writer and on every
 reader: the next delta is the node's local training alone, not the pull
-towards the community that aggregation applied to every weight.
+towards the community that aggregation applied to every weight. What the
+node had not yet sent is kept in ``carry`` and added to the next candidates.
 
 A new keyframe starts a chain: the first time, after
 ``keyframe_every`` deltas (a late joiner then reads at most that many small
