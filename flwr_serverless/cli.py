@@ -18,6 +18,7 @@ from flwr_serverless.simulation.options import (
     Evaluation,
     Heterogeneity,
     SemiSyncOptions,
+    check_mode_flags,
     parse_factors,
     parse_seeds,
 )
@@ -228,6 +229,10 @@ def _config(args: argparse.Namespace, out: TextIO) -> SimulationConfig:
         proximal_mu = float(mu)
         print(f"note: --strategy-option proximal_mu={mu} is applied as --proximal-mu {mu}: {PROXIMAL_MU_NOTE}.",
               file=out)
+    async_given = _given(staleness=args.staleness, staleness_unit=args.staleness_unit, alpha=args.alpha,
+                         buffer_size=args.buffer_size, participation=args.participation)
+    semisync_given = _given(lambda_=args.lambda_, reestimate=False if args.no_reestimate else None)
+    check_mode_flags(args.mode, async_given, semisync_given)
     return SimulationConfig(
         num_nodes=args.nodes, mode=args.mode, strategy=args.strategy, strategy_options=strategy_options,
         store_url=args.store, storage_options=dict(args.storage_option), epochs=args.epochs, dataset=args.dataset,
@@ -236,10 +241,7 @@ def _config(args: argparse.Namespace, out: TextIO) -> SimulationConfig:
         ray_address=args.address, framework=args.framework, sync_timeout=args.timeout,
         min_nodes=args.min_nodes, baselines=not args.no_baselines, baseline_cache=args.baseline_cache,
         max_train_examples=args.max_train_examples, proximal_mu=proximal_mu,
-        async_options=AsyncOptions(**_given(staleness=args.staleness, staleness_unit=args.staleness_unit,
-                                            alpha=args.alpha, buffer_size=args.buffer_size,
-                                            participation=args.participation)),
-        semisync=SemiSyncOptions(**_given(lambda_=args.lambda_, reestimate=False if args.no_reestimate else None)),
+        async_options=AsyncOptions(**async_given), semisync=SemiSyncOptions(**semisync_given),
         heterogeneity=Heterogeneity(**_given(slowdown=args.slowdown, batch_seconds=args.batch_seconds,
                                              time_budget=args.time_budget)),
         evaluation=Evaluation(eval_each_epoch=args.eval_each_epoch, eval_examples=args.eval_examples),

@@ -255,6 +255,11 @@ def test_bad_options_fail_before_training_and_name_the_option(
 def test_cli_reports_option_errors_by_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--mode", "sync", "--staleness", "poly:0.5"]) == 2
     assert "--staleness" in capsys.readouterr().err
+    # A flag of another mode is refused even at its default value: it would still do nothing.
+    assert main(["simulate", "--mode", "async", "--lambda", "2"]) == 2
+    assert "lambda_ (--lambda) applies to --mode semisync only, not async" in capsys.readouterr().err
+    assert main(["simulate", "--mode", "aggregate", "--staleness-unit", "steps"]) == 2
+    assert "(--staleness-unit) applies to --mode async only" in capsys.readouterr().err
     assert main(["simulate", "--proximal-mu", "0.1", "--strategy-option", "proximal_mu=0.2"]) == 2
     assert "contradicts --proximal-mu" in capsys.readouterr().err
     with pytest.raises(SystemExit):

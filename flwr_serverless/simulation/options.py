@@ -8,6 +8,7 @@ points at what the user typed.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -176,6 +177,15 @@ def check_mode(mode: str, async_options: AsyncOptions, semisync: SemiSyncOptions
         if changed and mode != wanted:
             name = changed[0]
             raise _error(name, type(options).FLAGS[name], f"applies to --mode {wanted} only, not {mode}")
+
+
+def check_mode_flags(mode: str, async_given: Iterable[str], semisync_given: Iterable[str]) -> None:
+    """Flags the user typed for another mode, even at their default value (``check_mode`` cannot see those)."""
+    for names, options, wanted in ((async_given, AsyncOptions, "async"), (semisync_given, SemiSyncOptions,
+                                                                         "semisync")):
+        for name in names:
+            if mode != wanted:
+                raise _error(name, options.FLAGS[name], f"applies to --mode {wanted} only, not {mode}")
 
 
 def strategy_key(name: str) -> str:
