@@ -342,6 +342,9 @@ def test_sync_nodes_with_mixed_compression_hold_identical_weights(backend):
             np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
         inputs = {i: _drift(results[i], 10 * round_number + k) for k, i in enumerate(options)}
     assert nodes[0].stats.keyframe_misses == 0 and nodes[0].stats.rejected == 0
+    # With members that send no top-k, the top-k chain never rebases: it stays on keyframes and the log,
+    # which the others can always follow.
+    assert not nodes[2].writer.topk.rebased and nodes[2].writer.deltas_logged == 2
 
 
 # -- bytes ---------------------------------------------------------------------------------------------
@@ -435,9 +438,8 @@ def test_sync_members_whose_aggregates_differ_resynchronise_through_keyframes(ba
     odd = nodes[2]
     real_rebase = odd._rebase
 
-    def rebase_elsewhere(arrays: list[np.ndarray], peers: list[str], trained: list[np.ndarray],
-                         diverged: bool) -> None:
-        real_rebase([a + shift if a.dtype.kind == "f" else a for a in arrays], peers, trained, diverged)
+    def rebase_elsewhere(arrays: list[np.ndarray], *rest: Any, **options: Any) -> None:
+        real_rebase([a + shift if a.dtype.kind == "f" else a for a in arrays], *rest, **options)
 
     history = []
     for round_number in range(6):

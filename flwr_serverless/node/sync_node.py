@@ -142,37 +142,48 @@ class SyncFederatedNode(FederatedNode):
         listing, state = self._wait_for_round(deadline)
         others = [listing[layout.round_key(self.round, n)] for n in sorted(state.counted - {self.node_id})]
         misses = self.stats.keyframe_misses
-        peers, headers, peer_keyframe = self._gather(others, deadline)
+        peers, headers, chains = self._gather(others, deadline)
         self._check_compatibility(others, peers)
         own = Contribution(self.node_id, own_arrays, self._weight(header), header.num_examples, header.metrics)
         result = self._aggregate(own, peers, [header, *headers])
+        missed = self.stats.keyframe_misses > misses
         own_keyframe = self.writer.keyframes_written > keyframes
-        self._rebase(result[0], [p.node_id for p in peers], arrays,
-                     diverged=self.stats.keyframe_misses > misses or (peer_keyframe and not own_keyframe))
+        self._rebase(result[0], chains, len(peers), arrays,
+                     diverged=missed or (any(c == 0 for c in chains.values()) and not own_keyframe))
         if self.round >= 2:
             self.exchange.delete_quietly(layout.round_key(self.round - 2, self.node_id), deadline)
         self.round += 1
         self.started = True
         return result
 
-    def _rebase(self, arrays: list[np.ndarray], peers: list[str], trained: list[np.ndarray], diverged: bool) -> None:
-        """Every member that aggregated what we did now holds ``arrays``: top-k deltas of the next round are
-        against them, on writers and readers alike (named by a hash, so a member whose round went otherwise
-        cannot misapply them). Views differ when we could not follow a peer's delta, or a peer started a new
-        keyframe while we sent a delta (it could not follow us, or just joined): then we publish a keyframe
-        next, as it does, and that round every member reads every other whole and agrees again."""
+    def _rebase(self, arrays: list[np.ndarray], chains: dict[str, int], aggregated: int,
+                trained: list[np.ndarray], diverged: bool) -> None:
+        """When every member of the round sends top-k deltas and we followed them all, every member now holds
+        ``arrays``: the next deltas are against them, on writers and readers alike (named by a hash of their
+        bits, so a member whose round went otherwise cannot misapply them).
+
+        A member that cannot follow (a miss, or a peer's new keyframe while we sent a delta: it could not follow
+        us, or just joined) publishes a keyframe next, and that round every member reads every other whole
+        and agrees again. With a member that sends no top-k (it cannot rebase its readers' view of us), the
+        chain stays on stored keyframes and the log, which any reader can follow.
+        """
+        topk = self.writer.topk
+        if topk is None:
+            return
+        if diverged or len(chains) < aggregated:
+            if diverged or topk.rebased:
+                self.writer.restart()  # a reader may not hold the state our next delta would name
+            return
         ref = state_ref(self.round, arrays)
-        self.exchange.rebase(peers, arrays, ref)
+        self.exchange.rebase(sorted(chains), arrays, ref)
         self.writer.rebase(arrays, ref, trained)
-        if diverged:
-            self.writer.restart()
 
     def _gather(self, others: list[ObjectInfo],
-                deadline: Deadline) -> tuple[list[Contribution], list[UpdateHeader], bool]:
-        """The usable peer objects, their headers, and whether one starts a new top-k keyframe."""
+                deadline: Deadline) -> tuple[list[Contribution], list[UpdateHeader], dict[str, int]]:
+        """The usable peer objects, their headers, and the chain position of each top-k peer's object."""
         peers: list[Contribution] = []
         headers: list[UpdateHeader] = []
-        keyframe = False
+        chains: dict[str, int] = {}
         for info, outcome in zip(others, self.exchange.fetch_many(others, deadline)):
             if isinstance(outcome, StoreError):
                 self.exchange.store_failure(info.key, outcome, f"in round {self.round}")
@@ -180,8 +191,9 @@ class SyncFederatedNode(FederatedNode):
                 h = outcome.header
                 peers.append(Contribution(h.node_id, outcome.arrays, self._weight(h), h.num_examples, h.metrics))
                 headers.append(h)
-                keyframe = keyframe or outcome.chain == 0
-        return peers, headers, keyframe
+                if outcome.chain is not None:
+                    chains[h.node_id] = outcome.chain
+        return peers, headers, chains
 
     def _check_compatibility(self, others: list[ObjectInfo], peers: list[Contribution]) -> None:
         """Peers present but none usable, round after round: say so instead of training alone."""
