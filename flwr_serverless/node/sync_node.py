@@ -170,13 +170,15 @@ class SyncFederatedNode(FederatedNode):
         topk = self.writer.topk
         if topk is None:
             return
-        if diverged or len(chains) < aggregated:
-            if diverged or topk.rebased:
-                self.writer.restart()  # a reader may not hold the state our next delta would name
+        if len(chains) < aggregated:  # a member without top-k: no rebase, by it or by anyone
+            if topk.rebased:
+                self.writer.restart()  # it may not hold the state our next delta would name
             return
         ref = state_ref(self.round, arrays)
         self.exchange.rebase(sorted(chains), arrays, ref)
         self.writer.rebase(arrays, ref, trained)
+        if diverged:
+            self.writer.restart()
 
     def _gather(self, others: list[ObjectInfo],
                 deadline: Deadline) -> tuple[list[Contribution], list[UpdateHeader], dict[str, int]]:
