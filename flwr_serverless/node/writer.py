@@ -77,7 +77,7 @@ class UpdateWriter:
         self.keyframes_written = 0
         self.deltas_logged = 0
         self._pending: PendingDelta | None = None  # a delta encoded but not yet published and logged
-        self._restart = False  # its log copy failed: no delta may build on it
+        self._restart = False  # no delta may build on the current chain (a log copy failed, or a peer diverged)
         self._node_id = ""
         self._published: list[np.ndarray] | None = None  # top-k: the chain state of the last publication
         self._items: list[np.ndarray | EncodedTensor] | None = None  # what the last object stored, per tensor
