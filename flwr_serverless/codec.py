@@ -86,7 +86,7 @@ class DecodedUpdate:
 
     @property
     def lossless(self) -> bool:
-        """Every tensor is exactly what the writer had: the object can serve as that writer's keyframe."""
+        """Every tensor is exactly what the writer had (no compressed encoding)."""
         return not self.encodings
 
     @property
