@@ -89,11 +89,6 @@ class DecodedUpdate:
         """Every tensor is exactly what the writer had (no compressed encoding)."""
         return not self.encodings
 
-    @property
-    def is_delta(self) -> bool:
-        """A top-k delta: meaningful only on the state it follows."""
-        return self.chain is not None
-
     def position(self) -> tuple[KeyframeRef, int] | None:
         """Where on its writer's chain this state is: a delta's (keyframe, chain); any other object can start a
         chain as a keyframe, at (itself, 0)."""

@@ -205,7 +205,7 @@ class Exchange:
             state = held
         else:
             self.stats.keyframe_downloads += 1
-            state = self._fetch_link(layout.keyframe_key(peer), peer, deadline, None)
+            state = self._fetch_keyframe(peer, deadline)
             if state is None or state.position() != (ref, 0):
                 return None
         start = state.position()[1]  # type: ignore[index]
@@ -241,20 +241,19 @@ class Exchange:
         self._check_size(key, len(data))
         return data
 
-    def _fetch_link(self, key: str, peer: str, deadline: Deadline, base: DecodedUpdate | None) -> DecodedUpdate | None:
-        """GET and validate a peer's keyframe: a whole model (not a delta), of that peer. A bad one raises naming
-        its key."""
+    def _fetch_keyframe(self, peer: str, deadline: Deadline) -> DecodedUpdate | None:
+        """GET and validate a peer's keyframe: a whole model (a delta cannot decode without a base), of that
+        peer. A bad one raises naming its key."""
+        key = layout.keyframe_key(peer)
         data = self._get_link(key, deadline)
         if data is None:
             return None
         try:
-            state = self._decode(data, key, base)
+            state = self._decode(data, key, None)
         except KeyframeRequiredError:
             raise InvalidObjectError(key, "a keyframe must be a whole model, this object is a top-k delta") from None
         if state.header.node_id != peer:
             raise InvalidObjectError(key, f"header says node {state.header.node_id!r}, key says {peer!r}")
-        if state.is_delta:
-            raise InvalidObjectError(key, "a keyframe must be a whole model, this object is a top-k delta")
         return state
 
     def _keyframe_miss(self, info: ObjectInfo, required: KeyframeRequiredError) -> None:

@@ -76,7 +76,6 @@ class TopKCompressor:
         self.state: list[np.ndarray] | None = None  # R: what every reader holds
         self.chain = 0  # position of R on the chain (0: the keyframe)
         self.last_error: float | None = None
-        self.keyframes = 0
         self.rebased = False  # R is a round's aggregate every member holds, not a stored object
         self.carry: list[np.ndarray] | None = None  # error feedback memory across rebases (unsent progress)
 
@@ -129,7 +128,6 @@ class TopKCompressor:
         self.keyframe_ref = ref
         self.chain = 0
         self.last_error = 0.0
-        self.keyframes += 1
         self.rebased = False
         self.carry = None
         return [EncodedTensor("delta", s.dtype, tuple(s.shape), {SEP + "indices": np.zeros(0, index_dtype(s.size)),
