@@ -40,8 +40,10 @@ RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 # moto decides If-Match in two steps on a threaded server; the test suite's patch serialises its PUTs
 # (see tests/conftest.py) so that, as on S3, exactly one of two racing conditional writes wins.
-SERVER = ("import sys; sys.path.insert(0, {root!r}); from tests.conftest import _make_moto_writes_atomic; "
-          "_make_moto_writes_atomic(); from moto.server import main; main(['-H', '127.0.0.1', '-p', '{port}'])")
+SERVER = (
+    "import sys; sys.path.insert(0, {root!r}); from tests.conftest import _make_moto_writes_atomic; "
+    "_make_moto_writes_atomic(); from moto.server import main; main(['-H', '127.0.0.1', '-p', '{port}'])"
+)
 
 
 def free_port() -> int:
@@ -53,12 +55,18 @@ def free_port() -> int:
 def start_server() -> tuple[subprocess.Popen[bytes], str, Any]:
     import boto3
 
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         os.environ.setdefault(name, value)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", SERVER.format(root=str(ROOT), port=port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER.format(root=str(ROOT), port=port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     client = boto3.client("s3", endpoint_url=endpoint)
     for _ in range(400):  # until the server answers
@@ -71,8 +79,9 @@ def start_server() -> tuple[subprocess.Popen[bytes], str, Any]:
     raise RuntimeError("the moto server did not start")
 
 
-def run(mode: str, n: int, args: argparse.Namespace, epoch_seconds: float, endpoint: str,
-        client: Any) -> dict[str, Any]:
+def run(
+    mode: str, n: int, args: argparse.Namespace, epoch_seconds: float, endpoint: str, client: Any
+) -> dict[str, Any]:
     from flwr_serverless import AggregateFederatedNode, AsyncFederatedNode, open_store
 
     bucket = f"bench-{uuid.uuid4().hex[:10]}"
@@ -118,12 +127,19 @@ def run(mode: str, n: int, args: argparse.Namespace, epoch_seconds: float, endpo
                 after, later = node.store.stats.as_dict(), node.stats.as_dict()
                 helped = _helping(node)
                 with lock:
-                    rows.append({"epoch": epoch, "seconds": seconds,
-                                 **{k: after[k] - before[k] for k in ("requests", "gets", "puts", "lists")},
-                                 "bytes_down": after["bytes_down"] - before["bytes_down"]
-                                 + listed[node.node_id] - list_bytes,
-                                 **{k: later[k] - stats[k] for k in ("cas_conflicts", "cas_giveups", "repairs")},
-                                 **{k: helped[k] - helping[k] for k in helped}})
+                    rows.append(
+                        {
+                            "epoch": epoch,
+                            "seconds": seconds,
+                            **{k: after[k] - before[k] for k in ("requests", "gets", "puts", "lists")},
+                            "bytes_down": after["bytes_down"]
+                            - before["bytes_down"]
+                            + listed[node.node_id]
+                            - list_bytes,
+                            **{k: later[k] - stats[k] for k in ("cas_conflicts", "cas_giveups", "repairs")},
+                            **{k: helped[k] - helping[k] for k in helped},
+                        }
+                    )
                     last[node.node_id] = ([np.array(w) for w in weights], count)
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -139,7 +155,10 @@ def run(mode: str, n: int, args: argparse.Namespace, epoch_seconds: float, endpo
     steady = [r for r in rows if r["epoch"] > 0]
     first = [r for r in rows if r["epoch"] == 0]
     result: dict[str, Any] = {
-        "mode": mode, "nodes": n, "epoch_seconds": epoch_seconds, "model_bytes": model_bytes,
+        "mode": mode,
+        "nodes": n,
+        "epoch_seconds": epoch_seconds,
+        "model_bytes": model_bytes,
         "wall_time": time.monotonic() - started,
         # HTTP requests: the store counts those that succeeded; each lost compare-and-swap (412) is one more.
         "requests_mean": statistics.fmean(r["requests"] + r["cas_conflicts"] for r in steady),
@@ -157,14 +176,22 @@ def run(mode: str, n: int, args: argparse.Namespace, epoch_seconds: float, endpo
         checked = check_aggregate(nodes[0], last)
         # Changes still pending when the run ends: folded by a helper if the final table names them.
         final = checked.pop("table")
-        ends = [final.get(node.node_id) is not None and final[node.node_id].payload_hash == ref.new
-                for node in nodes for ref in node._own.values()]
-        result.update(conflict_rate=conflicts / writes, lost_all_attempts=sum(r["cas_giveups"] for r in rows),
-                      folded_by_helper=sum(r.get("folded_by_helper", 0) for r in rows) + sum(ends),
-                      folded_for_others=sum(r.get("folded_for_others", 0) for r in rows),
-                      deferred_epochs=sum(r.get("deferred", 0) for r in rows) + len(ends) - sum(ends),
-                      list_bytes_mean=statistics.fmean(listed.values()) / args.epochs,
-                      repairs=sum(r["repairs"] for r in rows), node_epochs_all=len(rows), **checked)
+        ends = [
+            final.get(node.node_id) is not None and final[node.node_id].payload_hash == ref.new
+            for node in nodes
+            for ref in node._own.values()
+        ]
+        result.update(
+            conflict_rate=conflicts / writes,
+            lost_all_attempts=sum(r["cas_giveups"] for r in rows),
+            folded_by_helper=sum(r.get("folded_by_helper", 0) for r in rows) + sum(ends),
+            folded_for_others=sum(r.get("folded_for_others", 0) for r in rows),
+            deferred_epochs=sum(r.get("deferred", 0) for r in rows) + len(ends) - sum(ends),
+            list_bytes_mean=statistics.fmean(listed.values()) / args.epochs,
+            repairs=sum(r["repairs"] for r in rows),
+            node_epochs_all=len(rows),
+            **checked,
+        )
     for node in nodes:
         node.store.close()
     return result
@@ -177,8 +204,8 @@ def _helping(node: Any) -> dict[str, int]:
 
 def check_aggregate(node: Any, last: dict[str, tuple[list[np.ndarray], int]]) -> dict[str, Any]:
     """The final aggregate against exact FedAvg of what its table names, and how many of those are the latest."""
-    from flwr_serverless.codec import decode
     from flwr_serverless.modes.aggregate import TABLE, parse_table, rebuild, stored_specs
+    from flwr_serverless.wire.codec import decode
 
     store = node.store
     decoded = decode(store.get("aggregate"), "aggregate", expected=stored_specs(node.exchange.expected))
@@ -191,10 +218,15 @@ def check_aggregate(node: Any, last: dict[str, tuple[list[np.ndarray], int]]) ->
         arrays, _ = last[member]
         latest += all(np.array_equal(a, b) for a, b in zip(contribution.arrays, arrays))
     exact, _ = rebuild(named)
-    error = max(float(np.max(np.abs(m - e)) / max(float(np.max(np.abs(e))), 1e-30))
-                for m, e in zip(decoded.arrays, exact))
-    return {"max_relative_error_vs_exact_fedavg": error, "members_in_table": len(table),
-            "members_latest_folded": latest, "table": table}
+    error = max(
+        float(np.max(np.abs(m - e)) / max(float(np.max(np.abs(e))), 1e-30)) for m, e in zip(decoded.arrays, exact)
+    )
+    return {
+        "max_relative_error_vs_exact_fedavg": error,
+        "members_in_table": len(table),
+        "members_latest_folded": latest,
+        "table": table,
+    }
 
 
 def plot(out: dict[str, Any], path: Path) -> None:
@@ -215,14 +247,17 @@ def plot(out: dict[str, Any], path: Path) -> None:
         axes[2].plot(ns, [r["seconds_median"] for r in rows], style, label=mode)
     axes[0].axhline(10, color="gray", linestyle=":", label="10 requests")
     axes[1].axhline(3, color="gray", linestyle=":", label="3 models")
-    for axis, label in zip(axes, ("requests per node-epoch", "models down per node-epoch",
-                                  "seconds per federation (median)")):
+    for axis, label in zip(
+        axes, ("requests per node-epoch", "models down per node-epoch", "seconds per federation (median)")
+    ):
         axis.set_xlabel("nodes")
         axis.set_ylabel(label)
         axis.set_yscale("log")
         axis.legend(fontsize=8)
-    fig.suptitle(f"Aggregate mode vs all-peers FedAvgAsync: {out['setup']['params']} params, "
-                 f"{out['setup']['epoch_seconds']} s epochs, moto S3, threads")
+    fig.suptitle(
+        f"Aggregate mode vs all-peers FedAvgAsync: {out['setup']['params']} params, "
+        f"{out['setup']['epoch_seconds']} s epochs, moto S3, threads"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -235,42 +270,57 @@ def main() -> None:
     parser.add_argument("--epoch-seconds", type=float, default=5.0)
     parser.add_argument("--contention", default="2,1,0.5", help="epoch seconds of the sweep at the largest N")
     parser.add_argument("--modes", default="all-peers,aggregate")
-    parser.add_argument("--helping", choices=("on", "off"), default="on",
-                        help="aggregate mode: fold one pending change of another member into each write")
+    parser.add_argument(
+        "--helping",
+        choices=("on", "off"),
+        default="on",
+        help="aggregate mode: fold one pending change of another member into each write",
+    )
     args = parser.parse_args()
     sizes = [int(x) for x in args.nodes.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped on kill too
     server, endpoint, client = start_server()
-    out: dict[str, Any] = {"setup": {"params": args.params, "epochs": args.epochs, "helping": args.helping,
-                                     "epoch_seconds": args.epoch_seconds, "store": "moto S3 server process, boto3",
-                                     "steady_state": "epochs after the first"}, "sweep": [], "contention": []}
+    out: dict[str, Any] = {
+        "setup": {
+            "params": args.params,
+            "epochs": args.epochs,
+            "helping": args.helping,
+            "epoch_seconds": args.epoch_seconds,
+            "store": "moto S3 server process, boto3",
+            "steady_state": "epochs after the first",
+        },
+        "sweep": [],
+        "contention": [],
+    }
     try:
         for n in sizes:
             for mode in modes:
                 row = run(mode, n, args, args.epoch_seconds, endpoint, client)
                 out["sweep"].append(row)
-                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-                      flush=True)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         if "aggregate" in modes:
             for seconds in [float(x) for x in args.contention.split(",") if x]:
                 row = run("aggregate", max(sizes), args, seconds, endpoint, client)
                 out["contention"].append(row)
-                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-                      flush=True)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     finally:
         server.kill()
         server.wait()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "aggregate_mode.json").write_text(json.dumps(out, indent=2))
     plot(out, RESULTS / "aggregate_mode.png")
-    print("\n| mode | N | requests / node-epoch (max) | models down / node-epoch (max) | s per federation | "
-          "conflict rate | lost all attempts | folded by a helper | deferred |")
+    print(
+        "\n| mode | N | requests / node-epoch (max) | models down / node-epoch (max) | s per federation | "
+        "conflict rate | lost all attempts | folded by a helper | deferred |"
+    )
     for r in [*out["sweep"], *out["contention"]]:
-        print(f"| {r['mode']} ({r['epoch_seconds']:g} s epochs) | {r['nodes']} | {r['requests_mean']:.2f} "
-              f"({r['requests_max']}) | {r['models_down_mean']:.2f} ({r['models_down_max']:.2f}) | "
-              f"{r['seconds_median']:.3f} | {r.get('conflict_rate', 0):.2f} | {r.get('lost_all_attempts', '-')} | "
-              f"{r.get('folded_by_helper', '-')} | {r.get('deferred_epochs', '-')} |")
+        print(
+            f"| {r['mode']} ({r['epoch_seconds']:g} s epochs) | {r['nodes']} | {r['requests_mean']:.2f} "
+            f"({r['requests_max']}) | {r['models_down_mean']:.2f} ({r['models_down_max']:.2f}) | "
+            f"{r['seconds_median']:.3f} | {r.get('conflict_rate', 0):.2f} | {r.get('lost_all_attempts', '-')} | "
+            f"{r.get('folded_by_helper', '-')} | {r.get('deferred_epochs', '-')} |"
+        )
 
 
 if __name__ == "__main__":

@@ -38,9 +38,9 @@ from typing import Any
 import blake3
 import numpy as np
 
-from flwr_serverless.codec import UpdateHeader, decode, encode, encode_parts
 from flwr_serverless.errors import KeyframeRequiredError
-from flwr_serverless.node.writer import UpdateWriter
+from flwr_serverless.node.publisher import UpdateWriter
+from flwr_serverless.wire.codec import UpdateHeader, decode, encode, encode_parts
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -86,10 +86,16 @@ def stateless(model: list[np.ndarray], codecs: list[str | None], repeat: int) ->
     rows = []
     for codec in codecs:
         relative, worst = errors(decode(objects[codec], "nodes/bench").arrays, model)
-        rows.append({"encoding": codec or "none", "bytes_per_update": len(objects[codec]),
-                     "encode_s": statistics.median(times[codec]["encode"]),
-                     "decode_s": statistics.median(times[codec]["decode"]),
-                     "relative_error": relative, "max_abs_error": worst})
+        rows.append(
+            {
+                "encoding": codec or "none",
+                "bytes_per_update": len(objects[codec]),
+                "encode_s": statistics.median(times[codec]["encode"]),
+                "decode_s": statistics.median(times[codec]["decode"]),
+                "relative_error": relative,
+                "max_abs_error": worst,
+            }
+        )
     return rows
 
 
@@ -105,8 +111,15 @@ def topk(model: list[np.ndarray], fraction: float, updates: int, scale: float, s
         weights = drift(weights, rng, scale)
         keyframes = writer.keyframes_written
         start = time.perf_counter()
-        data = b"".join(writer.encode(weights, UpdateHeader("bench", seq=seq), None, None,
-                                      lambda key, blob: side.__setitem__(key, bytes(blob))))
+        data = b"".join(
+            writer.encode(
+                weights,
+                UpdateHeader("bench", seq=seq),
+                None,
+                None,
+                lambda key, blob: side.__setitem__(key, bytes(blob)),
+            )
+        )
         writer.published("nodes/bench", lambda source, target: None)  # the log copy moves no bytes
         encode_times.append(time.perf_counter() - start)
         keyframe = writer.keyframes_written > keyframes
@@ -124,14 +137,20 @@ def topk(model: list[np.ndarray], fraction: float, updates: int, scale: float, s
             worst.append(largest)
     delta_encode = [t for t, kf in zip(encode_times, kinds) if not kf]
     delta_decode = [t for t, kf in zip(decode_times, kinds) if not kf]
-    return {"encoding": f"topk:{fraction} drift {scale:g}", "drift": scale, "bytes_per_update": total_bytes / updates,
-            "keyframes": sum(kinds), "deltas": len(delta_encode),
-            "encode_s": statistics.median(delta_encode) if delta_encode else math.nan,
-            "decode_s": statistics.median(delta_decode) if delta_decode else math.nan,
-            "keyframe_encode_s": statistics.median([t for t, kf in zip(encode_times, kinds) if kf]),
-            "keyframe_decode_s": statistics.median([t for t, kf in zip(decode_times, kinds) if kf]),
-            "relative_error": max(rel, default=0.0), "max_abs_error": max(worst, default=0.0),
-            "relative_error_per_delta": rel}
+    return {
+        "encoding": f"topk:{fraction} drift {scale:g}",
+        "drift": scale,
+        "bytes_per_update": total_bytes / updates,
+        "keyframes": sum(kinds),
+        "deltas": len(delta_encode),
+        "encode_s": statistics.median(delta_encode) if delta_encode else math.nan,
+        "decode_s": statistics.median(delta_decode) if delta_decode else math.nan,
+        "keyframe_encode_s": statistics.median([t for t, kf in zip(encode_times, kinds) if kf]),
+        "keyframe_decode_s": statistics.median([t for t, kf in zip(decode_times, kinds) if kf]),
+        "relative_error": max(rel, default=0.0),
+        "max_abs_error": max(worst, default=0.0),
+        "relative_error_per_delta": rel,
+    }
 
 
 def hashing(model: list[np.ndarray], repeat: int) -> dict[str, float]:
@@ -143,6 +162,7 @@ def hashing(model: list[np.ndarray], repeat: int) -> dict[str, float]:
             for view in views:
                 hasher.update(view)
             return hasher.hexdigest()
+
         return go
 
     parts = encode_parts(model, UpdateHeader("bench"))
@@ -197,24 +217,32 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=12)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--fractions", default="0.01,0.05")
-    parser.add_argument("--drifts", default="1e-4,1e-3",
-                        help="scale of the per-update drift (weights have scale 0.05, so 1e-3 is ~3.5%% per update)")
+    parser.add_argument(
+        "--drifts",
+        default="1e-4,1e-3",
+        help="scale of the per-update drift (weights have scale 0.05, so 1e-3 is ~3.5%% per update)",
+    )
     args = parser.parse_args()
 
     model = make_model(args.params)
     rows = stateless(model, [None, "fp16", "bf16", "int8"], args.repeat)
-    rows += [topk(model, float(f), args.updates, float(d), seed=1)
-             for d in args.drifts.split(",") for f in args.fractions.split(",")]
+    rows += [
+        topk(model, float(f), args.updates, float(d), seed=1)
+        for d in args.drifts.split(",")
+        for f in args.fractions.split(",")
+    ]
     floor = rows[0]
     for row in rows:
         row["params"] = args.params
         row["bytes_ratio"] = row["bytes_per_update"] / floor["bytes_per_update"]
         row["encode_ratio"] = row["encode_s"] / floor["encode_s"]
         row["decode_ratio"] = row["decode_s"] / floor["decode_s"]
-        print(f"{row['encoding']:>10}: {row['bytes_per_update'] / 1e6:7.2f} MB ({row['bytes_ratio']:.3f}x)  "
-              f"encode {row['encode_s']:.3f}s ({row['encode_ratio']:.2f}x)  "
-              f"decode {row['decode_s']:.3f}s ({row['decode_ratio']:.2f}x)  "
-              f"error {row['relative_error']:.2e} (max abs {row['max_abs_error']:.2e})")
+        print(
+            f"{row['encoding']:>10}: {row['bytes_per_update'] / 1e6:7.2f} MB ({row['bytes_ratio']:.3f}x)  "
+            f"encode {row['encode_s']:.3f}s ({row['encode_ratio']:.2f}x)  "
+            f"decode {row['decode_s']:.3f}s ({row['decode_ratio']:.2f}x)  "
+            f"error {row['relative_error']:.2e} (max abs {row['max_abs_error']:.2e})"
+        )
     hashes = hashing(model, args.repeat)
     print("payload hash and framing:", {k: round(v, 4) for k, v in hashes.items()})
     RESULTS.mkdir(exist_ok=True)

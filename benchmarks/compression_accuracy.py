@@ -43,9 +43,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def run(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    config = SimulationConfig(num_nodes=args.nodes, mode=args.mode, epochs=args.epochs, dataset=args.dataset,
-                              skew=0.9, seed=seed, baselines=(name == "none"), store_url=f"memory://compression-{name}",
-                              node_options=dict(VARIANTS[name]), max_train_examples=args.max_train_examples)
+    config = SimulationConfig(
+        num_nodes=args.nodes,
+        mode=args.mode,
+        epochs=args.epochs,
+        dataset=args.dataset,
+        skew=0.9,
+        seed=seed,
+        baselines=(name == "none"),
+        store_url=f"memory://compression-{name}",
+        node_options=dict(VARIANTS[name]),
+        max_train_examples=args.max_train_examples,
+    )
     started = time.monotonic()
     result: SimulationResult = run_simulation(config)
     errors = [n.error for n in result.nodes if n.error]
@@ -72,8 +81,11 @@ def summarize(runs: list[dict[str, Any]], names: list[str]) -> dict[str, dict[st
         return statistics.fmean(r[field] for r in rows)
 
     floor = [r for r in runs if r["variant"] == "none"]
-    up0, down0, acc0 = mean(floor, "bytes_up_per_node_epoch"), mean(floor, "bytes_down_per_node_epoch"), \
-        mean(floor, "accuracy")
+    up0, down0, acc0 = (
+        mean(floor, "bytes_up_per_node_epoch"),
+        mean(floor, "bytes_down_per_node_epoch"),
+        mean(floor, "accuracy"),
+    )
     summary: dict[str, dict[str, Any]] = {}
     for name in names:
         rows = [r for r in runs if r["variant"] == name]
@@ -111,8 +123,13 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     left.axhline(65, color="gray", linestyle=":", label="65% (int8 target)")
     left.axhline(90, color="black", linestyle=":", label="90% (top-k target)")
     left.set_ylabel("bytes cut per node-epoch vs uncompressed (%)")
-    right.bar(list(x), [summary[n]["accuracy_mean"] for n in names],
-              yerr=[summary[n]["accuracy_stdev"] for n in names], capsize=3, color="tab:green")
+    right.bar(
+        list(x),
+        [summary[n]["accuracy_mean"] for n in names],
+        yerr=[summary[n]["accuracy_stdev"] for n in names],
+        capsize=3,
+        color="tab:green",
+    )
     right.set_ylabel("final test accuracy (mean over nodes and seeds)")
     for axis in (left, right):
         axis.set_xticks(list(x))
@@ -144,22 +161,41 @@ def main() -> None:
         for name in names:
             row = run(name, seed, args)
             runs.append(row)
-            print(f"seed {seed} {name:18s} acc {row['accuracy']:.3f} up {row['bytes_up_per_node_epoch']:8.0f} B "
-                  f"down {row['bytes_down_per_node_epoch']:8.0f} B ({row['wall_time']:.0f} s)", flush=True)
+            print(
+                f"seed {seed} {name:18s} acc {row['accuracy']:.3f} up {row['bytes_up_per_node_epoch']:8.0f} B "
+                f"down {row['bytes_down_per_node_epoch']:8.0f} B ({row['wall_time']:.0f} s)",
+                flush=True,
+            )
     summary = summarize(runs, names)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"setup": {"dataset": args.dataset, "nodes": args.nodes, "skew": 0.9, "mode": args.mode,
-                     "epochs": args.epochs, "max_train_examples": args.max_train_examples,
-                     "seeds": seeds, "store": "memory:// (threads)"}, "summary": summary, "runs": runs}
+    out = {
+        "setup": {
+            "dataset": args.dataset,
+            "nodes": args.nodes,
+            "skew": 0.9,
+            "mode": args.mode,
+            "epochs": args.epochs,
+            "max_train_examples": args.max_train_examples,
+            "seeds": seeds,
+            "store": "memory:// (threads)",
+        },
+        "summary": summary,
+        "runs": runs,
+    }
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2))
-    plot(summary, RESULTS / f"{args.out}.png",
-         f"Compressed updates: {args.nodes} {args.mode} nodes, {args.dataset}, skew 0.9, {args.epochs} epochs, "
-         f"seeds {seeds}")
+    plot(
+        summary,
+        RESULTS / f"{args.out}.png",
+        f"Compressed updates: {args.nodes} {args.mode} nodes, {args.dataset}, skew 0.9, {args.epochs} epochs, "
+        f"seeds {seeds}",
+    )
     print("\n| encoding | bytes up / node-epoch | cut | bytes down / node-epoch | cut | accuracy (mean +- sd) |")
     for name, s in summary.items():
-        print(f"| {name} | {s['bytes_up_per_node_epoch']:.0f} | {100 * s['bytes_up_cut']:.0f}% | "
-              f"{s['bytes_down_per_node_epoch']:.0f} | {100 * s['bytes_down_cut']:.0f}% | "
-              f"{s['accuracy_mean']:.3f} +- {s['accuracy_stdev']:.3f} ({s['accuracy_delta']:+.3f}) |")
+        print(
+            f"| {name} | {s['bytes_up_per_node_epoch']:.0f} | {100 * s['bytes_up_cut']:.0f}% | "
+            f"{s['bytes_down_per_node_epoch']:.0f} | {100 * s['bytes_down_cut']:.0f}% | "
+            f"{s['accuracy_mean']:.3f} +- {s['accuracy_stdev']:.3f} ({s['accuracy_delta']:+.3f}) |"
+        )
 
 
 if __name__ == "__main__":

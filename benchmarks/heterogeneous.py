@@ -37,15 +37,21 @@ MODES: dict[str, dict[str, Any]] = {
     "sync": {"mode": "sync"},
     "async": {"mode": "async"},
     "async+fedrec": {"mode": "async", "async_options": AsyncOptions(staleness="poly:0.5", staleness_unit="steps")},
-    "fedasync": {"mode": "async",
-                 "async_options": AsyncOptions(staleness="poly:0.5", staleness_unit="versions", alpha=0.6)},
+    "fedasync": {
+        "mode": "async",
+        "async_options": AsyncOptions(staleness="poly:0.5", staleness_unit="versions", alpha=0.6),
+    },
     # Hinge variants: no discount up to about one slow epoch of staleness, then a steep one. Under strong
     # label skew the slow nodes hold classes nobody else has, so discounting their ordinary staleness
     # (poly:0.5 above) costs those classes; the hinge only discounts pathological staleness.
-    "async+fedrec-hinge": {"mode": "async",
-                           "async_options": AsyncOptions(staleness="hinge:0.05,100", staleness_unit="steps")},
-    "fedasync-hinge": {"mode": "async",
-                       "async_options": AsyncOptions(staleness="hinge:0.5,8", staleness_unit="versions", alpha=0.9)},
+    "async+fedrec-hinge": {
+        "mode": "async",
+        "async_options": AsyncOptions(staleness="hinge:0.05,100", staleness_unit="steps"),
+    },
+    "fedasync-hinge": {
+        "mode": "async",
+        "async_options": AsyncOptions(staleness="hinge:0.5,8", staleness_unit="versions", alpha=0.9),
+    },
     "fedbuff": {"mode": "async", "async_options": AsyncOptions(buffer_size=2)},
     "semisync": {"mode": "semisync", "semisync": SemiSyncOptions(lambda_=1.0, reestimate=True)},
 }
@@ -74,10 +80,18 @@ def run_mode(name: str, budget: float, seed: int) -> tuple[SimulationResult, flo
     spec = dict(MODES[name])
     if spec["mode"] != "async":
         spec.update(sync_timeout=5.0, min_nodes=1)  # past the budget, the survivors go on alone
-    config = SimulationConfig(num_nodes=4, dataset="digits", skew=0.9, epochs=100000, seed=seed, baselines=False,
-                              store_url=None, evaluation=Evaluation(eval_each_epoch=True),
-                              heterogeneity=Heterogeneity(slowdown=tuple(SLOWDOWN), batch_seconds=BATCH_SECONDS,
-                                                          time_budget=budget), **spec)
+    config = SimulationConfig(
+        num_nodes=4,
+        dataset="digits",
+        skew=0.9,
+        epochs=100000,
+        seed=seed,
+        baselines=False,
+        store_url=None,
+        evaluation=Evaluation(eval_each_epoch=True),
+        heterogeneity=Heterogeneity(slowdown=tuple(SLOWDOWN), batch_seconds=BATCH_SECONDS, time_budget=budget),
+        **spec,
+    )
     started = time.monotonic()
     # A mode that overruns its budget by a minute dumps every thread's stack: a hang is diagnosed, not guessed.
     faulthandler.dump_traceback_later(budget + 60, exit=False, file=sys.stderr)
@@ -123,15 +137,24 @@ def main() -> None:
             "errors": errors,
         }
         times = "  ".join(f"t({t})={'-' if v is None else f'{v:.1f}s'}" for t, v in reached.items())
-        print(f"{name:<13} final acc {rows[name]['final_accuracy'] or float('nan'):.3f}  "
-              f"(last 5 s {rows[name]['last_5s_accuracy'] or float('nan'):.3f})  {times}  "
-              f"requests {rows[name]['requests']}  epochs {rows[name]['epochs']}  run {elapsed:.0f}s"
-              + (f"  ERRORS {errors}" if errors else ""), flush=True)
+        print(
+            f"{name:<13} final acc {rows[name]['final_accuracy'] or float('nan'):.3f}  "
+            f"(last 5 s {rows[name]['last_5s_accuracy'] or float('nan'):.3f})  {times}  "
+            f"requests {rows[name]['requests']}  epochs {rows[name]['epochs']}  run {elapsed:.0f}s"
+            + (f"  ERRORS {errors}" if errors else ""),
+            flush=True,
+        )
 
-    out = {"budget_seconds": args.budget, "slowdown": SLOWDOWN, "batch_seconds": BATCH_SECONDS, "targets": targets,
-           "modes": rows,
-           "curves": {k: {"time": g.tolist(), "accuracy": [None if np.isnan(v) else v for v in m]}
-                      for k, (g, m) in curves.items()}}
+    out = {
+        "budget_seconds": args.budget,
+        "slowdown": SLOWDOWN,
+        "batch_seconds": BATCH_SECONDS,
+        "targets": targets,
+        "modes": rows,
+        "curves": {
+            k: {"time": g.tolist(), "accuracy": [None if np.isnan(v) else v for v in m]} for k, (g, m) in curves.items()
+        },
+    }
     (RESULTS / "heterogeneous.json").write_text(json.dumps(out, indent=2))
     try:
         import matplotlib

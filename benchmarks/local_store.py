@@ -133,7 +133,7 @@ def run_sync(root: str, params: int, nodes: int, rounds: int) -> dict:
         models[i], _ = fleet[i].update_parameters(models[i], 100, fleet[i].round)
 
     threaded(nodes, federate)  # round 0: joining, first objects
-    from flwr_serverless import layout
+    from flwr_serverless.wire import layout
 
     size = object_size(store_dir, layout.round_key(0, "node-0"))
     payloads = [bytes(size) for _ in range(nodes)]
@@ -163,10 +163,17 @@ def run_sync(root: str, params: int, nodes: int, rounds: int) -> dict:
 
 
 def summarise(case: str, fed: list[float], floor: list[float], params: int, nodes: int) -> dict:
-    return {"case": case, "params": params, "model_mb": params * 4 / 1e6, "nodes": nodes,
-            "federation_s_median": statistics.median(fed), "floor_s_median": statistics.median(floor),
-            "ratio": statistics.median(fed) / statistics.median(floor), "federation_s_all": fed,
-            "floor_s_all": floor}
+    return {
+        "case": case,
+        "params": params,
+        "model_mb": params * 4 / 1e6,
+        "nodes": nodes,
+        "federation_s_median": statistics.median(fed),
+        "floor_s_median": statistics.median(floor),
+        "ratio": statistics.median(fed) / statistics.median(floor),
+        "federation_s_all": fed,
+        "floor_s_all": floor,
+    }
 
 
 def main() -> None:
@@ -189,12 +196,17 @@ def main() -> None:
             results.append(run_sync(root, args.params, args.nodes, args.rounds))
     targets = {"async": 1.5, "async-signed": 1.5, "sync": 2.0}
     for r in results:
-        extra = (f"; one node's write + reads alone {r['floor_one_node_s_median']:.3f} s"
-                 if "floor_one_node_s_median" in r else "")
-        print(f"{r['case']:12}  {r['model_mb']:.0f} MB x {r['nodes']} nodes: "
-              f"federation {r['federation_s_median']:.3f} s, "
-              f"raw floor {r['floor_s_median']:.3f} s, ratio {r['ratio']:.2f} (target <= {targets[r['case']]})"
-              f"{extra}")
+        extra = (
+            f"; one node's write + reads alone {r['floor_one_node_s_median']:.3f} s"
+            if "floor_one_node_s_median" in r
+            else ""
+        )
+        print(
+            f"{r['case']:12}  {r['model_mb']:.0f} MB x {r['nodes']} nodes: "
+            f"federation {r['federation_s_median']:.3f} s, "
+            f"raw floor {r['floor_s_median']:.3f} s, ratio {r['ratio']:.2f} (target <= {targets[r['case']]})"
+            f"{extra}"
+        )
     if args.case == "all":
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "local_store.json").write_text(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=2))

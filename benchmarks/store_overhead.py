@@ -50,8 +50,12 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--backend", choices=["boto3", "fsspec"], default="boto3")
-    parser.add_argument("--peer-cache", choices=["disk", "memory"], default="disk",
-                        help="where node 0 keeps its peers' weights (disk: memory-mapped temp files)")
+    parser.add_argument(
+        "--peer-cache",
+        choices=["disk", "memory"],
+        default="disk",
+        help="where node 0 keeps its peers' weights (disk: memory-mapped temp files)",
+    )
     args = parser.parse_args()
 
     import os
@@ -64,8 +68,11 @@ def main() -> None:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         raw = boto3.client("s3", endpoint_url=endpoint)
@@ -78,8 +85,11 @@ def main() -> None:
                 time.sleep(0.05)
         url = f"s3://{bucket}/overhead"
         nodes = [
-            AsyncFederatedNode(open_store(url, endpoint_url=endpoint, backend=args.backend), node_id=f"node-{i}",
-                               peer_cache=args.peer_cache)
+            AsyncFederatedNode(
+                open_store(url, endpoint_url=endpoint, backend=args.backend),
+                node_id=f"node-{i}",
+                peer_cache=args.peer_cache,
+            )
             for i in range(args.nodes)
         ]
         models = [make_model(args.params, seed=i) for i in range(args.nodes)]
@@ -147,13 +157,17 @@ def main() -> None:
     name = f"store_overhead_{args.backend}" + ("" if args.peer_cache == "disk" else f"_{args.peer_cache}_cache")
     result["name"] = name
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
-    print(f"model {result['model_mb']:.0f} MB, {args.nodes} async nodes, backend {args.backend}, "
-          f"peer cache {args.peer_cache}, moto server process on 127.0.0.1")
+    print(
+        f"model {result['model_mb']:.0f} MB, {args.nodes} async nodes, backend {args.backend}, "
+        f"peer cache {args.peer_cache}, moto server process on 127.0.0.1"
+    )
     print(f"federation step (median of {len(fed_times)}): {fed:.3f} s")
     print(f"floor, raw boto3 PUT + {args.nodes - 1} GETs:     {floor:.3f} s")
     print(f"ratio: {fed / floor:.2f}  (target <= 1.5)")
-    print(f"store requests per node-epoch: {result['requests_per_node_epoch']:.0f} "
-          f"(budget 2 + {result['changed_peers_per_epoch']:.0f} changed peers)")
+    print(
+        f"store requests per node-epoch: {result['requests_per_node_epoch']:.0f} "
+        f"(budget 2 + {result['changed_peers_per_epoch']:.0f} changed peers)"
+    )
     print(f"peak traced memory during a step: {result['peak_memory_x_model']:.2f} x model size (target < 4)")
     plot(result)
 

@@ -25,10 +25,10 @@ from flwr_serverless.simulation.data import load_dataset, partition_label_skew
 
 def build_model() -> keras.Model:
     keras.utils.set_random_seed(0)  # every node starts from the same weights
-    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64, activation="relu"),
-                              keras.layers.Dense(10, activation="softmax")])
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model = keras.Sequential(
+        [keras.Input((64,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10, activation="softmax")]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
 
 
@@ -53,8 +53,14 @@ def main() -> None:
         else:
             node = AsyncFederatedNode(store, node_id=f"node-{i}")
         model = models[i]
-        model.fit(x_train[parts[i]], y_train[parts[i]], epochs=args.epochs, batch_size=32, verbose=0,
-                  callbacks=[FlwrFederatedCallback(node, proximal_mu=args.mu)])  # the one line
+        model.fit(
+            x_train[parts[i]],
+            y_train[parts[i]],
+            epochs=args.epochs,
+            batch_size=32,
+            verbose=0,
+            callbacks=[FlwrFederatedCallback(node, proximal_mu=args.mu)],
+        )  # the one line
         accuracy[i] = float(model.evaluate(x_test, y_test, verbose=0)[1])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(args.nodes)]

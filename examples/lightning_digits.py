@@ -62,9 +62,14 @@ def main() -> None:
             node = AsyncFederatedNode(store, node_id=f"node-{i}")
         data = torch.utils.data.TensorDataset(torch.tensor(x_train[parts[i]]), torch.tensor(y_train[parts[i]]))
         model = Classifier()
-        trainer = pl.Trainer(max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[FlwrFederatedCallback(node, proximal_mu=args.mu)])  # the one line
+        trainer = pl.Trainer(
+            max_epochs=args.epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[FlwrFederatedCallback(node, proximal_mu=args.mu)],
+        )  # the one line
         trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=32, shuffle=True))
         with torch.no_grad():
             predicted = model(torch.tensor(x_test)).argmax(1).numpy()

@@ -6,7 +6,6 @@ callbacks live in ``flwr_serverless.callbacks.keras`` and ``...lightning``.
 
 from __future__ import annotations
 
-from flwr_serverless.codec import UpdateHeader, decode, encode
 from flwr_serverless.errors import (
     DuplicateNodeIdError,
     FlwrServerlessError,
@@ -39,7 +38,8 @@ from flwr_serverless.stores import (
     register_store,
 )
 from flwr_serverless.stores.legacy import SharedFolder
-from flwr_serverless.strategies import make_strategy
+from flwr_serverless.strategy.factory import make_strategy
+from flwr_serverless.wire.codec import UpdateHeader, decode, encode
 
 __version__ = "0.3.0"
 

@@ -62,8 +62,11 @@ class KeyframeRequiredError(InvalidObjectError):
         self.ref = ref
         self.chain = chain
         seq = getattr(ref, "seq", "?")
-        super().__init__(key, f"a top-k delta (position {chain} after keyframe seq {seq}) on a state the reader "
-                              "does not hold (fetch the keyframe and logged deltas, then decode again)")
+        super().__init__(
+            key,
+            f"a top-k delta (position {chain} after keyframe seq {seq}) on a state the reader "
+            "does not hold (fetch the keyframe and logged deltas, then decode again)",
+        )
 
 
 class SyncTimeoutError(FlwrServerlessError, TimeoutError):

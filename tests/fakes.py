@@ -17,8 +17,13 @@ class RecordingNode:
     its cold-start epoch); ``None`` federates at every epoch end.
     """
 
-    def __init__(self, shift: float = 0.0, metrics: dict[str, float] | None = None, budget: int | None = None,
-                 node_id: str = "fake") -> None:
+    def __init__(
+        self,
+        shift: float = 0.0,
+        metrics: dict[str, float] | None = None,
+        budget: int | None = None,
+        node_id: str = "fake",
+    ) -> None:
         self.node_id = node_id
         self.shift = shift
         self.metrics = metrics
@@ -28,13 +33,28 @@ class RecordingNode:
         self.batch_times: list[float] = []
         self.state: dict[str, Any] = {"node_id": node_id}
 
-    def update_parameters(self, parameters: Any, num_examples: int | None = None,
-                          metrics: Mapping[str, Any] | None = None, epoch: int | None = None, *,
-                          num_steps: int | None = None, tensor_names: Sequence[str] | None = None,
-                          framework: str | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
-        self.calls.append({"weights": [np.array(w) for w in parameters], "num_examples": num_examples,
-                           "metrics": dict(metrics or {}), "epoch": epoch, "num_steps": num_steps,
-                           "tensor_names": list(tensor_names or []), "framework": framework})
+    def update_parameters(
+        self,
+        parameters: Any,
+        num_examples: int | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        epoch: int | None = None,
+        *,
+        num_steps: int | None = None,
+        tensor_names: Sequence[str] | None = None,
+        framework: str | None = None,
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        self.calls.append(
+            {
+                "weights": [np.array(w) for w in parameters],
+                "num_examples": num_examples,
+                "metrics": dict(metrics or {}),
+                "epoch": epoch,
+                "num_steps": num_steps,
+                "tensor_names": list(tensor_names or []),
+                "framework": framework,
+            }
+        )
         self.events.append("update")
         fed = self.metrics if self.metrics is not None else {k: v + 1.0 for k, v in (metrics or {}).items()}
         return [np.asarray(w) + self.shift for w in parameters], dict(fed)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from flwr_serverless.dtypes import dtype_name
+from flwr_serverless.wire.dtypes import dtype_name
 
 
 def split(data: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes]:
@@ -41,11 +41,27 @@ def v1_object(arrays: Sequence[np.ndarray], **fields: Any) -> bytes:
     payload = b""
     for i, array in enumerate(arrays):
         raw = np.ascontiguousarray(array).tobytes()
-        layout[f"t{i:04d}"] = {"dtype": dtype_name(array.dtype), "shape": list(array.shape),
-                               "data_offsets": [offset, offset + len(raw)]}
+        layout[f"t{i:04d}"] = {
+            "dtype": dtype_name(array.dtype),
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
         payload += raw
         offset += len(raw)
-    header = {"node_id": "old", "epoch": 1, "round": None, "num_examples": 5, "local_steps": 7, "base_version": 2,
-              "base_steps": 3, "timestamp": 1.7e9, "metrics": {}, "extra": {}, **fields, "format": "flwr-serverless/1",
-              "tensor_names": list(layout), "payload_sha256": hashlib.sha256(payload).hexdigest()}
+    header = {
+        "node_id": "old",
+        "epoch": 1,
+        "round": None,
+        "num_examples": 5,
+        "local_steps": 7,
+        "base_version": 2,
+        "base_steps": 3,
+        "timestamp": 1.7e9,
+        "metrics": {},
+        "extra": {},
+        **fields,
+        "format": "flwr-serverless/1",
+        "tensor_names": list(layout),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+    }
     return frame(header, layout, payload)

@@ -34,8 +34,12 @@ def train(url: str, options: str, node_id: str, epochs: int, params: int, out: s
             if any(not np.isfinite(w).all() for w in weights):
                 raise AssertionError("non-finite weights after aggregation")
             result["epochs"] = epoch + 1
-        result.update(rejected=node.stats.rejected, rejections=node.stats.rejections,
-                      store_failures=node.stats.store_failures, peers_used=node.stats.peers_used)
+        result.update(
+            rejected=node.stats.rejected,
+            rejections=node.stats.rejections,
+            store_failures=node.stats.store_failures,
+            peers_used=node.stats.peers_used,
+        )
     except BaseException:  # the parent asserts nothing escaped
         result["error"] = traceback.format_exc()
     with open(out, "w") as handle:
@@ -43,8 +47,8 @@ def train(url: str, options: str, node_id: str, epochs: int, params: int, out: s
 
 
 def write(url: str, options: str, key: str, params: int) -> None:
-    from flwr_serverless.codec import UpdateHeader, encode, encode_parts
     from flwr_serverless.stores import open_store
+    from flwr_serverless.wire.codec import UpdateHeader, encode, encode_parts
 
     store = open_store(url, **json.loads(options))
     epoch = 0

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flwr_serverless import layout
-from flwr_serverless.admin import clean_experiment, format_view, inspect_experiment, owner_of
 from flwr_serverless.cli import main
+from flwr_serverless.cli.admin import clean_experiment, format_view, inspect_experiment, owner_of
 from flwr_serverless.node import AggregateFederatedNode, AsyncFederatedNode
 from flwr_serverless.stores import open_store
+from flwr_serverless.wire import layout
 
 
 def _w(value: float) -> list[np.ndarray]:
@@ -93,8 +93,13 @@ def test_clean_removes_every_key_of_a_member_that_left_and_dry_run_only_lists_th
     made = _experiment(url)
     store = made["store"]
     before = sorted(store.list(""))
-    b_keys = sorted([layout.member_key("b"), *(layout.delta_key("b", i) for i in range(3)),
-                     *(layout.contribution_key("b", slot) for slot in (0, 1))])
+    b_keys = sorted(
+        [
+            layout.member_key("b"),
+            *(layout.delta_key("b", i) for i in range(3)),
+            *(layout.contribution_key("b", slot) for slot in (0, 1)),
+        ]
+    )
 
     out = io.StringIO()
     assert main(["clean", url, "--dry-run"], out=out) == 0

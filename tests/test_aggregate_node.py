@@ -16,17 +16,20 @@ import pytest
 from flwr.server.strategy.aggregate import aggregate as flower_fedavg
 
 from flwr_serverless import AggregateFederatedNode, AsyncFederatedNode, open_store
-from flwr_serverless.codec import UpdateHeader, decode, encode
 from flwr_serverless.errors import ConditionalWritesUnsupportedError, StoreError
 from flwr_serverless.modes.aggregate import TABLE, Entry, fold, parse_table, rebuild, short_hash, stored_specs
 from flwr_serverless.stores.faults import FaultyStore
+from flwr_serverless.wire.codec import UpdateHeader, decode, encode
 from tests.objects import rewrite
 
 
 def _model(seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal((16, 8)).astype(np.float32), rng.standard_normal(8).astype(np.float32),
-            np.array([seed % 7], np.int64)]
+    return [
+        rng.standard_normal((16, 8)).astype(np.float32),
+        rng.standard_normal(8).astype(np.float32),
+        np.array([seed % 7], np.int64),
+    ]
 
 
 def _open(url_options: tuple[str, dict[str, Any]]) -> Any:
@@ -92,16 +95,19 @@ class NoConditionalWrites(FaultyStore):
         self.supports_conditional_writes = False
 
 
-@pytest.mark.parametrize(("options", "error", "match"), [
-    ({"strategy": "fedmedian"}, ValueError, "FedMedian is not one"),
-    ({"compression": "topk:0.01"}, ValueError, "not available in the aggregate mode"),
-    ({"max_attempts": 0}, ValueError, "max_attempts"),
-    ({"max_attempts": True}, ValueError, "max_attempts"),
-    ({"timeout": -1}, ValueError, "timeout"),
-    ({"max_models_down": 0.5}, ValueError, "max_models_down"),
-    ({"max_requests": 3}, ValueError, "max_requests"),
-    ({"compression": "int4"}, ValueError, "compression='int4'"),
-])
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"strategy": "fedmedian"}, ValueError, "FedMedian is not one"),
+        ({"compression": "topk:0.01"}, ValueError, "not available in the aggregate mode"),
+        ({"max_attempts": 0}, ValueError, "max_attempts"),
+        ({"max_attempts": True}, ValueError, "max_attempts"),
+        ({"timeout": -1}, ValueError, "timeout"),
+        ({"max_models_down": 0.5}, ValueError, "max_models_down"),
+        ({"max_requests": 3}, ValueError, "max_requests"),
+        ({"compression": "int4"}, ValueError, "compression='int4'"),
+    ],
+)
 def test_options_are_validated_at_construction(options, error, match):
     with pytest.raises(error, match=match):
         AggregateFederatedNode("memory://aggregate-options", **options)
@@ -274,8 +280,17 @@ def test_a_node_dying_with_a_pending_change_loses_nothing_and_its_restart_avoids
 def test_concurrent_writers_keep_the_aggregate_equal_to_fedavg_of_the_named_contributions(store_url_factory, kind):
     url = store_url_factory(kind)
     # 5 ms per store call: all eight read before the first write lands, so most writes lose a race.
-    nodes = [AggregateFederatedNode(FaultyStore(_open(url), latency=0.005), node_id=f"w{i}", max_attempts=50,
-                                    max_models_down=None, max_requests=None, seed=i) for i in range(8)]
+    nodes = [
+        AggregateFederatedNode(
+            FaultyStore(_open(url), latency=0.005),
+            node_id=f"w{i}",
+            max_attempts=50,
+            max_models_down=None,
+            max_requests=None,
+            seed=i,
+        )
+        for i in range(8)
+    ]
     start = threading.Barrier(len(nodes))
     errors: list[BaseException] = []
     last: dict[str, list[np.ndarray]] = {}
@@ -303,7 +318,8 @@ def test_concurrent_writers_keep_the_aggregate_equal_to_fedavg_of_the_named_cont
 
 # -- crashes, lost and hostile objects --------------------------------------------------------------------
 def test_a_node_dying_before_its_write_loses_nothing_and_its_restart_subtracts_the_right_contribution(
-        store_url_factory):
+    store_url_factory,
+):
     url = store_url_factory("boto3")
     hooked = HookedStore(_open(url))
     a = AggregateFederatedNode(hooked, node_id="a")
@@ -344,8 +360,10 @@ def _table_change(change: Callable[[dict[str, Any]], None]) -> Callable[[bytes],
 
 HOSTILE = {
     "not-an-object": (lambda data: b"\x00" * 64, "header claims|truncated|not a flwr"),
-    "wrong-shape": (lambda data: encode([np.ones((8, 16), np.float32), *_model(0)[1:]], UpdateHeader("x")),
-                    "local model has"),
+    "wrong-shape": (
+        lambda data: encode([np.ones((8, 16), np.float32), *_model(0)[1:]], UpdateHeader("x")),
+        "local model has",
+    ),
     "negative-weight": (_table_change(lambda t: t["members"]["a"].__setitem__(2, -5)), "weight of 'a'"),
     "bad-slot": (_table_change(lambda t: t["members"]["a"].__setitem__(0, 3)), "slot of 'a'"),
     "bool-seq": (_table_change(lambda t: t["members"]["a"].__setitem__(1, True)), "seq of 'a'"),

@@ -26,11 +26,22 @@ from flwr_serverless.stores import open_store
 
 
 def test_numeric_metrics_keep_finite_scalars_and_drop_our_echoes() -> None:
-    logs = {"loss": np.float32(0.5), "acc": 1, "flag": True, "nan": float("nan"), "inf": np.inf, "name": "x",
-            "vector": np.ones(3), "loss_fed": 0.1, "acc_global": 0.2, "lr": np.array(0.01)}
+    logs = {
+        "loss": np.float32(0.5),
+        "acc": 1,
+        "flag": True,
+        "nan": float("nan"),
+        "inf": np.inf,
+        "name": "x",
+        "vector": np.ones(3),
+        "loss_fed": 0.1,
+        "acc_global": 0.2,
+        "lr": np.array(0.01),
+    }
     assert numeric_metrics(logs) == {"loss": 0.5, "acc": 1.0, "acc_global": 0.2, "lr": pytest.approx(0.01)}
     assert "loss_fed" in numeric_metrics(logs, suffix="_global") and "acc_global" not in numeric_metrics(
-        logs, suffix="_global")
+        logs, suffix="_global"
+    )
     assert numeric_metrics(None) == {}
 
 
@@ -77,8 +88,15 @@ def test_todays_node_is_adapted_without_tensor_names(tmp_path: Any) -> None:
     if "tensor_names" in params and hasattr(node, "leave"):
         pytest.skip("the integrated node implements Federating: the adapter is gone")
     assert adapted is not node and adapted.node_id == "a"
-    weights, _ = adapted.update_parameters([np.ones(2, np.float32)], num_examples=3, metrics={"loss": 1.0}, epoch=0,
-                                           num_steps=2, tensor_names=["w"], framework="keras")
+    weights, _ = adapted.update_parameters(
+        [np.ones(2, np.float32)],
+        num_examples=3,
+        metrics={"loss": 1.0},
+        epoch=0,
+        num_steps=2,
+        tensor_names=["w"],
+        framework="keras",
+    )
     np.testing.assert_array_equal(weights[0], np.ones(2))
     assert node.local_steps == 2 and adapted.steps_until_federation() is None
     adapted.record_batch_time(0.1)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from objects import rewrite, split, v1_object
 
-from flwr_serverless.codec import FORMAT, UpdateHeader, decode, encode, encode_parts, object_ref
-from flwr_serverless.compat import check_compatible
 from flwr_serverless.errors import InvalidObjectError
+from flwr_serverless.wire.codec import FORMAT, UpdateHeader, decode, encode, encode_parts, object_ref
+from flwr_serverless.wire.tensor_match import check_compatible
 
 
 def _arrays() -> list[np.ndarray]:
@@ -36,8 +36,15 @@ def _spec(arrays):
 
 def test_round_trip_is_lossless_and_keeps_header():
     arrays = _arrays()
-    header = UpdateHeader("node-a", epoch=3, num_examples=120, local_steps=40, base_version=2, base_steps=80,
-                          metrics={"loss": 0.25, "accuracy": 0.9, "name": "x"})
+    header = UpdateHeader(
+        "node-a",
+        epoch=3,
+        num_examples=120,
+        local_steps=40,
+        base_version=2,
+        base_steps=80,
+        metrics={"loss": 0.25, "accuracy": 0.9, "name": "x"},
+    )
     decoded = decode(encode(arrays, header), "nodes/node-a", expected=_spec(arrays))
     assert decoded.header == header
     for original, back in zip(arrays, decoded.arrays):
@@ -150,8 +157,18 @@ def test_node_ids_must_be_plain_names(node_id):
 
 # -- format version 2: typed header fields ---------------------------------------------------------------
 def test_typed_provenance_fields_round_trip():
-    header = UpdateHeader("n", epoch=2, num_examples=9, local_steps=30, seq=4, base_own_seq=3, base_own_steps=20,
-                          dataset_size=1200, framework="torch", extra={"future": [1, 2]})
+    header = UpdateHeader(
+        "n",
+        epoch=2,
+        num_examples=9,
+        local_steps=30,
+        seq=4,
+        base_own_seq=3,
+        base_own_steps=20,
+        dataset_size=1200,
+        framework="torch",
+        extra={"future": [1, 2]},
+    )
     decoded = decode(encode([np.ones(2, np.float32)], header), "k")
     assert decoded.header == header
     fields, _, _ = split(encode([np.ones(2, np.float32)], header))
@@ -160,8 +177,9 @@ def test_typed_provenance_fields_round_trip():
 
 def test_version_1_objects_still_decode_into_typed_fields():
     arrays = [np.arange(6, dtype=np.float32).reshape(2, 3)]
-    data = v1_object(arrays, extra={"seq": 5, "base_own_seq": 4, "base_own_steps": 6, "dataset_size": 300,
-                                    "note": "kept"})
+    data = v1_object(
+        arrays, extra={"seq": 5, "base_own_seq": 4, "base_own_steps": 6, "dataset_size": 300, "note": "kept"}
+    )
     decoded = decode(data, "nodes/old", expected=_spec(arrays))
     header = decoded.header
     assert (header.seq, header.base_own_seq, header.base_own_steps, header.dataset_size) == (5, 4, 6, 300)
@@ -178,21 +196,48 @@ def test_unknown_fields_of_a_newer_writer_land_in_extra():
 
 
 HOSTILE_FIELDS = [
-    ("seq", -1), ("seq", True), ("seq", 2**60), ("seq", "3"), ("seq", 1.5), ("seq", None),
-    ("num_examples", -5), ("local_steps", 10**30), ("epoch", [1]), ("base_version", False), ("base_steps", -1),
-    ("round", -1), ("round", "1"), ("dataset_size", 0), ("dataset_size", True), ("dataset_size", 2.5),
-    ("timestamp", "now"), ("timestamp", -1.0), ("timestamp", float("nan")), ("timestamp", 1e300),
-    ("framework", 5), ("framework", "Keras; rm -rf"), ("node_id", 7), ("node_id", "../x"),
-    ("metrics", [1]), ("extra", "x"), ("payload_hash", "md5:00"), ("payload_hash", 5),
-    ("keyframe", {"seq": -1, "payload_hash": "blake3:" + "0" * 64}), ("keyframe", [1]),
-    ("tensor_names", "t0000"), ("tensor_names", ["t0000", "t0000"]), ("encodings", ["x"]),
+    ("seq", -1),
+    ("seq", True),
+    ("seq", 2**60),
+    ("seq", "3"),
+    ("seq", 1.5),
+    ("seq", None),
+    ("num_examples", -5),
+    ("local_steps", 10**30),
+    ("epoch", [1]),
+    ("base_version", False),
+    ("base_steps", -1),
+    ("round", -1),
+    ("round", "1"),
+    ("dataset_size", 0),
+    ("dataset_size", True),
+    ("dataset_size", 2.5),
+    ("timestamp", "now"),
+    ("timestamp", -1.0),
+    ("timestamp", float("nan")),
+    ("timestamp", 1e300),
+    ("framework", 5),
+    ("framework", "Keras; rm -rf"),
+    ("node_id", 7),
+    ("node_id", "../x"),
+    ("metrics", [1]),
+    ("extra", "x"),
+    ("payload_hash", "md5:00"),
+    ("payload_hash", 5),
+    ("keyframe", {"seq": -1, "payload_hash": "blake3:" + "0" * 64}),
+    ("keyframe", [1]),
+    ("tensor_names", "t0000"),
+    ("tensor_names", ["t0000", "t0000"]),
+    ("encodings", ["x"]),
 ]
 
 
 @pytest.mark.parametrize(("name", "value"), HOSTILE_FIELDS, ids=[f"{n}={v!r}"[:40] for n, v in HOSTILE_FIELDS])
 def test_hostile_header_fields_are_rejected_by_name(name, value):
-    data = rewrite(encode([np.ones(2, np.float32)], UpdateHeader("n", seq=2, local_steps=4)),
-                   lambda fields: fields.update({name: value}))
+    data = rewrite(
+        encode([np.ones(2, np.float32)], UpdateHeader("n", seq=2, local_steps=4)),
+        lambda fields: fields.update({name: value}),
+    )
     error = _rejected(data, name if name != "node_id" else "node_id|not a plain name")
     assert name in error.reason
 
@@ -202,8 +247,10 @@ def test_own_work_at_base_cannot_exceed_the_total():
     _rejected(data, "base_own_seq > seq")
 
 
-@pytest.mark.parametrize(("field_name", "value"), [("seq", -1), ("num_examples", 2**54), ("dataset_size", 0),
-                                                   ("local_steps", True), ("framework", "Torch!")])
+@pytest.mark.parametrize(
+    ("field_name", "value"),
+    [("seq", -1), ("num_examples", 2**54), ("dataset_size", 0), ("local_steps", True), ("framework", "Torch!")],
+)
 def test_writer_refuses_headers_readers_would_reject(field_name, value):
     with pytest.raises(ValueError, match=field_name):
         encode([np.ones(1)], UpdateHeader("n", **{field_name: value}))
@@ -212,8 +259,11 @@ def test_writer_refuses_headers_readers_would_reject(field_name, value):
 # -- tensor names and compatibility -------------------------------------------------------------------------
 def test_real_names_travel_and_name_the_mismatching_tensor():
     names = ["dense/kernel", "dense/bias", "out/kernel"]
-    data = encode([np.ones((3, 4), np.float32), np.ones(4, np.float32), np.ones((4, 2), np.float32)],
-                  UpdateHeader("n"), names=names)
+    data = encode(
+        [np.ones((3, 4), np.float32), np.ones(4, np.float32), np.ones((4, 2), np.float32)],
+        UpdateHeader("n"),
+        names=names,
+    )
     assert decode(data, "k").names == names
     expected = [((3, 4), np.float32), ((4,), np.float32), ((4, 3), np.float32)]
     error = _rejected(data, "tensor 2 \\(out/kernel\\) is float32\\[4, 2\\]", expected=expected)
@@ -224,8 +274,12 @@ def test_real_names_travel_and_name_the_mismatching_tensor():
 
 def test_check_compatible_explains_why_not():
     names = ["fc.weight", "fc.bias"]
-    update = decode(encode([np.ones((2, 3), np.float32), np.ones(2, np.float32)],
-                           UpdateHeader("n", framework="torch"), names=names), "k")
+    update = decode(
+        encode(
+            [np.ones((2, 3), np.float32), np.ones(2, np.float32)], UpdateHeader("n", framework="torch"), names=names
+        ),
+        "k",
+    )
     same = [((2, 3), np.float32), ((2,), np.float32)]
     assert check_compatible(update, same, names, framework="torch") is None
     assert check_compatible(update, same) is None  # no names or framework given: only specs are compared

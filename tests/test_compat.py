@@ -22,7 +22,6 @@ from flwr.server.strategy import FedAvg
 
 import flwr_serverless
 from flwr_serverless.cli import build_parser
-from flwr_serverless.codec import decode
 from flwr_serverless.errors import ObjectNotFoundError, StoreError
 from flwr_serverless.federated_node.aggregatable import Aggregatable
 from flwr_serverless.federated_node.async_federated_node import AsyncFederatedNode
@@ -32,6 +31,7 @@ from flwr_serverless.shared_folder.in_memory_folder import InMemoryFolder
 from flwr_serverless.shared_folder.local_folder import LocalFolder, LocalFolderWithBytes
 from flwr_serverless.shared_folder.s3_folder import S3FolderWithBytes, S3FolderWithPickle
 from flwr_serverless.stores import FsspecStore, Store
+from flwr_serverless.wire.codec import decode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,8 +41,18 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     ("module", "names"),
     [
-        ("flwr_serverless", ["AsyncFederatedNode", "SyncFederatedNode", "SharedFolder", "S3FolderWithPickle",
-                             "LocalFolder", "S3Folder", "__version__"]),
+        (
+            "flwr_serverless",
+            [
+                "AsyncFederatedNode",
+                "SyncFederatedNode",
+                "SharedFolder",
+                "S3FolderWithPickle",
+                "LocalFolder",
+                "S3Folder",
+                "__version__",
+            ],
+        ),
         ("flwr_serverless.shared_folder.base_folder", ["SharedFolder"]),
         ("flwr_serverless.shared_folder.s3_folder", ["S3FolderWithBytes", "S3FolderWithPickle"]),
         ("flwr_serverless.shared_folder.local_folder", ["LocalFolder", "LocalFolderWithBytes"]),
@@ -140,8 +150,9 @@ def test_old_polling_arguments_are_accepted_and_announced(tmp_path: Path) -> Non
     assert any("retry_sleep_time, max_retry no longer have any effect" in str(w.message) for w in caught)
 
 
-def test_s3_check_at_init_false_skips_the_bucket_check(moto_endpoint: str, s3_client: Any,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_check_at_init_false_skips_the_bucket_check(
+    moto_endpoint: str, s3_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     bucket = f"flwr-missing-{uuid.uuid4().hex[:12]}"
     folder = S3FolderWithBytes(f"{bucket}/exp", check_at_init=False)
@@ -165,8 +176,9 @@ def test_s3_check_at_init_raises_botocores_no_such_bucket(moto_endpoint: str, mo
         folder._check()
 
 
-def test_s3_folder_with_pickle_opens_but_stores_bytes_only(moto_endpoint: str, s3_bucket: str,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_folder_with_pickle_opens_but_stores_bytes_only(
+    moto_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     with pytest.warns(DeprecationWarning, match="never pickles"):
         folder = S3FolderWithPickle(directory=f"{s3_bucket}/exp")

@@ -52,8 +52,10 @@ def test_digits_stand_in_for_mnist_in_its_format() -> None:
 def test_load_mnist_prefers_keras_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "datasets"
     cache.mkdir()
-    arrays = {name: np.full((2, 28, 28) if name.startswith("x") else (2,), i, np.uint8)
-              for i, name in enumerate(("x_train", "y_train", "x_test", "y_test"))}
+    arrays = {
+        name: np.full((2, 28, 28) if name.startswith("x") else (2,), i, np.uint8)
+        for i, name in enumerate(("x_train", "y_train", "x_test", "y_test"))
+    }
     np.savez(cache / "mnist.npz", **arrays)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     (x_train, _), (_, y_test) = example.load_mnist()
@@ -79,9 +81,16 @@ def _tiny_digits() -> Any:
 @pytest.mark.parametrize("mode", ["sequential", "pseudo", "concurrent_sync"])
 def test_federated_learning_test_run_modes(mode: str, tmp_path: Path) -> None:
     run = FederatedLearningTestRun(
-        num_nodes=2, epochs=2, num_rounds=2, steps_per_epoch=2, test_steps=2, batch_size=16,
-        data_loader=_tiny_digits, lag=1.0,
-        train_pseudo_concurrently=mode == "pseudo", train_concurrently=mode == "concurrent_sync",
+        num_nodes=2,
+        epochs=2,
+        num_rounds=2,
+        steps_per_epoch=2,
+        test_steps=2,
+        batch_size=16,
+        data_loader=_tiny_digits,
+        lag=1.0,
+        train_pseudo_concurrently=mode == "pseudo",
+        train_concurrently=mode == "concurrent_sync",
         use_async_node=mode != "concurrent_sync",
         storage_backend=LocalFolder(tmp_path / "fed") if mode == "concurrent_sync" else None,
     )

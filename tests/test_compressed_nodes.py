@@ -17,10 +17,10 @@ import pytest
 from flwr.server.strategy.aggregate import aggregate as flower_fedavg
 
 from flwr_serverless import AsyncFederatedNode, SemiSyncFederatedNode, SyncFederatedNode, open_store
-from flwr_serverless.codec import UpdateHeader, encode, object_ref
-from flwr_serverless.compression import SEP, EncodedTensor
 from flwr_serverless.errors import StoreError
 from flwr_serverless.stores.faults import FaultyStore
+from flwr_serverless.wire.codec import UpdateHeader, encode, object_ref
+from flwr_serverless.wire.compression import SEP, EncodedTensor
 from tests.objects import rewrite
 from tests.test_nodes import _run_sync_round
 
@@ -29,8 +29,11 @@ BACKENDS = ["memory", "boto3"]
 
 def _model(seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [(rng.standard_normal((64, 32)) * 0.1).astype(np.float32), (rng.standard_normal(32) * 0.1).astype(
-        np.float32), np.array([seed], np.int64)]
+    return [
+        (rng.standard_normal((64, 32)) * 0.1).astype(np.float32),
+        (rng.standard_normal(32) * 0.1).astype(np.float32),
+        np.array([seed], np.int64),
+    ]
 
 
 def _drift(arrays: list[np.ndarray], seed: int, moved: int = 20, scale: float = 0.05) -> list[np.ndarray]:
@@ -74,22 +77,27 @@ class BlockingStore(FaultyStore):
 
 
 # -- construction -------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("options", "match"), [
-    ({"compression": "int4"}, "compression='int4'"),
-    ({"compression": "topk:0.7"}, "top-k fraction"),
-    ({"compression": "topk:abc"}, "top-k fraction"),
-    ({"compression": 8}, "compression=8"),
-    ({"compression": "int8", "topk_keyframe_every": 5}, "topk_keyframe_every only apply"),
-    ({"compression": None, "topk_max_error": 0.1}, "topk_max_error only apply"),
-    ({"compression": "topk:0.01", "topk_keyframe_every": 0}, "topk_keyframe_every must be a positive integer"),
-    ({"compression": "topk:0.01", "topk_keyframe_every": 2.5}, "topk_keyframe_every must be a positive integer"),
-    ({"compression": "topk:0.01", "topk_max_error": float("nan")}, "topk_max_error must be a positive number"),
-])
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"compression": "int4"}, "compression='int4'"),
+        ({"compression": "topk:0.7"}, "top-k fraction"),
+        ({"compression": "topk:abc"}, "top-k fraction"),
+        ({"compression": 8}, "compression=8"),
+        ({"compression": "int8", "topk_keyframe_every": 5}, "topk_keyframe_every only apply"),
+        ({"compression": None, "topk_max_error": 0.1}, "topk_max_error only apply"),
+        ({"compression": "topk:0.01", "topk_keyframe_every": 0}, "topk_keyframe_every must be a positive integer"),
+        ({"compression": "topk:0.01", "topk_keyframe_every": 2.5}, "topk_keyframe_every must be a positive integer"),
+        ({"compression": "topk:0.01", "topk_max_error": float("nan")}, "topk_max_error must be a positive number"),
+    ],
+)
 @pytest.mark.parametrize("kind", ["async", "sync", "semisync"])
 def test_compression_options_are_validated_at_construction(options, match, kind):
-    make = {"async": lambda: AsyncFederatedNode("memory://bad-options", **options),
-            "sync": lambda: SyncFederatedNode("memory://bad-options", num_nodes=2, **options),
-            "semisync": lambda: SemiSyncFederatedNode("memory://bad-options", num_nodes=2, **options)}[kind]
+    make = {
+        "async": lambda: AsyncFederatedNode("memory://bad-options", **options),
+        "sync": lambda: SyncFederatedNode("memory://bad-options", num_nodes=2, **options),
+        "semisync": lambda: SemiSyncFederatedNode("memory://bad-options", num_nodes=2, **options),
+    }[kind]
     with pytest.raises(ValueError, match=match):
         make()
 
@@ -98,9 +106,12 @@ def test_compression_options_are_validated_at_construction(options, match, kind)
 def test_async_nodes_with_mixed_compression_aggregate_what_each_peer_published(backend):
     options = {"plain": None, "half": "fp16", "brain": "bf16", "quant": "int8", "sparse": "topk:0.05"}
     counts = {"plain": 10, "half": 20, "brain": 15, "quant": 30, "sparse": 25}
-    nodes = {name: AsyncFederatedNode(_open(backend), node_id=name, compression=c,
-                                      **({"topk_max_error": 0.9} if c == "topk:0.05" else {}))
-             for name, c in options.items()}
+    nodes = {
+        name: AsyncFederatedNode(
+            _open(backend), node_id=name, compression=c, **({"topk_max_error": 0.9} if c == "topk:0.05" else {})
+        )
+        for name, c in options.items()
+    }
     weights = {name: _model(i) for i, name in enumerate(options)}
     for name in ("half", "brain", "quant", "sparse"):
         nodes[name].update_parameters(weights[name], counts[name], epoch=0)
@@ -233,8 +244,12 @@ def test_no_delta_builds_on_one_that_was_not_published_and_logged(backend, block
 
 # -- hostile keyframes -----------------------------------------------------------------------------------
 def _delta_as_keyframe(arrays: list[np.ndarray], header: UpdateHeader) -> bytes:
-    delta = EncodedTensor("delta", np.dtype("<f4"), (64, 32), {SEP + "indices": np.array([1], np.uint32),
-                                                               SEP + "values": np.array([1.0], np.float32)})
+    delta = EncodedTensor(
+        "delta",
+        np.dtype("<f4"),
+        (64, 32),
+        {SEP + "indices": np.array([1], np.uint32), SEP + "values": np.array([1.0], np.float32)},
+    )
     keyframe = encode(arrays, header)
     return encode([delta, *arrays[1:]], header, keyframe=object_ref(keyframe), chain=1)
 
@@ -273,8 +288,10 @@ def test_hostile_keyframes_are_refused_by_name_and_never_aggregated(backend, kin
     assert reader.store.stats.gets == gets and reader.stats.rejected == 1
 
 
-@pytest.mark.parametrize(("kind", "reason"), [("other-node", "not one of the same node"),
-                                              ("corrupt", "checksum mismatch"), ("other-chain", None)])
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("other-node", "not one of the same node"), ("corrupt", "checksum mismatch"), ("other-chain", None)],
+)
 def test_hostile_or_foreign_log_entries_are_never_applied(backend, kind, reason):
     writer = AsyncFederatedNode(_open(backend), node_id="w", compression="topk:0.05")
     weights = _model(1)
@@ -300,8 +317,9 @@ def test_hostile_or_foreign_log_entries_are_never_applied(backend, kind, reason)
 
 
 def test_keyframes_from_outside_a_signed_experiment_and_oversized_ones_are_refused(backend):
-    writer = AsyncFederatedNode(_open(backend), node_id="w", compression="topk:0.05", secret="s3cret",
-                                max_object_bytes=20_000)
+    writer = AsyncFederatedNode(
+        _open(backend), node_id="w", compression="topk:0.05", secret="s3cret", max_object_bytes=20_000
+    )
     reader = AsyncFederatedNode(_open(backend), node_id="r", secret="s3cret", max_object_bytes=20_000)
     writer.update_parameters(_model(1), 10, epoch=0)
     writer.store.put("keyframes/w", encode(_model(9), UpdateHeader("w", seq=1)))  # unsigned
@@ -328,9 +346,17 @@ def test_a_missing_keyframe_skips_the_peer_without_rejecting_it(backend):
 def test_sync_nodes_with_mixed_compression_hold_identical_weights(backend):
     options = {"n0": None, "n1": "int8", "n2": "topk:0.05", "n3": "bf16"}
     counts = {"n0": 10, "n1": 25, "n2": 40, "n3": 5}
-    nodes = [SyncFederatedNode(_open(backend), num_nodes=4, timeout=30, node_id=i, compression=c,
-                               **({"topk_max_error": 0.9} if c and c.startswith("topk") else {}))
-             for i, c in options.items()]
+    nodes = [
+        SyncFederatedNode(
+            _open(backend),
+            num_nodes=4,
+            timeout=30,
+            node_id=i,
+            compression=c,
+            **({"topk_max_error": 0.9} if c and c.startswith("topk") else {}),
+        )
+        for i, c in options.items()
+    ]
     inputs = {i: _model(k) for k, i in enumerate(options)}
     for round_number in range(3):
         results = _run_sync_round(nodes, inputs, counts)
@@ -353,16 +379,16 @@ def _big_model(seed: int) -> list[np.ndarray]:
     return [(rng.standard_normal((256, 384)) * 0.1).astype(np.float32), np.zeros(384, np.float32)]
 
 
-@pytest.mark.parametrize(("compression", "at_most"), [("fp16", 0.51), ("bf16", 0.51), ("int8", 0.26),
-                                                      ("topk:0.01", 0.10)])
+@pytest.mark.parametrize(
+    ("compression", "at_most"), [("fp16", 0.51), ("bf16", 0.51), ("int8", 0.26), ("topk:0.01", 0.10)]
+)
 def test_compression_cuts_the_bytes_each_node_moves_per_epoch(backend, compression, at_most):
     epochs = 20
 
     def run(option: str | None) -> tuple[float, float]:
         url, storage = backend
         topk = {"topk_keyframe_every": epochs} if option and option.startswith("topk") else {}
-        writer = AsyncFederatedNode(open_store(url + f"-{option}", **storage), node_id="w", compression=option,
-                                    **topk)
+        writer = AsyncFederatedNode(open_store(url + f"-{option}", **storage), node_id="w", compression=option, **topk)
         reader = AsyncFederatedNode(open_store(url + f"-{option}", **storage), node_id="r")
         weights = _big_model(0)
         for epoch in range(epochs):  # 40 of 98304 kernel entries move each epoch: top-k keeps up
@@ -380,8 +406,10 @@ def test_compression_cuts_the_bytes_each_node_moves_per_epoch(backend, compressi
 
 # -- sync: deltas against the round's aggregate ------------------------------------------------------------
 def _sync_topk_nodes(backend: tuple[str, dict[str, Any]], ids: list[str], **options: Any) -> list[SyncFederatedNode]:
-    return [SyncFederatedNode(_open(backend), num_nodes=len(ids), timeout=30, node_id=i, compression="topk:0.05",
-                              **options) for i in ids]
+    return [
+        SyncFederatedNode(_open(backend), num_nodes=len(ids), timeout=30, node_id=i, compression="topk:0.05", **options)
+        for i in ids
+    ]
 
 
 def test_sync_topk_deltas_carry_only_the_local_training(backend):
@@ -412,8 +440,18 @@ def test_sync_topk_carries_what_a_round_left_unsent_into_the_next():
     """Error feedback across rebases: a node's unsent training reached no one and its weights no longer hold
     it after taking the aggregate, so its next deltas send it; the community ends where dense FedAvg would."""
     ids = ["n0", "n1"]
-    nodes = [SyncFederatedNode("memory://carry", num_nodes=2, timeout=30, node_id=i, compression="topk:0.01",
-                               topk_keyframe="lossless", topk_max_error=1e6) for i in ids]  # never a keyframe
+    nodes = [
+        SyncFederatedNode(
+            "memory://carry",
+            num_nodes=2,
+            timeout=30,
+            node_id=i,
+            compression="topk:0.01",
+            topk_keyframe="lossless",
+            topk_max_error=1e6,
+        )
+        for i in ids
+    ]  # never a keyframe
     zero = [np.zeros(1000, np.float32)]
     _run_sync_round(nodes, {"n0": zero, "n1": zero}, {"n0": 10, "n1": 10})
     step = [np.full(1000, 0.5, np.float32)]  # n0 moves every entry; k = 10 per round

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from objects import rewrite
 
-from flwr_serverless.codec import DecodedUpdate, UpdateHeader, decode, encode, object_ref
-from flwr_serverless.compression import (
+from flwr_serverless.errors import InvalidObjectError, KeyframeRequiredError
+from flwr_serverless.node.publisher import UpdateWriter
+from flwr_serverless.wire.codec import DecodedUpdate, UpdateHeader, decode, encode, object_ref
+from flwr_serverless.wire.compression import (
     SEP,
     EncodedTensor,
     dequantize_int8,
@@ -22,9 +24,7 @@ from flwr_serverless.compression import (
     to_bf16_bits,
     unpack_indices,
 )
-from flwr_serverless.errors import InvalidObjectError, KeyframeRequiredError
-from flwr_serverless.node.writer import UpdateWriter
-from flwr_serverless.topk import TopKCompressor
+from flwr_serverless.wire.topk import TopKCompressor
 
 
 def _model(seed: int = 0) -> list[np.ndarray]:
@@ -49,8 +49,9 @@ def _rejected(data: bytes, match: str, **kwargs) -> InvalidObjectError:
     return info.value
 
 
-@pytest.mark.parametrize(("codec", "tolerance", "ratio"), [("fp16", 1e-3, 0.51), ("bf16", 8e-3, 0.51),
-                                                          ("int8", 8e-3, 0.27)])
+@pytest.mark.parametrize(
+    ("codec", "tolerance", "ratio"), [("fp16", 1e-3, 0.51), ("bf16", 8e-3, 0.51), ("int8", 8e-3, 0.27)]
+)
 def test_stateless_codecs_restore_dtype_and_shape_within_their_error(codec, tolerance, ratio):
     arrays = _model()
     data = encode(arrays, UpdateHeader("n"), compression=codec)
@@ -105,15 +106,18 @@ def test_int8_of_zeros_is_exact():
 def test_compressed_objects_are_valid_safetensors():
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     arrays = _model()
-    loaded = safetensors_numpy.load(encode(arrays, UpdateHeader("n"), names=["w", "b", "v", "i", "m"],
-                                           compression="int8"))
+    loaded = safetensors_numpy.load(
+        encode(arrays, UpdateHeader("n"), names=["w", "b", "v", "i", "m"], compression="int8")
+    )
     assert loaded["w"].dtype == np.int8 and loaded["w::scales"].dtype == np.float32
     assert np.array_equal(loaded["i"], arrays[3])
     assert safetensors_numpy.load(encode(arrays, UpdateHeader("n"), compression="bf16"))["t0000"].dtype == np.uint16
 
 
-@pytest.mark.parametrize(("option", "match"), [("fp8", "use None"), ("topk:0", r"\(0, 0.5\)"),
-                                               ("topk:x", r"\(0, 0.5\)"), ("topk:0.6", r"\(0, 0.5\)")])
+@pytest.mark.parametrize(
+    ("option", "match"),
+    [("fp8", "use None"), ("topk:0", r"\(0, 0.5\)"), ("topk:x", r"\(0, 0.5\)"), ("topk:0.6", r"\(0, 0.5\)")],
+)
 def test_bad_compression_options_name_the_option(option, match):
     with pytest.raises(ValueError, match=match):
         parse_compression(option)
@@ -159,8 +163,9 @@ def test_a_chain_rebuilds_the_writers_state_bit_for_bit_from_each_predecessor():
     assert np.abs(state.arrays[0] - base[0]).max() < 0.01 * np.abs(base[0]).max()
     rng, weights = np.random.default_rng(1), base
     for index in range(1, 6):
-        weights = [a + (rng.standard_normal(a.shape) * 0.01).astype(a.dtype) if a.dtype.kind == "f" else a
-                   for a in weights]
+        weights = [
+            a + (rng.standard_normal(a.shape) * 0.01).astype(a.dtype) if a.dtype.kind == "f" else a for a in weights
+        ]
         data = chain.publish(weights)
         assert chain.side[f"deltas/w/{index:08d}"] == data  # logged once published
         assert len(data) < len(encode(weights, UpdateHeader("w"))) / 8
@@ -228,11 +233,17 @@ def test_a_new_keyframe_starts_every_k_deltas_on_a_shape_change_and_on_drift():
     assert pending is not None and compressor.compress(arrays) is None
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"fraction": 0.0}, "fraction"), ({"fraction": 0.5}, "fraction"),
-                                               ({"fraction": 0.1, "keyframe_every": 0}, "keyframe_every"),
-                                               ({"fraction": 0.1, "keyframe_every": 2000}, "keyframe_every"),
-                                               ({"fraction": 0.1, "keyframe_every": True}, "keyframe_every"),
-                                               ({"fraction": 0.1, "max_error": float("nan")}, "max_error")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fraction": 0.0}, "fraction"),
+        ({"fraction": 0.5}, "fraction"),
+        ({"fraction": 0.1, "keyframe_every": 0}, "keyframe_every"),
+        ({"fraction": 0.1, "keyframe_every": 2000}, "keyframe_every"),
+        ({"fraction": 0.1, "keyframe_every": True}, "keyframe_every"),
+        ({"fraction": 0.1, "max_error": float("nan")}, "max_error"),
+    ],
+)
 def test_topk_compressor_options_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TopKCompressor(**kwargs)
@@ -245,14 +256,17 @@ def _keyframe_and_delta(chain: int = 1, **parts: np.ndarray) -> tuple[DecodedUpd
     return decode(keyframe_object, "keyframes/w"), data
 
 
-@pytest.mark.parametrize(("indices", "values", "match"), [
-    ([3, 3], [1.0, 2.0], "strictly increasing"),
-    ([5, 2], [1.0, 2.0], "strictly increasing"),
-    ([2, 10], [1.0, 2.0], "below 10"),
-    ([1, 2, 3], [1.0, 2.0], r"expected F16/F32\[3\]"),
-    (list(range(11)), [1.0] * 11, "11 entries for a tensor of 10"),
-    ([1], [float("nan")], "NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    ("indices", "values", "match"),
+    [
+        ([3, 3], [1.0, 2.0], "strictly increasing"),
+        ([5, 2], [1.0, 2.0], "strictly increasing"),
+        ([2, 10], [1.0, 2.0], "below 10"),
+        ([1, 2, 3], [1.0, 2.0], r"expected F16/F32\[3\]"),
+        (list(range(11)), [1.0] * 11, "11 entries for a tensor of 10"),
+        ([1], [float("nan")], "NaN or Inf"),
+    ],
+)
 def test_hostile_delta_parts(indices, values, match):
     keyframe, data = _keyframe_and_delta(indices=np.array(indices, np.uint16), values=np.array(values, np.float32))
     _rejected(data, match, base=keyframe)
@@ -279,21 +293,25 @@ def test_a_delta_applies_only_to_the_state_it_follows():
         decode(second, "nodes/w", base=state)  # position 3 follows 2, not 1
     impostor = DecodedUpdate(UpdateHeader("x", seq=1), keyframe.names, keyframe.arrays, keyframe.payload_hash)
     _rejected(data, "same node", base=impostor)
-    quantized = DecodedUpdate(keyframe.header, keyframe.names, keyframe.arrays, keyframe.payload_hash,
-                              encodings={"t0000": "int8"})
+    quantized = DecodedUpdate(
+        keyframe.header, keyframe.names, keyframe.arrays, keyframe.payload_hash, encodings={"t0000": "int8"}
+    )
     assert quantized.position() == keyframe.position()  # any whole model can start a chain
     assert state.arrays[0][1] == 1.0 and state.position() == (keyframe.position()[0], 1)
 
 
-@pytest.mark.parametrize(("change", "match"), [
-    (lambda f: f.update(keyframe=None), "both 'keyframe' and 'chain'"),
-    (lambda f: f.update(chain=None), "both 'keyframe' and 'chain'"),
-    (lambda f: f.update(chain=-1), "'chain' must be an integer"),
-    (lambda f: f.update(chain=10**6), "'chain' must be an integer"),
-    (lambda f: f.update(chain=True), "'chain' must be an integer"),
-    (lambda f: f.update(chain=0), "position 0 is the keyframe itself"),
-    (lambda f: f["keyframe"].update(seq="1"), "'keyframe' must be"),
-])
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda f: f.update(keyframe=None), "both 'keyframe' and 'chain'"),
+        (lambda f: f.update(chain=None), "both 'keyframe' and 'chain'"),
+        (lambda f: f.update(chain=-1), "'chain' must be an integer"),
+        (lambda f: f.update(chain=10**6), "'chain' must be an integer"),
+        (lambda f: f.update(chain=True), "'chain' must be an integer"),
+        (lambda f: f.update(chain=0), "position 0 is the keyframe itself"),
+        (lambda f: f["keyframe"].update(seq="1"), "'keyframe' must be"),
+    ],
+)
 def test_hostile_chain_fields(change, match):
     keyframe, data = _keyframe_and_delta(indices=np.array([1], np.uint16), values=np.array([1.0], np.float32))
     _rejected(rewrite(data, change), match, base=keyframe)
@@ -304,9 +322,15 @@ def _int8_object(q: np.ndarray, scales: np.ndarray, shape: tuple[int, ...] = (10
     return encode([tensor], UpdateHeader("n"))
 
 
-@pytest.mark.parametrize(("scales", "match"), [([1.0, float("nan"), 1.0], "scales must be finite"),
-                                               ([1.0, -1.0, 1.0], "non-negative"), ([1.0, 1e38, 1.0], "at most"),
-                                               ([1.0, 1.0], r"expected F32\[3\]")])
+@pytest.mark.parametrize(
+    ("scales", "match"),
+    [
+        ([1.0, float("nan"), 1.0], "scales must be finite"),
+        ([1.0, -1.0, 1.0], "non-negative"),
+        ([1.0, 1e38, 1.0], "at most"),
+        ([1.0, 1.0], r"expected F32\[3\]"),
+    ],
+)
 def test_hostile_int8_scales(scales, match):
     _rejected(_int8_object(np.ones(10, np.int8), np.array(scales, np.float32)), match)
 
@@ -318,15 +342,18 @@ def test_hostile_int8_shapes_and_chunks():
     _rejected(rewrite(data, lambda f: f["encodings"]["t0000"].update(chunk=True)), "chunk must be")
 
 
-@pytest.mark.parametrize(("change", "match"), [
-    ({"codec": "zstd"}, "must name a codec"),
-    ({"dtype": "I32"}, "must be a float type"),
-    ({"dtype": 5}, "must be a float type"),
-    ({"shape": [2**30, 2**30, 2**30]}, "elements"),
-    ({"shape": [-1]}, "shape must be"),
-    ({"shape": "10"}, "shape must be"),
-    ({"extra_field": 1}, "has fields"),
-])
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"codec": "zstd"}, "must name a codec"),
+        ({"dtype": "I32"}, "must be a float type"),
+        ({"dtype": 5}, "must be a float type"),
+        ({"shape": [2**30, 2**30, 2**30]}, "elements"),
+        ({"shape": [-1]}, "shape must be"),
+        ({"shape": "10"}, "shape must be"),
+        ({"extra_field": 1}, "has fields"),
+    ],
+)
 def test_hostile_encoding_specs(change, match):
     data = encode([np.ones(10, np.float32)], UpdateHeader("n"), compression="fp16")
     _rejected(rewrite(data, lambda f: f["encodings"]["t0000"].update(change)), match)
@@ -350,8 +377,12 @@ def test_a_delta_shape_must_match_its_base_before_anything_is_allocated():
 
 def test_part_names_cannot_collide():
     with pytest.raises(ValueError, match="collides"):
-        encode([np.ones(10, np.float32), np.ones(3, np.float32)], UpdateHeader("n"), names=["w", "w::scales"],
-               compression="int8")
+        encode(
+            [np.ones(10, np.float32), np.ones(3, np.float32)],
+            UpdateHeader("n"),
+            names=["w", "w::scales"],
+            compression="int8",
+        )
 
 
 @pytest.mark.parametrize(("size", "k"), [(200_000, 2_000), (200_000, 60_000), (3_000, 30), (50, 49)])
@@ -375,8 +406,12 @@ def test_unchanged_entries_are_never_sent_and_big_values_keep_their_precision():
 
 def test_signed_deltas_cover_their_chain_position():
     chain, base = Chain("topk:0.01", secret=b"s"), np.ones(5000, np.float32)
-    state = decode(chain.publish([base]), "nodes/w", secret=b"s",
-                   base=decode(chain.side["keyframes/w"], "keyframes/w", secret=b"s"))
+    state = decode(
+        chain.publish([base]),
+        "nodes/w",
+        secret=b"s",
+        base=decode(chain.side["keyframes/w"], "keyframes/w", secret=b"s"),
+    )
     moved = base.copy()
     moved[:10] += 0.25
     delta = chain.publish([moved])
@@ -384,9 +419,17 @@ def test_signed_deltas_cover_their_chain_position():
     for change in (lambda f: f["keyframe"].update(seq=7), lambda f: f.update(chain=2)):
         _rejected(rewrite(delta, change), "bad signature", secret=b"s", base=state)
     with pytest.raises(ValueError, match="keyframe= and chain="):
-        encode([EncodedTensor("delta", np.dtype("<f4"), (3,), {SEP + "indices": np.zeros(0, np.uint16),
-                                                                SEP + "values": np.zeros(0, np.float16)})],
-               UpdateHeader("w", seq=3))
+        encode(
+            [
+                EncodedTensor(
+                    "delta",
+                    np.dtype("<f4"),
+                    (3,),
+                    {SEP + "indices": np.zeros(0, np.uint16), SEP + "values": np.zeros(0, np.float16)},
+                )
+            ],
+            UpdateHeader("w", seq=3),
+        )
 
 
 def test_indices_of_large_tensors_travel_as_u16_gaps_when_they_fit():
@@ -407,29 +450,39 @@ def test_indices_of_large_tensors_travel_as_u16_gaps_when_they_fit():
     data = chain.publish(moved)
     state = decode(data, "n", base=state)
     assert _same(state.arrays, chain.writer.seen(moved))
-    spec = json.loads(json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["flwr_serverless"])
+    spec = json.loads(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["flwr_serverless"])
     assert spec["encodings"]["t0000"]["gaps"] is True
     assert len(data) < 2000 * (2 + 2) + 2000  # 2,000 entries of U16 gap + F16 value, plus the header
 
 
-def _gap_object(gaps: list[int], size: int = 70_000, spec: dict[str, object] | None = None,
-                ) -> tuple[DecodedUpdate, bytes]:
+def _gap_object(
+    gaps: list[int],
+    size: int = 70_000,
+    spec: dict[str, object] | None = None,
+) -> tuple[DecodedUpdate, bytes]:
     keyframe_object = encode([np.zeros(size, np.float32)], UpdateHeader("w", seq=1))
-    delta = EncodedTensor("delta", np.dtype("<f4"), (size,), {SEP + "indices": np.array(gaps, np.uint16),
-                                                              SEP + "values": np.ones(len(gaps), np.float16)},
-                          gaps=True)
+    delta = EncodedTensor(
+        "delta",
+        np.dtype("<f4"),
+        (size,),
+        {SEP + "indices": np.array(gaps, np.uint16), SEP + "values": np.ones(len(gaps), np.float16)},
+        gaps=True,
+    )
     data = encode([delta], UpdateHeader("w", seq=2), keyframe=object_ref(keyframe_object), chain=1)
     if spec:
         data = rewrite(data, lambda f: f["encodings"]["t0000"].update(spec))  # type: ignore[arg-type]
     return decode(keyframe_object, "keyframes/w"), data
 
 
-@pytest.mark.parametrize(("gaps", "spec", "match"), [
-    ([5, 0], {}, "gaps after the first must be positive"),
-    ([60_000, 60_000], {}, "below 70000"),
-    ([5, 6], {"gaps": False}, "gaps, when present, must be true"),
-    ([5, 6], {"gaps": 1}, "gaps, when present, must be true"),
-])
+@pytest.mark.parametrize(
+    ("gaps", "spec", "match"),
+    [
+        ([5, 0], {}, "gaps after the first must be positive"),
+        ([60_000, 60_000], {}, "below 70000"),
+        ([5, 6], {"gaps": False}, "gaps, when present, must be true"),
+        ([5, 6], {"gaps": 1}, "gaps, when present, must be true"),
+    ],
+)
 def test_hostile_index_gaps(gaps, spec, match):
     keyframe, data = _gap_object(gaps, spec=spec)
     _rejected(data, match, base=keyframe)
@@ -439,7 +492,12 @@ def test_index_gaps_decode_and_must_be_u16():
     keyframe, data = _gap_object([0, 5, 65_535])
     assert np.flatnonzero(decode(data, "n", base=keyframe).arrays[0]).tolist() == [0, 5, 65_540]
     keyframe_object = encode([np.zeros(70_000, np.float32)], UpdateHeader("w", seq=1))
-    delta = EncodedTensor("delta", np.dtype("<f4"), (70_000,), {SEP + "indices": np.array([1], np.uint32),
-                                                                 SEP + "values": np.ones(1, np.float16)}, gaps=True)
+    delta = EncodedTensor(
+        "delta",
+        np.dtype("<f4"),
+        (70_000,),
+        {SEP + "indices": np.array([1], np.uint32), SEP + "values": np.ones(1, np.float16)},
+        gaps=True,
+    )
     data = encode([delta], UpdateHeader("w", seq=2), keyframe=object_ref(keyframe_object), chain=1)
     _rejected(data, "is U32.1., expected U16 with one dimension", base=decode(keyframe_object, "k"))

@@ -52,9 +52,16 @@ def _lightning_fit(mu: float) -> tuple[np.ndarray, np.ndarray]:
 
     module = Linear()
     data = torch.utils.data.TensorDataset(torch.from_numpy(X), torch.from_numpy(Y))
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False,
-                         callbacks=[FlwrFederatedCallback(RecordingNode(metrics={}), proximal_mu=mu)])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[FlwrFederatedCallback(RecordingNode(metrics={}), proximal_mu=mu)],
+    )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     return module.layer.weight.detach().numpy().T, module.layer.bias.detach().numpy()
 
@@ -87,8 +94,11 @@ def _keras_fit(mu: float, with_callback: bool = True) -> tuple[np.ndarray, np.nd
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.set_weights([W0, B0])
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=LR), loss="mse")
-    callbacks = [FlwrFederatedCallback(RecordingNode(metrics={}), num_examples_per_epoch=4, proximal_mu=mu)] \
-        if with_callback else []
+    callbacks = (
+        [FlwrFederatedCallback(RecordingNode(metrics={}), num_examples_per_epoch=4, proximal_mu=mu)]
+        if with_callback
+        else []
+    )
     model.fit(X, Y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
     w, b = model.get_weights()
     return w, b

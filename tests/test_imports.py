@@ -25,7 +25,8 @@ def test_keras_shim_imports_the_callback() -> None:
 
 
 def test_python_dash_m_runs_the_cli() -> None:
-    done = subprocess.run([sys.executable, "-m", "flwr_serverless", "simulate", "--help"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "flwr_serverless", "simulate", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "--nodes" in done.stdout and "--strategy" in done.stdout

@@ -51,8 +51,15 @@ def test_counts_examples_exactly_with_numpy_input_and_a_short_last_batch() -> No
     x, y = _data(103)  # 103 % 10 != 0: the last batch has 3 examples
     node = RecordingNode()
     model = _model()
-    model.fit(x, y, batch_size=10, epochs=3, validation_data=(x[:20], y[:20]), verbose=0,
-              callbacks=[FlwrFederatedCallback(node)])
+    model.fit(
+        x,
+        y,
+        batch_size=10,
+        epochs=3,
+        validation_data=(x[:20], y[:20]),
+        verbose=0,
+        callbacks=[FlwrFederatedCallback(node)],
+    )
     assert [c["num_examples"] for c in node.calls] == [103, 103, 103]  # validation steps are not counted
     assert [c["num_steps"] for c in node.calls] == [11, 11, 11]  # ceil(103 / 10) batches per epoch
     assert [c["epoch"] for c in node.calls] == [0, 1, 2]
@@ -70,8 +77,9 @@ def test_counts_examples_exactly_with_tf_data_and_repeated_fits() -> None:
 
     # steps_per_epoch over a repeated dataset: 4 batches of 7 per epoch.
     node = RecordingNode()
-    _model().fit(dataset.repeat(), steps_per_epoch=4, epochs=2, shuffle=False, verbose=0,
-                 callbacks=[FlwrFederatedCallback(node)])
+    _model().fit(
+        dataset.repeat(), steps_per_epoch=4, epochs=2, shuffle=False, verbose=0, callbacks=[FlwrFederatedCallback(node)]
+    )
     assert [c["num_examples"] for c in node.calls] == [28, 28]
 
 
@@ -122,9 +130,17 @@ def test_unknown_options_warn() -> None:
 def test_two_skewed_nodes_federating_over_s3_beat_standalone_training(moto_endpoint: str, s3_bucket: str) -> None:
     # Each node sees mostly half of the digits (skew 0.9), so alone it tops out near 0.55-0.7 on the
     # full test set; federating after every epoch over S3 lets both nodes learn all ten digits.
-    config = SimulationConfig(num_nodes=2, mode="async", strategy="fedavg", store_url=f"s3://{s3_bucket}/fed",
-                              storage_options={"endpoint_url": moto_endpoint}, epochs=12, dataset="digits",
-                              skew=0.9, seed=0)
+    config = SimulationConfig(
+        num_nodes=2,
+        mode="async",
+        strategy="fedavg",
+        store_url=f"s3://{s3_bucket}/fed",
+        storage_options={"endpoint_url": moto_endpoint},
+        epochs=12,
+        dataset="digits",
+        skew=0.9,
+        seed=0,
+    )
     result = run_simulation(config)
     assert result.ok, [r.error for r in (*result.nodes, *result.standalone)]
     federated = [r.test_accuracy for r in result.nodes]
@@ -171,6 +187,11 @@ def test_the_keras_extra_brings_what_tensorboard_needs(tmp_path) -> None:
     model = _model()
     x, y = _data(32)
     node = AsyncFederatedNode(f"memory://tb-{uuid.uuid4().hex[:8]}", node_id="tb")
-    model.fit(x, y, epochs=1, verbose=0, callbacks=[FlwrFederatedCallback(node),
-                                                     keras.callbacks.TensorBoard(str(tmp_path / "logs"))])
+    model.fit(
+        x,
+        y,
+        epochs=1,
+        verbose=0,
+        callbacks=[FlwrFederatedCallback(node), keras.callbacks.TensorBoard(str(tmp_path / "logs"))],
+    )
     assert any((tmp_path / "logs").rglob("events.out.tfevents.*"))

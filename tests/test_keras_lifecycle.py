@@ -37,8 +37,9 @@ def _model() -> Any:
 
 def _fit(callback: Any, epochs: int = 3, model: Any = None, extra: list[Any] | None = None) -> tuple[Any, Any]:
     model = model if model is not None else _model()
-    history = model.fit(X, Y, batch_size=10, epochs=epochs, shuffle=False, verbose=0,
-                        callbacks=[callback, *(extra or [])])
+    history = model.fit(
+        X, Y, batch_size=10, epochs=epochs, shuffle=False, verbose=0, callbacks=[callback, *(extra or [])]
+    )
     return model, history
 
 
@@ -109,8 +110,9 @@ def test_real_async_node_on_memory_flushes_and_leaves_after_its_last_federation(
 # -- evaluation of the federated model -----------------------------------------------------
 def test_x_test_figures_are_the_federated_models_test_figures() -> None:
     node = RecordingNode(shift=0.01)
-    callback = FlwrFederatedCallback(node, num_examples_per_epoch=None, x_test=X_TEST, y_test=Y_TEST,
-                                     test_batch_size=8, test_steps=None)
+    callback = FlwrFederatedCallback(
+        node, num_examples_per_epoch=None, x_test=X_TEST, y_test=Y_TEST, test_batch_size=8, test_steps=None
+    )
     model, history = _fit(callback, epochs=2)
     expected = model.evaluate(X_TEST, Y_TEST, verbose=0, return_dict=True)  # the last federation's model
     assert history.history["accuracy_fed"][-1] == pytest.approx(expected["accuracy"])
@@ -148,13 +150,17 @@ def test_postfix_and_override() -> None:
 # -- checkpoints ------------------------------------------------------------------------------
 def test_models_and_metrics_before_and_after_aggregation(tmp_path: Path) -> None:
     node = RecordingNode(shift=1.0, metrics={"accuracy": 0.5}, node_id="n1")
-    callback = FlwrFederatedCallback(node, save_model_before_aggregation=True, save_model_after_aggregation=True,
-                                     checkpoint_dir=tmp_path / "ckpt")
+    callback = FlwrFederatedCallback(
+        node, save_model_before_aggregation=True, save_model_after_aggregation=True, checkpoint_dir=tmp_path / "ckpt"
+    )
     _fit(callback, epochs=2)
     folder = tmp_path / "ckpt" / "n1"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        f"{kind}_{stage}_aggregation_{epoch:05d}.{ext}" for kind, ext in (("model", "keras"), ("metrics", "json"))
-        for stage in ("before", "after") for epoch in (0, 1))
+        f"{kind}_{stage}_aggregation_{epoch:05d}.{ext}"
+        for kind, ext in (("model", "keras"), ("metrics", "json"))
+        for stage in ("before", "after")
+        for epoch in (0, 1)
+    )
     for epoch, call in enumerate(node.calls):
         before = keras.models.load_model(folder / f"model_before_aggregation_{epoch:05d}.keras")
         after = keras.models.load_model(folder / f"model_after_aggregation_{epoch:05d}.keras")
@@ -173,11 +179,17 @@ def test_nothing_is_written_unless_asked(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 # -- options ----------------------------------------------------------------------------------
-@pytest.mark.parametrize(("options", "message"), [
-    ({"test_batch_size": 0}, "test_batch_size"), ({"test_steps": 0}, "test_steps"),
-    ({"y_test": Y_TEST}, "y_test"), ({"postfix_for_federated_metrics": ""}, "postfix_for_federated_metrics"),
-    ({"proximal_mu": float("nan")}, "proximal_mu"), ({"num_examples_per_epoch": 2.5}, "num_examples_per_epoch"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"test_batch_size": 0}, "test_batch_size"),
+        ({"test_steps": 0}, "test_steps"),
+        ({"y_test": Y_TEST}, "y_test"),
+        ({"postfix_for_federated_metrics": ""}, "postfix_for_federated_metrics"),
+        ({"proximal_mu": float("nan")}, "proximal_mu"),
+        ({"num_examples_per_epoch": 2.5}, "num_examples_per_epoch"),
+    ],
+)
 def test_bad_options_are_refused_at_construction(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FlwrFederatedCallback(RecordingNode(), **options)
@@ -199,6 +211,7 @@ def test_original_positional_order() -> None:
 # -- other backends ---------------------------------------------------------------------------
 def test_python_counter_counts_batches_drawn_from_an_iterator_as_on_jax() -> None:
     """The JAX train function takes (state, iterator) and draws its batches itself (JAX is not installed)."""
+
     class FakeJaxModel:
         train_function: Any = None
 
@@ -245,8 +258,14 @@ def test_torch_backend_counts_examples_federates_evaluates_applies_fedprox_and_l
     pytest.importorskip("torch")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(_TORCH_SCRIPT)], env=env, capture_output=True,
-                          text=True, timeout=240, cwd=root)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_TORCH_SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=root,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["examples"] == [103, 40, 40, 23] and out["steps"] == [11, 4, 4, 3]  # 22 batches, 3 flushed

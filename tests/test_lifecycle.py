@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flwr_serverless import AsyncFederatedNode, SyncFederatedNode, layout
-from flwr_serverless.codec import UpdateHeader, encode
-from flwr_serverless.membership import EXPIRED, GONE, LEFT, LIVE, MemberRecord, ended_before, member_state
+from flwr_serverless import AsyncFederatedNode, SyncFederatedNode
 from flwr_serverless.modes.synchronous import barrier, entry_round
+from flwr_serverless.node.membership import EXPIRED, GONE, LEFT, LIVE, MemberRecord, ended_before, member_state
 from flwr_serverless.stores import open_store
 from flwr_serverless.stores.faults import FaultyStore
 from flwr_serverless.stores.retry import RetryPolicy, _local, with_retries
+from flwr_serverless.wire import layout
+from flwr_serverless.wire.codec import UpdateHeader, encode
 
 
 def _w(value: float) -> list[np.ndarray]:
@@ -121,8 +122,17 @@ def test_sync_node_whose_peer_process_died_drops_it_without_waiting_for_the_leas
 # -- case 4: an earlier run's leftovers in the same prefix are not averaged in ----------------------------------
 def _leftover(store: Any, node_id: str, value: float, ago: float, status: str = "active") -> None:
     now = time.time()
-    record = MemberRecord(node_id, "old-owner", "elsewhere", 1, joined=now - ago - 60, heartbeat=now - ago,
-                          lease=300.0, status=status, left=(now - ago) if status == "left" else None)
+    record = MemberRecord(
+        node_id,
+        "old-owner",
+        "elsewhere",
+        1,
+        joined=now - ago - 60,
+        heartbeat=now - ago,
+        lease=300.0,
+        status=status,
+        left=(now - ago) if status == "left" else None,
+    )
     store.put(layout.member_key(node_id), record.to_bytes())
     store.put(layout.node_key(node_id), encode(_w(value), UpdateHeader(node_id=node_id, num_examples=10)))
 
@@ -214,12 +224,14 @@ def test_sync_deadline_is_carried_into_download_threads_and_profile_puts() -> No
 def test_failing_downloads_end_at_the_sync_deadline_not_the_store_retry_bound() -> None:
     url = f"memory://life-{uuid.uuid4().hex[:8]}"
     peer = SyncFederatedNode(url, num_nodes=2, timeout=20, node_id="peer")
-    failing = with_retries(FaultyStore(open_store(url), fail_rate=1.0, operations={"get"}),
-                           RetryPolicy(attempts=1000, max_time=3600))
+    failing = with_retries(
+        FaultyStore(open_store(url), fail_rate=1.0, operations={"get"}), RetryPolicy(attempts=1000, max_time=3600)
+    )
     failing.zero_copy_get = False
     node = SyncFederatedNode(failing, num_nodes=2, timeout=1.0, min_nodes=1, node_id="me")
-    results = _in_threads(lambda: peer.update_parameters(_w(1.0), num_examples=1),
-                          lambda: node.update_parameters(_w(0.0), num_examples=1))
+    results = _in_threads(
+        lambda: peer.update_parameters(_w(1.0), num_examples=1), lambda: node.update_parameters(_w(0.0), num_examples=1)
+    )
     assert not isinstance(results[1], BaseException), results[1]
     np.testing.assert_array_equal(results[1][0][0], _w(0.0)[0])  # the peer could not be fetched in time
     assert node.stats.store_failures >= 1
@@ -234,12 +246,19 @@ def test_node_ids_are_validated_whole(bad: str) -> None:
 
 
 # -- every option is validated at construction ------------------------------------------------------------------------
-@pytest.mark.parametrize("options, match", [
-    ({"member_lease": 0}, "member_lease"), ({"member_lease": -1}, "member_lease"),
-    ({"max_object_bytes": 0}, "max_object_bytes"), ({"timeout": 0}, "timeout"),
-    ({"strategy": "no-such-strategy"}, "no-such-strategy"), ({"staleness": "poly:x"}, "staleness"),
-    ({"buffer_size": 0}, "buffer_size"), ({"alpha": 2.0}, "alpha"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"member_lease": 0}, "member_lease"),
+        ({"member_lease": -1}, "member_lease"),
+        ({"max_object_bytes": 0}, "max_object_bytes"),
+        ({"timeout": 0}, "timeout"),
+        ({"strategy": "no-such-strategy"}, "no-such-strategy"),
+        ({"staleness": "poly:x"}, "staleness"),
+        ({"buffer_size": 0}, "buffer_size"),
+        ({"alpha": 2.0}, "alpha"),
+    ],
+)
 def test_bad_options_fail_at_construction(options: dict[str, Any], match: str) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
         AsyncFederatedNode("memory://x", **options)
@@ -253,8 +272,9 @@ def test_sync_options_fail_at_construction() -> None:
 
 
 # -- pure decisions, with the clock injected -----------------------------------------------------------------------
-def _record(node: str, heartbeat: float, status: str = "active", left: float | None = None,
-            host: str = "h", pid: int = 1) -> MemberRecord:
+def _record(
+    node: str, heartbeat: float, status: str = "active", left: float | None = None, host: str = "h", pid: int = 1
+) -> MemberRecord:
     return MemberRecord(node, "o", host, pid, joined=0.0, heartbeat=heartbeat, lease=10.0, status=status, left=left)
 
 
@@ -270,8 +290,13 @@ def test_member_state_classifies_live_left_expired_and_gone() -> None:
 
 
 def test_barrier_waits_for_live_members_only() -> None:
-    records = {"me": _record("me", 100.0), "live": _record("live", 99.0), "dead": _record("dead", 85.0),
-               "gone": _record("gone", 99.0, "left", 99.0), "old": _record("old", 10.0)}
+    records = {
+        "me": _record("me", 100.0),
+        "live": _record("live", 99.0),
+        "dead": _record("dead", 85.0),
+        "gone": _record("gone", 99.0, "left", 99.0),
+        "old": _record("old", 10.0),
+    }
     kwargs = {"now": 100.0, "joined_at": 80.0, "num_nodes": 2, "min_nodes": None, "started": True}
     state = barrier("me", {"me", "old"}, records, **kwargs)
     assert not state.complete and state.waiting_for == {"live"} and state.leftovers == {"old"}
@@ -333,7 +358,7 @@ def test_inspect_and_clean_an_experiment_prefix(tmp_path: Any) -> None:
     assert main(["clean", url, "--all"], out=__import__("io").StringIO()) == 0
     assert store.list("") == {}
     with pytest.raises(ValueError, match="older-than"):
-        from flwr_serverless.admin import parse_duration
+        from flwr_serverless.cli.admin import parse_duration
 
         parse_duration("soon")
 

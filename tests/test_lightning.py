@@ -52,8 +52,16 @@ def _loader(n: int = 103, batch_size: int = 10, seed: int = 0) -> torch.utils.da
 
 
 def _trainer(callbacks: list[Any], epochs: int) -> pl.Trainer:
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
 
 
 def test_sends_params_and_float_buffers_counts_examples_and_loads_the_result() -> None:
@@ -96,8 +104,14 @@ def test_only_rank_zero_talks_to_the_store_and_other_ranks_take_the_broadcast() 
         broadcasts.append(obj)
         return from_rank_zero
 
-    trainer = SimpleNamespace(is_global_zero=False, world_size=2, global_step=0, current_epoch=0,
-                              callback_metrics={}, strategy=SimpleNamespace(broadcast=broadcast))
+    trainer = SimpleNamespace(
+        is_global_zero=False,
+        world_size=2,
+        global_step=0,
+        current_epoch=0,
+        callback_metrics={},
+        strategy=SimpleNamespace(broadcast=broadcast),
+    )
     callback.log_metrics = False
     callback.on_train_epoch_start(trainer, module)
     callback.on_train_epoch_end(trainer, module)
@@ -121,8 +135,9 @@ def test_sync_nodes_hold_identical_state_dicts_after_every_round() -> None:
             self.name = name
 
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            snapshots[self.name].append({k: v.clone() for k, v in pl_module.state_dict().items()
-                                         if torch.is_floating_point(v)})
+            snapshots[self.name].append(
+                {k: v.clone() for k, v in pl_module.state_dict().items() if torch.is_floating_point(v)}
+            )
 
     def run(name: str, seed: int) -> None:
         node = SyncFederatedNode(open_store(url), num_nodes=2, timeout=60, node_id=name)
@@ -145,8 +160,15 @@ EPOCHS = 12
 
 
 def _config(bucket: str, endpoint: str, **overrides: Any) -> SimulationConfig:
-    options = {"num_nodes": 2, "mode": "async", "epochs": EPOCHS, "skew": 0.9, "framework": "lightning",
-               "store_url": f"s3://{bucket}/lightning", "storage_options": {"endpoint_url": endpoint}}
+    options = {
+        "num_nodes": 2,
+        "mode": "async",
+        "epochs": EPOCHS,
+        "skew": 0.9,
+        "framework": "lightning",
+        "store_url": f"s3://{bucket}/lightning",
+        "storage_options": {"endpoint_url": endpoint},
+    }
     options.update(overrides)
     return SimulationConfig(**options)
 
@@ -167,8 +189,9 @@ def test_two_skewed_lightning_nodes_in_threads_beat_standalone_on_s3(moto_endpoi
 
 def test_two_sync_lightning_nodes_in_processes_finish_identically(moto_endpoint: str, s3_bucket: str) -> None:
     """Spawned processes (no baselines, to stay quick): both finish and, in sync mode, agree exactly."""
-    result = run_simulation(_config(s3_bucket, moto_endpoint, mode="sync", epochs=3, use_processes=True,
-                                    baselines=False))
+    result = run_simulation(
+        _config(s3_bucket, moto_endpoint, mode="sync", epochs=3, use_processes=True, baselines=False)
+    )
     assert result.ok, [r.error for r in result.nodes]
     assert [r.epochs_completed for r in result.nodes] == [3, 3]
     assert result.nodes[0].test_accuracy == result.nodes[1].test_accuracy > 0.5

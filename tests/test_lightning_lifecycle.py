@@ -57,9 +57,16 @@ def _loader(n: int = 103, batch_size: int = 10, seed: int = 0) -> Any:
 
 
 def _fit(callback: Any, epochs: int = 3, extra: list[Any] | None = None, package: Any = pl) -> tuple[Any, Any]:
-    trainer = package.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=[callback, *(extra or [])],
-                              logger=False, enable_progress_bar=False, enable_model_summary=False,
-                              enable_checkpointing=False)
+    trainer = package.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[callback, *(extra or [])],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     module = Net() if package is pl else type("Net", (_NetBody, package.LightningModule), {})()
     trainer.fit(module, _loader())
     return trainer, module
@@ -171,8 +178,9 @@ def test_postfix_and_override() -> None:
 # -- checkpoints ------------------------------------------------------------------------------
 def test_models_and_metrics_before_and_after_aggregation(tmp_path: Path) -> None:
     node = RecordingNode(shift=1.0, metrics={"loss": 0.5}, node_id="n1")
-    callback = FlwrFederatedCallback(node, save_model_before_aggregation=True, save_model_after_aggregation=True,
-                                     checkpoint_dir=tmp_path)
+    callback = FlwrFederatedCallback(
+        node, save_model_before_aggregation=True, save_model_after_aggregation=True, checkpoint_dir=tmp_path
+    )
     _fit(callback, epochs=2)
     folder = tmp_path / "n1"
     assert len(list(folder.iterdir())) == 8
@@ -188,11 +196,16 @@ def test_models_and_metrics_before_and_after_aggregation(tmp_path: Path) -> None
 
 
 # -- options and packages -------------------------------------------------------------------
-@pytest.mark.parametrize(("options", "message"), [
-    ({"eval_fn": lambda m, b, i: {}}, "eval_fn"), ({"eval_steps": 0}, "eval_steps"),
-    ({"proximal_mu": -1.0}, "proximal_mu"), ({"num_examples_per_epoch": 0}, "num_examples_per_epoch"),
-    ({"postfix_for_federated_metrics": 3}, "postfix_for_federated_metrics"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"eval_fn": lambda m, b, i: {}}, "eval_fn"),
+        ({"eval_steps": 0}, "eval_steps"),
+        ({"proximal_mu": -1.0}, "proximal_mu"),
+        ({"num_examples_per_epoch": 0}, "num_examples_per_epoch"),
+        ({"postfix_for_federated_metrics": 3}, "postfix_for_federated_metrics"),
+    ],
+)
 def test_bad_options_are_refused_at_construction(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FlwrFederatedCallback(RecordingNode(), **options)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from flwr_serverless import AsyncFederatedNode
-from flwr_serverless.codec import UpdateHeader, decode, encode, encode_parts
 from flwr_serverless.errors import ObjectNotFoundError, StoreConfigurationError
-from flwr_serverless.spool import PeerSpool
+from flwr_serverless.node.spool import PeerSpool
 from flwr_serverless.stores import LocalStore, Store, open_store
-from flwr_serverless.stores.local_fs import can_map_in_place, filesystem_type
+from flwr_serverless.stores.local_mapping import can_map_in_place, filesystem_type
+from flwr_serverless.wire.codec import UpdateHeader, decode, encode, encode_parts
 
 
 def _parts() -> list[Any]:
@@ -160,8 +160,10 @@ def test_a_filesystem_that_cannot_map_falls_back_to_copies(tmp_path: Path, monke
 
 def test_async_nodes_on_a_mapped_local_store_match_a_memory_store(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    models = [[rng.standard_normal(10_000).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)]
-              for _ in range(3)]
+    models = [
+        [rng.standard_normal(10_000).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)]
+        for _ in range(3)
+    ]
     results = []
     for store in (LocalStore(str(tmp_path / "local"), map_reads=True), "memory://local-io-compare"):
         nodes = [AsyncFederatedNode(store, node_id=f"n{i}") for i in range(3)]

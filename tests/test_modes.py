@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flwr_serverless.codec import DecodedUpdate, UpdateHeader
 from flwr_serverless.modes.asynchronous import AsyncMode, PeerTracker
 from flwr_serverless.modes.semisync import BatchClock, check_lambda, dataset_weight, plan_budgets, valid_profile
+from flwr_serverless.modes.staleness import AsyncPolicy
 from flwr_serverless.modes.synchronous import check_counts
-from flwr_serverless.staleness import AsyncPolicy
 from flwr_serverless.stores import ObjectInfo
+from flwr_serverless.wire.codec import DecodedUpdate, UpdateHeader
 
 
 def _update(node: str, value: float, examples: int = 10, seq: int = 1, steps: int = 0) -> DecodedUpdate:
@@ -54,8 +54,10 @@ def test_async_mode_discounts_stale_peers() -> None:
 
 
 def test_semisync_plan_weights_and_batch_clock() -> None:
-    profiles = {"fast": {"node_id": "fast", "dataset_size": 320, "batch_size": 32, "seconds_per_batch": 0.01},
-                "slow": {"node_id": "slow", "dataset_size": 320, "batch_size": 32, "seconds_per_batch": 0.04}}
+    profiles = {
+        "fast": {"node_id": "fast", "dataset_size": 320, "batch_size": 32, "seconds_per_batch": 0.01},
+        "slow": {"node_id": "slow", "dataset_size": 320, "batch_size": 32, "seconds_per_batch": 0.04},
+    }
     t_max, budgets = plan_budgets(profiles, 2.0)
     assert t_max == pytest.approx(0.8) and budgets == {"fast": 80, "slow": 20}
     assert valid_profile(profiles["fast"]) and not valid_profile({**profiles["fast"], "seconds_per_batch": 0})

@@ -12,8 +12,8 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy.aggregate import aggregate as flower_fedavg
 
 from flwr_serverless import AsyncFederatedNode, SyncFederatedNode, SyncTimeoutError, open_store
-from flwr_serverless.codec import UpdateHeader, encode
-from flwr_serverless.strategies import STRATEGY_NAMES, make_strategy
+from flwr_serverless.strategy.factory import STRATEGY_NAMES, make_strategy
+from flwr_serverless.wire.codec import UpdateHeader, encode
 
 
 def _model(seed: int, scale: float = 1.0) -> list[np.ndarray]:
@@ -170,8 +170,10 @@ def test_bad_peer_objects_are_skipped_with_a_reason(store, payload, reason, capl
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
 def test_every_flower_strategy_aggregates(store_url, name):
     initial = _model(0)
-    nodes = [AsyncFederatedNode(_open(store_url), make_strategy(name, initial_parameters=initial), node_id=f"s{i}")
-             for i in range(4)]
+    nodes = [
+        AsyncFederatedNode(_open(store_url), make_strategy(name, initial_parameters=initial), node_id=f"s{i}")
+        for i in range(4)
+    ]
     for i, node in enumerate(nodes):
         result, _ = node.update_parameters(_model(i + 1), 10 * (i + 1), 0)
     assert [r.shape for r in result] == [(5, 4), (4,)]
@@ -204,12 +206,14 @@ def test_a_keras_node_refuses_a_torch_peers_layout_naming_it(caplog):
     url = f"memory://layouts-{time.time_ns()}"
     square = [np.eye(3, dtype=np.float32), np.zeros(3, np.float32)]
     torch_node = AsyncFederatedNode(url, node_id="torch-node")
-    torch_node.update_parameters(square, num_examples=10, tensor_names=["layer.weight", "layer.bias"],
-                                 framework="torch")
+    torch_node.update_parameters(
+        square, num_examples=10, tensor_names=["layer.weight", "layer.bias"], framework="torch"
+    )
     keras_node = AsyncFederatedNode(url, node_id="keras-node")
     with caplog.at_level("WARNING", logger="flwr_serverless"):
-        result, _ = keras_node.update_parameters([2 * a for a in square], num_examples=10,
-                                                 tensor_names=["dense/kernel", "dense/bias"], framework="keras")
+        result, _ = keras_node.update_parameters(
+            [2 * a for a in square], num_examples=10, tensor_names=["dense/kernel", "dense/bias"], framework="keras"
+        )
     np.testing.assert_array_equal(result[0], 2 * square[0])  # the transposed-layout peer was not averaged in
     assert keras_node.stats.rejected == 1 and "torch" in keras_node.stats.rejections["nodes/torch-node"]
 

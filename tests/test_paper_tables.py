@@ -47,8 +47,9 @@ def test_the_grids_are_valid_ordered_by_seed_and_share_the_fedavg_cell() -> None
         tables = {c.table for c in cells}
         assert tables == {"table1", "table2", "hetero"}
         table1_cells = [c for c in cells if c.table == "table1"]
-        assert len(table1_cells) == 2 * len(grid.skews) * len(grid.seeds) and {c.config.num_nodes for c in
-                                                                               table1_cells} == {2}
+        assert len(table1_cells) == 2 * len(grid.skews) * len(grid.seeds) and {
+            c.config.num_nodes for c in table1_cells
+        } == {2}
         # Table 2's FedAvg cell at 2 nodes is table 1's skew-0.9 cell: one run (same key), two tables.
         keys1 = {json.dumps(paper.run_key(c.config), sort_keys=True) for c in table1_cells}
         shared = [c for c in cells if c.table == "table2" and c.label.startswith("fedavg ") and c.config.num_nodes == 2]
@@ -65,12 +66,22 @@ def test_the_grids_are_valid_ordered_by_seed_and_share_the_fedavg_cell() -> None
 
 def _fake_result(config: SimulationConfig) -> SimulationResult:
     accuracy = 0.5 + 0.1 * config.seed + (0.05 if config.mode == "sync" else 0.0)
-    nodes = [NodeResult(f"node-{i}", test_accuracy=accuracy, epochs_completed=config.epochs,
-                        history=[{"time": 1.0 + i, "test_accuracy": accuracy, "peer_lag_max": 1.0,
-                                  "peer_lag_mean": 0.5}]) for i in range(config.num_nodes)]
-    return SimulationResult(config=config, run_url="memory://x", nodes=nodes,
-                            standalone=[NodeResult("node-0", test_accuracy=0.3)],
-                            centralized=NodeResult("centralized", test_accuracy=0.9))
+    nodes = [
+        NodeResult(
+            f"node-{i}",
+            test_accuracy=accuracy,
+            epochs_completed=config.epochs,
+            history=[{"time": 1.0 + i, "test_accuracy": accuracy, "peer_lag_max": 1.0, "peer_lag_mean": 0.5}],
+        )
+        for i in range(config.num_nodes)
+    ]
+    return SimulationResult(
+        config=config,
+        run_url="memory://x",
+        nodes=nodes,
+        standalone=[NodeResult("node-0", test_accuracy=0.3)],
+        centralized=NodeResult("centralized", test_accuracy=0.9),
+    )
 
 
 def test_runs_are_cached_and_a_time_limit_skips_new_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,11 +116,25 @@ def _records(sync_sd: float, async_sd: float) -> list[dict[str, Any]]:
             base = {0.0: 0.9, 0.9: 0.88, 1.0: 0.7}[skew]
             for mode, sd in (("sync", sync_sd), ("async", async_sd)):
                 fed, apart = base + noise * sd, 0.0 if mode == "sync" else 0.05  # async nodes end apart
-                rows.append({"table": "table1", "label": mode, "mode": mode, "skew": skew, "seed": seed, "nodes": 2,
-                             "strategy": "fedavg", "federated": fed, "per_node": [fed - apart, fed + apart],
-                             "standalone": 0.5,
-                             "centralized": 0.9, "epochs": [5, 5], "seconds": 1.0, "points": [[[1.0, base]]],
-                             "peer_lag": {"max": 1.0, "mean": 0.5, "aggregations": 8}})
+                rows.append(
+                    {
+                        "table": "table1",
+                        "label": mode,
+                        "mode": mode,
+                        "skew": skew,
+                        "seed": seed,
+                        "nodes": 2,
+                        "strategy": "fedavg",
+                        "federated": fed,
+                        "per_node": [fed - apart, fed + apart],
+                        "standalone": 0.5,
+                        "centralized": 0.9,
+                        "epochs": [5, 5],
+                        "seconds": 1.0,
+                        "points": [[[1.0, base]]],
+                        "peer_lag": {"max": 1.0, "mean": 0.5, "aggregations": 8},
+                    }
+                )
     return rows
 
 
@@ -134,8 +159,14 @@ def test_table1_statistics_and_claims() -> None:
 def test_outputs_put_the_papers_numbers_beside_ours(tmp_path: Path) -> None:
     grid = paper.make_grid(True, "digits")
     records = _records(0.005, 0.05)
-    paths = write_outputs(grid, records, tmp_path, command="flwr-serverless experiment paper --quick", seconds=1.0,
-                          planned=len(records) + 3)
+    paths = write_outputs(
+        grid,
+        records,
+        tmp_path,
+        command="flwr-serverless experiment paper --quick",
+        seconds=1.0,
+        planned=len(records) + 3,
+    )
     text = (tmp_path / "paper_quick.md").read_text()
     assert "Made by: `flwr-serverless experiment paper --quick` (18 of 21 planned runs finished; 0 min of runs)" in text
     assert "| sync | 0.900 ± 0.012 (0.987) | 0.880 ± 0.012 (0.983) | 0.700 ± 0.012 (0.894) |" in text
@@ -147,8 +178,10 @@ def test_outputs_put_the_papers_numbers_beside_ours(tmp_path: Path) -> None:
     assert data["command"].startswith("flwr-serverless experiment paper") and data["planned_runs"] == 21
     assert data["strategy_options"]["fedavgm"]["server_momentum"] == 0.9
     pytest.importorskip("matplotlib")
-    assert {p.name for p in paths if p.suffix == ".png"} == {"paper_quick_accuracy_by_skew.png",
-                                                             "paper_quick_accuracy_vs_time.png"}
+    assert {p.name for p in paths if p.suffix == ".png"} == {
+        "paper_quick_accuracy_by_skew.png",
+        "paper_quick_accuracy_vs_time.png",
+    }
 
 
 def test_a_direction_claim_needs_the_gap_to_beat_the_intervals() -> None:
@@ -168,11 +201,9 @@ def test_the_semisync_claim_is_judged_run_by_run() -> None:
 
     def row(*times: float | None) -> dict[str, Any]:
         final = mean_ci([0.7, 0.72])
-        return {"final": final, "peer_lag_max": None,
-                "time_to_target": {"0.7": {"mean": None, "values": list(times)}}}
+        return {"final": final, "peer_lag_max": None, "time_to_target": {"0.7": {"mean": None, "values": list(times)}}}
 
-    table = {"targets": [0.7], "rows": {"semisync": row(53.0, 52.0), "sync": row(44.0, None),
-                                        "async": row(37.0, 40.5)}}
+    table = {"targets": [0.7], "rows": {"semisync": row(53.0, 52.0), "sync": row(44.0, None), "async": row(37.0, 40.5)}}
     claim = hetero_claims(table)[0]
     # Mean times would say "sooner than sync" (sync's mean is undefined); per run it is 1 of 2.
     assert claim["verdict"] == PARTLY and "sooner than sync in 1 of 2 runs, than async in 0 of 2" in claim["measured"]

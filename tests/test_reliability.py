@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 from flwr_serverless import AsyncFederatedNode, SyncFederatedNode
-from flwr_serverless.codec import decode
 from flwr_serverless.errors import InvalidObjectError, ObjectNotFoundError, StoreError, SyncTimeoutError
 from flwr_serverless.stores import RetryPolicy, open_store, with_retries
 from flwr_serverless.stores.faults import FaultyStore, InjectedServiceError
 from flwr_serverless.stores.fsspec_store import TEMP_PREFIX
 from flwr_serverless.stores.retry import call_with_retries, is_transient
+from flwr_serverless.wire.codec import decode
 
 WORKER = str(Path(__file__).with_name("reliability_worker.py"))
 FAST = RetryPolicy(attempts=4, max_time=2.0, base_delay=0.01, max_delay=0.05)
@@ -172,8 +172,9 @@ def test_sync_node_waits_through_list_errors_until_its_timeout() -> None:
     assert np.allclose(result[0], 0.5) and np.allclose(done["b"][0][0], 0.5)
     assert node.stats.store_failures >= 1
 
-    alone = SyncFederatedNode(with_retries(FaultyStore(open_store(url), operations={"list"}), FAST),
-                              num_nodes=2, timeout=0.8, node_id="c")
+    alone = SyncFederatedNode(
+        with_retries(FaultyStore(open_store(url), operations={"list"}), FAST), num_nodes=2, timeout=0.8, node_id="c"
+    )
     alone.store.down = True
     start = time.monotonic()
     with pytest.raises(SyncTimeoutError):
@@ -223,8 +224,7 @@ def test_soak_8_processes_30_epochs_1m_parameters(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_soak_8_processes_30_epochs_1m_parameters_s3(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> None:
-    _run_soak(f"s3://{s3_bucket}/soak", {"endpoint_url": moto_endpoint}, tmp_path, nodes=8, epochs=30,
-              params=1_000_000)
+    _run_soak(f"s3://{s3_bucket}/soak", {"endpoint_url": moto_endpoint}, tmp_path, nodes=8, epochs=30, params=1_000_000)
 
 
 # -- kill -9 mid-write --------------------------------------------------------------------------
@@ -261,7 +261,8 @@ def _kill_writer_repeatedly(url: str, options: dict[str, Any], kills: int, param
         for _ in range(kills):
             proc = subprocess.Popen(
                 [sys.executable, WORKER, "write", url, json.dumps(options), key, str(params)],
-                stdout=subprocess.PIPE, text=True,
+                stdout=subprocess.PIPE,
+                text=True,
             )
             assert proc.stdout is not None
             proc.stdout.readline()  # one object written: the next write is under way
@@ -286,8 +287,9 @@ def test_kill_9_mid_write_local_folder(tmp_path: Path) -> None:
 
 
 def test_kill_9_mid_write_s3(moto_endpoint: str, s3_bucket: str) -> None:
-    counts = _kill_writer_repeatedly(f"s3://{s3_bucket}/kill", {"endpoint_url": moto_endpoint}, kills=3,
-                                     params=2_000_000)
+    counts = _kill_writer_repeatedly(
+        f"s3://{s3_bucket}/kill", {"endpoint_url": moto_endpoint}, kills=3, params=2_000_000
+    )
     assert counts["kills"] == 3 and counts["reads"] > 0 and counts["failures"] == 0
 
 
@@ -397,8 +399,9 @@ def test_s3_outage_async_nodes_finish_every_epoch(restartable_moto: dict[str, An
 def test_s3_outage_sync_nodes_complete_or_time_out(restartable_moto: dict[str, Any], s3_bucket: str) -> None:
     options = {"endpoint_url": restartable_moto["endpoint"], "retry": FAST, "max_attempts": 1}
     url = f"s3://{s3_bucket}/sync-outage"
-    nodes = [SyncFederatedNode(url, num_nodes=2, timeout=15, node_id=f"s{i}", storage_options=options)
-             for i in range(2)]
+    nodes = [
+        SyncFederatedNode(url, num_nodes=2, timeout=15, node_id=f"s{i}", storage_options=options) for i in range(2)
+    ]
     results: dict[str, Any] = {}
 
     def train(node: SyncFederatedNode, delay: float) -> None:

@@ -111,9 +111,16 @@ def test_lightning_node_restarted_from_checkpoint_continues_as_the_same_node(mod
         return AsyncFederatedNode(open_store(url), node_id=node_id)
 
     def fit(node: Any, epochs: int, ckpt: str | None = None, save: str | None = None, leave: bool = True) -> Any:
-        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                             callbacks=[FlwrFederatedCallback(node, leave_on_train_end=leave)])
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            callbacks=[FlwrFederatedCallback(node, leave_on_train_end=leave)],
+        )
         trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=10), ckpt_path=ckpt)
         if save:
             trainer.save_checkpoint(save)
@@ -152,8 +159,13 @@ def test_keras_state_path_rejoins_a_sync_experiment(tmp_path: Any) -> None:
 
     first = SyncFederatedNode(open_store(url), num_nodes=2, timeout=60)
     # The job "crashes" after 2 epochs: no leave, so the peer waits for it in round 2.
-    model.fit(x, y, epochs=2, verbose=0,
-              callbacks=[FlwrFederatedCallback(first, state_path=state_path, leave_on_train_end=False)])
+    model.fit(
+        x,
+        y,
+        epochs=2,
+        verbose=0,
+        callbacks=[FlwrFederatedCallback(first, state_path=state_path, leave_on_train_end=False)],
+    )
     assert state_path.exists()
     restarted = SyncFederatedNode(open_store(url), num_nodes=2, timeout=60)  # new process, new random id
     model.fit(x, y, epochs=2, verbose=0, callbacks=[FlwrFederatedCallback(restarted, state_path=state_path)])

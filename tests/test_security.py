@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from flwr_serverless import AsyncFederatedNode, SyncFederatedNode
-from flwr_serverless.codec import FORMAT, UpdateHeader, encode
 from flwr_serverless.errors import DuplicateNodeIdError
-from flwr_serverless.membership import Membership
+from flwr_serverless.node.membership import Membership
 from flwr_serverless.stores import open_store
 from flwr_serverless.stores.faults import FaultyStore
+from flwr_serverless.wire.codec import FORMAT, UpdateHeader, encode
 
 WORKER = str(Path(__file__).with_name("reliability_worker.py"))
 OWN = [np.zeros((4, 3), np.float32), np.zeros(3, np.float32)]
@@ -89,14 +89,18 @@ def test_hostile_object_rejected_by_sync_node(kind: str, caplog: pytest.LogCaptu
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
 @pytest.mark.parametrize("bad_id", ["bad..id", "bad\x01id", ".hidden"])
-def test_node_ids_that_are_not_plain_names_are_rejected(mode: str, bad_id: str, tmp_path: Path,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_node_ids_that_are_not_plain_names_are_rejected(
+    mode: str, bad_id: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "store"
     folder = root / ("nodes" if mode == "async" else "rounds/00000000")
     folder.mkdir(parents=True)
     (folder / bad_id).write_bytes(_valid("x"))
-    node = (AsyncFederatedNode(str(root), node_id="me") if mode == "async"
-            else SyncFederatedNode(str(root), num_nodes=2, timeout=5, node_id="me"))
+    node = (
+        AsyncFederatedNode(str(root), node_id="me")
+        if mode == "async"
+        else SyncFederatedNode(str(root), num_nodes=2, timeout=5, node_id="me")
+    )
     with caplog.at_level(logging.WARNING, logger="flwr_serverless"):
         result, _ = node.update_parameters(OWN, num_examples=1)
     rel = str(folder.relative_to(root)) + "/" + bad_id
@@ -104,14 +108,18 @@ def test_node_ids_that_are_not_plain_names_are_rejected(mode: str, bad_id: str, 
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
-def test_oversized_object_rejected_from_listing_size_before_download(mode: str,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_oversized_object_rejected_from_listing_size_before_download(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
     url = _url()
     key = "nodes/big" if mode == "async" else SyncFederatedNode.round_prefix(0) + "big"
     open_store(url).put(key, _valid("big"))
     store = open_store(url)
-    node = (AsyncFederatedNode(store, node_id="me", max_object_bytes=64) if mode == "async"
-            else SyncFederatedNode(store, num_nodes=2, timeout=5, node_id="me", max_object_bytes=64))
+    node = (
+        AsyncFederatedNode(store, node_id="me", max_object_bytes=64)
+        if mode == "async"
+        else SyncFederatedNode(store, num_nodes=2, timeout=5, node_id="me", max_object_bytes=64)
+    )
     with caplog.at_level(logging.WARNING, logger="flwr_serverless"):
         result, _ = node.update_parameters(OWN, num_examples=1)
     _check_rejected(node, key, "over the limit", result, caplog)
@@ -141,8 +149,11 @@ def test_signed_experiment_rejects_unsigned_and_forged_objects(mode: str, caplog
     store.put(prefix + "unsigned", _valid("unsigned"))
     store.put(prefix + "forged", _valid("forged", secret=b"not-the-secret"))
     store.put(prefix + "friend", _valid("friend", secret=b"s3cret"))
-    node = (AsyncFederatedNode(url, node_id="me", secret="s3cret") if mode == "async"
-            else SyncFederatedNode(url, num_nodes=4, timeout=5, node_id="me", secret="s3cret"))
+    node = (
+        AsyncFederatedNode(url, node_id="me", secret="s3cret")
+        if mode == "async"
+        else SyncFederatedNode(url, num_nodes=4, timeout=5, node_id="me", secret="s3cret")
+    )
     with caplog.at_level(logging.WARNING, logger="flwr_serverless"):
         result, _ = node.update_parameters(OWN, num_examples=1)
     assert "unsigned object" in node.stats.rejections[prefix + "unsigned"]

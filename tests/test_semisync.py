@@ -32,8 +32,9 @@ def test_semisync_node_publishes_profiles_and_plans_after_cold_start():
             node.record_batch_time(t_k, ended_at=100.0 + i * t_k)
     assert nodes[0].steps_until_federation() is None  # cold start: epoch end
     weights = [np.zeros(3, dtype=np.float32)]
-    threads = [threading.Thread(target=n.update_parameters, args=(weights, 300),
-                                kwargs={"num_steps": 10}) for n in nodes]
+    threads = [
+        threading.Thread(target=n.update_parameters, args=(weights, 300), kwargs={"num_steps": 10}) for n in nodes
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -72,11 +73,14 @@ def _train(node: SemiSyncFederatedNode, factor: float, rounds: int, seed: int, e
 def _race_fast_and_slow(train: Any, rounds: int, join_timeout: float, **options: Any) -> list:
     """Two semi-sync nodes (lambda 2) on one store, node 1's batches 4x slower, each trained in a thread."""
     store = open_store(f"memory://semisync-{uuid.uuid4().hex[:8]}")
-    nodes = [SemiSyncFederatedNode(store, lambda_=2.0, num_nodes=2, node_id=f"n{i}", timeout=60, **options)
-             for i in range(2)]
+    nodes = [
+        SemiSyncFederatedNode(store, lambda_=2.0, num_nodes=2, node_id=f"n{i}", timeout=60, **options) for i in range(2)
+    ]
     errors: list = []
-    threads = [threading.Thread(target=train, args=(node, factor, rounds, i, errors))
-               for i, (node, factor) in enumerate(zip(nodes, (1.0, 4.0)))]
+    threads = [
+        threading.Thread(target=train, args=(node, factor, rounds, i, errors))
+        for i, (node, factor) in enumerate(zip(nodes, (1.0, 4.0)))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -105,8 +109,9 @@ def test_semisync_fast_node_does_more_steps_and_nodes_meet_at_the_barrier():
     assert fast.stats.partial_rounds == slow.stats.partial_rounds == 0
 
 
-def _sleep_training(node: SemiSyncFederatedNode, seconds_per_batch: float, epoch_batches: int, rounds: int,
-                    errors: list) -> None:
+def _sleep_training(
+    node: SemiSyncFederatedNode, seconds_per_batch: float, epoch_batches: int, rounds: int, errors: list
+) -> None:
     """A node whose batches are sleeps: timing without TF, so the test does not depend on CPU contention."""
     try:
         weights = [np.zeros(4, dtype=np.float32)]
@@ -127,8 +132,10 @@ def test_semisync_budgets_match_batch_times_and_nobody_waits_long():
     rounds = 5
     nodes = [SemiSyncFederatedNode(store, lambda_=2.0, num_nodes=2, node_id=f"n{i}", timeout=30) for i in range(2)]
     errors: list = []
-    threads = [threading.Thread(target=_sleep_training, args=(node, t, 10, rounds, errors))
-               for node, t in zip(nodes, (0.010, 0.040))]
+    threads = [
+        threading.Thread(target=_sleep_training, args=(node, t, 10, rounds, errors))
+        for node, t in zip(nodes, (0.010, 0.040))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -175,10 +182,21 @@ def _lightning_training(node: SemiSyncFederatedNode, factor: float, rounds: int,
         x, y = torch.rand(320, 8, generator=gen), torch.randint(0, 2, (320,), generator=gen)
         data = torch.utils.data.TensorDataset(x, y)
         loader = torch.utils.data.DataLoader(data, batch_size=32)  # 10 batches an epoch
-        callbacks = [make_lightning_slowdown_callback(pl, factor, batch_seconds=0.015), FlwrFederatedCallback(node),
-                     StopAfterRounds()]
-        trainer = pl.Trainer(max_epochs=1000, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
-                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        callbacks = [
+            make_lightning_slowdown_callback(pl, factor, batch_seconds=0.015),
+            FlwrFederatedCallback(node),
+            StopAfterRounds(),
+        ]
+        trainer = pl.Trainer(
+            max_epochs=1000,
+            accelerator="cpu",
+            devices=1,
+            callbacks=callbacks,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
         trainer.fit(Net(), loader)
     except BaseException as exc:  # surfaced by the test
         errors.append(exc)
@@ -204,8 +222,10 @@ def test_lightning_callback_federates_after_the_semisync_step_budget():
 def test_semisync_weighs_nodes_by_dataset_size_not_by_examples_processed():
     """A fast node processes more examples per round; its weight stays its dataset size |D_k|."""
     store = open_store(f"memory://semisync-{uuid.uuid4().hex[:8]}")
-    nodes = [SemiSyncFederatedNode(store, lambda_=1.0, num_nodes=2, node_id=f"n{i}", timeout=10, reestimate=False)
-             for i in range(2)]
+    nodes = [
+        SemiSyncFederatedNode(store, lambda_=1.0, num_nodes=2, node_id=f"n{i}", timeout=10, reestimate=False)
+        for i in range(2)
+    ]
     results: dict[tuple[int, int], list] = {}
 
     def federate(index: int, round_number: int, value: float, examples: int, steps: int) -> None:
@@ -213,10 +233,13 @@ def test_semisync_weighs_nodes_by_dataset_size_not_by_examples_processed():
         for i in range(5):
             node.record_batch_time(0.01, ended_at=i * 0.01)
         results[index, round_number], _ = node.update_parameters(
-            [np.full(2, value, dtype=np.float32)], examples, round_number, num_steps=steps)
+            [np.full(2, value, dtype=np.float32)], examples, round_number, num_steps=steps
+        )
 
-    rounds = [((0, 0, 1.0, 100, 4), (1, 0, 3.0, 300, 10)),  # cold start: one epoch each
-              ((0, 1, 1.0, 3000, 94), (1, 1, 3.0, 300, 10))]  # node 0 went through its data 30 times
+    rounds = [
+        ((0, 0, 1.0, 100, 4), (1, 0, 3.0, 300, 10)),  # cold start: one epoch each
+        ((0, 1, 1.0, 3000, 94), (1, 1, 3.0, 300, 10)),
+    ]  # node 0 went through its data 30 times
     for calls in rounds:
         threads = [threading.Thread(target=federate, args=call) for call in calls]
         for thread in threads:

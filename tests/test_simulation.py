@@ -34,8 +34,9 @@ def _check_rows(result: SimulationResult, config: SimulationConfig) -> None:
 
 
 def test_async_simulation_on_a_file_store(tmp_path: Path) -> None:
-    config = SimulationConfig(num_nodes=3, mode="async", store_url=f"file://{tmp_path}/store", epochs=3,
-                              skew=0.5, baselines=False)
+    config = SimulationConfig(
+        num_nodes=3, mode="async", store_url=f"file://{tmp_path}/store", epochs=3, skew=0.5, baselines=False
+    )
     events: list[dict] = []
     result = run_simulation(config, progress=events.append)
     _check_rows(result, config)
@@ -51,8 +52,9 @@ def test_async_simulation_on_a_file_store(tmp_path: Path) -> None:
 
 
 def test_sync_simulation_on_a_memory_store() -> None:
-    config = SimulationConfig(num_nodes=3, mode="sync", store_url="memory://sim-sync", epochs=3, skew=0.9,
-                              sync_timeout=60, baselines=True)
+    config = SimulationConfig(
+        num_nodes=3, mode="sync", store_url="memory://sim-sync", epochs=3, skew=0.9, sync_timeout=60, baselines=True
+    )
     result = run_simulation(config)
     _check_rows(result, config)
     for row in result.nodes:
@@ -83,9 +85,33 @@ def test_config_errors_are_reported_before_training() -> None:
 def test_cli_runs_end_to_end_and_prints_the_table(tmp_path: Path) -> None:
     out = io.StringIO()
     json_path = tmp_path / "result.json"
-    code = main(["simulate", "--nodes", "2", "--mode", "async", "--strategy", "fedavg",
-                 "--store", f"file://{tmp_path}/cli-store", "--epochs", "2", "--dataset", "digits", "--skew", "0.9",
-                 "--batch-size", "32", "--seed", "1", "--eval-each-epoch", "--json", str(json_path)], out=out)
+    code = main(
+        [
+            "simulate",
+            "--nodes",
+            "2",
+            "--mode",
+            "async",
+            "--strategy",
+            "fedavg",
+            "--store",
+            f"file://{tmp_path}/cli-store",
+            "--epochs",
+            "2",
+            "--dataset",
+            "digits",
+            "--skew",
+            "0.9",
+            "--batch-size",
+            "32",
+            "--seed",
+            "1",
+            "--eval-each-epoch",
+            "--json",
+            str(json_path),
+        ],
+        out=out,
+    )
     text = out.getvalue()
     assert code == 0, text
     assert "[node-0] epoch 2/2" in text and "[node-1] epoch 1/2" in text
@@ -94,10 +120,19 @@ def test_cli_runs_end_to_end_and_prints_the_table(tmp_path: Path) -> None:
     assert "train acc" in live and "nodes' mean" in live and "test acc" in live and "(federated model)" in live
     assert "acc_fed" not in text
     assert "Peer lag in the async aggregates" in text
-    for needle in ("Federated nodes", "test acc", "MB up", "requests", "rejected",
-                   "standalone node-0", "standalone node-1", "centralized", "Summary: federated mean accuracy"):
+    for needle in (
+        "Federated nodes",
+        "test acc",
+        "MB up",
+        "requests",
+        "rejected",
+        "standalone node-0",
+        "standalone node-1",
+        "centralized",
+        "Summary: federated mean accuracy",
+    ):
         assert needle in text, needle
-    table = text[text.index("Federated nodes"):]
+    table = text[text.index("Federated nodes") :]
     assert "node-0" in table and "2/2" in table
     report = json.loads(json_path.read_text())
     assert [n["node_id"] for n in report["nodes"]] == ["node-0", "node-1"]
@@ -110,8 +145,9 @@ def test_cli_runs_end_to_end_and_prints_the_table(tmp_path: Path) -> None:
 
 
 def test_reports_never_contain_credentials() -> None:
-    config = SimulationConfig(storage_options={"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://x"},
-                              node_options={"secret": "hmac"})
+    config = SimulationConfig(
+        storage_options={"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://x"}, node_options={"secret": "hmac"}
+    )
     public = config.public_dict()
     assert public["storage_options"] == {"key": "***", "secret": "***", "endpoint_url": "http://x"}
     assert public["node_options"] == {"secret": "***"}
@@ -127,8 +163,15 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.slow
 def test_processes_mode(tmp_path: Path) -> None:
-    config = SimulationConfig(num_nodes=2, mode="sync", store_url=str(tmp_path / "store"), epochs=2,
-                              use_processes=True, baselines=False, sync_timeout=120)
+    config = SimulationConfig(
+        num_nodes=2,
+        mode="sync",
+        store_url=str(tmp_path / "store"),
+        epochs=2,
+        use_processes=True,
+        baselines=False,
+        sync_timeout=120,
+    )
     events: list[dict] = []
     result = run_simulation(config, progress=events.append)
     _check_rows(result, config)
@@ -166,8 +209,14 @@ def test_baselines_are_trained_once_per_seed_and_partition(tmp_path: Path, monke
         return real(tasks, use_processes, progress)
 
     monkeypatch.setattr(runner, "run_tasks", counting)
-    config = SimulationConfig(num_nodes=2, mode="async", epochs=1, seed=4, store_url="memory://cache-test",
-                              baseline_cache=str(tmp_path / "baselines"))
+    config = SimulationConfig(
+        num_nodes=2,
+        mode="async",
+        epochs=1,
+        seed=4,
+        store_url="memory://cache-test",
+        baseline_cache=str(tmp_path / "baselines"),
+    )
     first = run_simulation(config)
     second = run_simulation(replace(config, mode="sync"))  # another mode: same partition, same baselines
     third = run_simulation(replace(config, num_nodes=3))  # another partition: same centralized model
@@ -182,8 +231,26 @@ def test_baselines_are_trained_once_per_seed_and_partition(tmp_path: Path, monke
 def test_cli_repeats_over_seeds_and_summarizes(tmp_path: Path) -> None:
     out = io.StringIO()
     csv_path, json_path = tmp_path / "runs.csv", tmp_path / "runs.json"
-    code = main(["simulate", "--nodes", "2", "--epochs", "1", "--no-baselines", "--seeds", "0-1", "--quiet",
-                 "--store", "memory://seeds", "--csv", str(csv_path), "--json", str(json_path)], out=out)
+    code = main(
+        [
+            "simulate",
+            "--nodes",
+            "2",
+            "--epochs",
+            "1",
+            "--no-baselines",
+            "--seeds",
+            "0-1",
+            "--quiet",
+            "--store",
+            "memory://seeds",
+            "--csv",
+            str(csv_path),
+            "--json",
+            str(json_path),
+        ],
+        out=out,
+    )
     text = out.getvalue()
     assert code == 0, text
     assert "== seed 0 ==" in text and "== seed 1 ==" in text
@@ -197,9 +264,15 @@ def test_cli_repeats_over_seeds_and_summarizes(tmp_path: Path) -> None:
 
 def test_fedavgm_with_momentum_runs_in_an_async_simulation() -> None:
     """Each node's first federation has no peers; FedAvgM's rounds must still start at 1 (nodes number them)."""
-    config = SimulationConfig(num_nodes=2, mode="async", strategy="fedavgm", strategy_options={"server_momentum": 0.9},
-                              epochs=2, baselines=False, max_train_examples=300)
+    config = SimulationConfig(
+        num_nodes=2,
+        mode="async",
+        strategy="fedavgm",
+        strategy_options={"server_momentum": 0.9},
+        epochs=2,
+        baselines=False,
+        max_train_examples=300,
+    )
     result = run_simulation(config)
     assert result.ok, [row.error for row in result.nodes]
     assert sum(row.peers_used for row in result.nodes) > 0
-

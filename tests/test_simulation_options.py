@@ -108,13 +108,29 @@ def _node_kwargs(calls: dict[str, list[Any]], kind: str) -> list[dict[str, Any]]
 
 
 def test_async_flags_reach_the_async_node(keras_recorder: dict[str, list[Any]]) -> None:
-    _simulate("--mode", "async", "--staleness", "poly:0.5", "--staleness-unit", "versions", "--alpha", "0.5",
-              "--buffer-size", "2", "--participation", "0.5")
+    _simulate(
+        "--mode",
+        "async",
+        "--staleness",
+        "poly:0.5",
+        "--staleness-unit",
+        "versions",
+        "--alpha",
+        "0.5",
+        "--buffer-size",
+        "2",
+        "--participation",
+        "0.5",
+    )
     for index, kwargs in enumerate(_node_kwargs(keras_recorder, "async")):
         assert kwargs["node_id"] == f"node-{index}"
         assert {k: kwargs[k] for k in ("staleness", "staleness_unit", "alpha", "buffer_size", "participation")} == {
-            "staleness": "poly:0.5", "staleness_unit": "versions", "alpha": 0.5, "buffer_size": 2,
-            "participation": 0.5}
+            "staleness": "poly:0.5",
+            "staleness_unit": "versions",
+            "alpha": 0.5,
+            "buffer_size": 2,
+            "participation": 0.5,
+        }
         assert kwargs["seed"] == 1 * 7919 + index  # each node samples participation with its own stream
 
 
@@ -129,7 +145,8 @@ def test_sync_and_semisync_flags_reach_their_nodes(keras_recorder: dict[str, lis
 
 
 def test_aggregate_mode_builds_aggregate_nodes_with_their_own_backoff_seed(
-        keras_recorder: dict[str, list[Any]]) -> None:
+    keras_recorder: dict[str, list[Any]],
+) -> None:
     _simulate("--mode", "aggregate", "--compression", "int8")
     for index, kwargs in enumerate(_node_kwargs(keras_recorder, "aggregate")):
         assert kwargs["seed"] == 1 * 7919 + index and kwargs["compression"] == "int8"
@@ -141,8 +158,7 @@ def test_aggregate_mode_builds_aggregate_nodes_with_their_own_backoff_seed(
 def test_compression_flags_reach_every_mode_s_node(mode: str, keras_recorder: dict[str, list[Any]]) -> None:
     _simulate("--mode", mode, "--compression", "topk:0.05", "--topk-keyframe-every", "4", "--topk-max-error", "0.5")
     for kwargs in _node_kwargs(keras_recorder, mode):
-        assert (kwargs["compression"], kwargs["topk_keyframe_every"], kwargs["topk_max_error"]) == ("topk:0.05", 4,
-                                                                                                    0.5)
+        assert (kwargs["compression"], kwargs["topk_keyframe_every"], kwargs["topk_max_error"]) == ("topk:0.05", 4, 0.5)
         assert isinstance(kwargs["topk_keyframe_every"], int)
 
 
@@ -152,9 +168,18 @@ def test_without_compression_flags_nodes_get_no_compression_option(keras_recorde
 
 
 def test_strategy_and_storage_options_reach_the_strategy_and_the_store(
-        keras_recorder: dict[str, list[Any]], tmp_path: Any) -> None:
-    _simulate("--strategy", "fedavgm", "--strategy-option", "server_momentum=0.9",
-              "--store", f"file://{tmp_path}/s", "--storage-option", "auto_mkdir=true")
+    keras_recorder: dict[str, list[Any]], tmp_path: Any
+) -> None:
+    _simulate(
+        "--strategy",
+        "fedavgm",
+        "--strategy-option",
+        "server_momentum=0.9",
+        "--store",
+        f"file://{tmp_path}/s",
+        "--storage-option",
+        "auto_mkdir=true",
+    )
     for kwargs in _node_kwargs(keras_recorder, "async"):
         assert type(kwargs["strategy"]).__name__ == "FedAvgM"
         assert kwargs["strategy"].server_momentum == 0.9
@@ -168,7 +193,8 @@ def test_proximal_mu_reaches_the_keras_callback(keras_recorder: dict[str, list[A
 
 
 def test_strategy_option_proximal_mu_is_mapped_to_the_callback_with_a_note(
-        keras_recorder: dict[str, list[Any]]) -> None:
+    keras_recorder: dict[str, list[Any]],
+) -> None:
     text = _simulate("--strategy", "fedprox", "--strategy-option", "proximal_mu=0.2")
     assert "note: --strategy-option proximal_mu=0.2 is applied as --proximal-mu 0.2" in text
     assert "configure_fit" in text
@@ -201,8 +227,9 @@ def test_heterogeneity_and_evaluation_flags_reach_the_keras_callbacks(keras_reco
         assert kinds.index("FederatedEvaluator") < kinds.index("StopAtBudget")
 
 
-def test_proximal_mu_reaches_the_lightning_callback(recorder: dict[str, list[Any]],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_proximal_mu_reaches_the_lightning_callback(
+    recorder: dict[str, list[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("torch")
     import flwr_serverless.callbacks.lightning as lightning_callback
 
@@ -216,32 +243,46 @@ def test_proximal_mu_reaches_the_lightning_callback(recorder: dict[str, list[Any
     assert len(_node_kwargs(recorder, "sync")) == 2
 
 
-@pytest.mark.parametrize(("changes", "match"), [
-    ({"async_options": AsyncOptions(alpha=1.5)}, r"option alpha \(--alpha\) must be in \(0, 1\]"),
-    ({"async_options": AsyncOptions(staleness="cubic")}, r"option staleness \(--staleness\) is invalid"),
-    ({"async_options": AsyncOptions(staleness_unit="hours")}, r"staleness_unit \(--staleness-unit\)"),
-    ({"async_options": AsyncOptions(buffer_size=0)}, r"buffer_size \(--buffer-size\) must be an integer >= 1"),
-    ({"async_options": AsyncOptions(participation=0.0)}, r"participation \(--participation\)"),
-    ({"mode": "sync", "async_options": AsyncOptions(staleness="poly:0.5")},
-     r"staleness \(--staleness\) applies to --mode async only, not sync"),
-    ({"mode": "async", "semisync": SemiSyncOptions(lambda_=3.0)}, r"lambda_ \(--lambda\) applies to --mode semisync"),
-    ({"mode": "semisync", "semisync": SemiSyncOptions(lambda_=0.0)}, r"lambda_ \(--lambda\) must be a positive"),
-    ({"mode": "async", "sync_timeout": 5.0}, r"sync_timeout \(--timeout\) applies to --mode sync and semisync"),
-    ({"mode": "sync", "min_nodes": 3}, r"min_nodes \(--min-nodes\) must be between 1 and 2"),
-    ({"heterogeneity": Heterogeneity(slowdown=(1.0, 0.5))}, r"slowdown \(--slowdown\) factors must be >= 1"),
-    ({"heterogeneity": Heterogeneity(slowdown=(1.0, 2.0, 3.0))}, r"has 3 factors for 2 nodes"),
-    ({"heterogeneity": Heterogeneity(time_budget=-1.0)}, r"time_budget \(--time-budget\) must be a positive"),
-    ({"heterogeneity": Heterogeneity(batch_seconds=0.0)}, r"batch_seconds \(--batch-seconds\)"),
-    ({"evaluation": Evaluation(eval_examples=100)}, r"eval_examples \(--eval-examples\) needs --eval-each-epoch"),
-    ({"proximal_mu": -0.1}, r"proximal_mu \(--proximal-mu\) must be >= 0"),
-    ({"strategy_options": {"proximal_mu": 0.1}}, r"proximal_mu \(--strategy-option\).*configure_fit.*--proximal-mu"),
-    ({"strategy": "fedavgm", "strategy_options": {"momentum": 0.9}},
-     r"option momentum \(--strategy-option\) is not accepted by fedavgm"),
-    ({"strategy": "fedavgx"}, r"unknown strategy 'fedavgx'"),
-    ({"node_options": {"node_id": "x"}}, r"node_options may not set node_id"),
-])
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"async_options": AsyncOptions(alpha=1.5)}, r"option alpha \(--alpha\) must be in \(0, 1\]"),
+        ({"async_options": AsyncOptions(staleness="cubic")}, r"option staleness \(--staleness\) is invalid"),
+        ({"async_options": AsyncOptions(staleness_unit="hours")}, r"staleness_unit \(--staleness-unit\)"),
+        ({"async_options": AsyncOptions(buffer_size=0)}, r"buffer_size \(--buffer-size\) must be an integer >= 1"),
+        ({"async_options": AsyncOptions(participation=0.0)}, r"participation \(--participation\)"),
+        (
+            {"mode": "sync", "async_options": AsyncOptions(staleness="poly:0.5")},
+            r"staleness \(--staleness\) applies to --mode async only, not sync",
+        ),
+        (
+            {"mode": "async", "semisync": SemiSyncOptions(lambda_=3.0)},
+            r"lambda_ \(--lambda\) applies to --mode semisync",
+        ),
+        ({"mode": "semisync", "semisync": SemiSyncOptions(lambda_=0.0)}, r"lambda_ \(--lambda\) must be a positive"),
+        ({"mode": "async", "sync_timeout": 5.0}, r"sync_timeout \(--timeout\) applies to --mode sync and semisync"),
+        ({"mode": "sync", "min_nodes": 3}, r"min_nodes \(--min-nodes\) must be between 1 and 2"),
+        ({"heterogeneity": Heterogeneity(slowdown=(1.0, 0.5))}, r"slowdown \(--slowdown\) factors must be >= 1"),
+        ({"heterogeneity": Heterogeneity(slowdown=(1.0, 2.0, 3.0))}, r"has 3 factors for 2 nodes"),
+        ({"heterogeneity": Heterogeneity(time_budget=-1.0)}, r"time_budget \(--time-budget\) must be a positive"),
+        ({"heterogeneity": Heterogeneity(batch_seconds=0.0)}, r"batch_seconds \(--batch-seconds\)"),
+        ({"evaluation": Evaluation(eval_examples=100)}, r"eval_examples \(--eval-examples\) needs --eval-each-epoch"),
+        ({"proximal_mu": -0.1}, r"proximal_mu \(--proximal-mu\) must be >= 0"),
+        (
+            {"strategy_options": {"proximal_mu": 0.1}},
+            r"proximal_mu \(--strategy-option\).*configure_fit.*--proximal-mu",
+        ),
+        (
+            {"strategy": "fedavgm", "strategy_options": {"momentum": 0.9}},
+            r"option momentum \(--strategy-option\) is not accepted by fedavgm",
+        ),
+        ({"strategy": "fedavgx"}, r"unknown strategy 'fedavgx'"),
+        ({"node_options": {"node_id": "x"}}, r"node_options may not set node_id"),
+    ],
+)
 def test_bad_options_fail_before_training_and_name_the_option(
-        changes: dict[str, Any], match: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    changes: dict[str, Any], match: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import flwr_serverless.simulation.runner as runner
 
     def no_data(*args: Any, **kwargs: Any) -> None:

@@ -18,8 +18,15 @@ pytest.importorskip("sklearn")
 
 
 def _config(tmp_path: Path, **overrides: Any) -> SimulationConfig:
-    values: dict[str, Any] = {"num_nodes": 20, "mode": "async", "epochs": 1, "skew": 0.0, "baselines": False,
-                              "store_url": f"file://{tmp_path}/store", "seed": 3}
+    values: dict[str, Any] = {
+        "num_nodes": 20,
+        "mode": "async",
+        "epochs": 1,
+        "skew": 0.0,
+        "baselines": False,
+        "store_url": f"file://{tmp_path}/store",
+        "seed": 3,
+    }
     return SimulationConfig(**(values | overrides))
 
 
@@ -39,8 +46,24 @@ def _check_every_node_completed(result: SimulationResult) -> None:
 
 def test_twenty_threaded_nodes_complete_and_the_report_totals_their_traffic(tmp_path: Path) -> None:
     out = io.StringIO()
-    code = main(["simulate", "--nodes", "20", "--epochs", "1", "--skew", "0", "--no-baselines", "--quiet",
-                 "--store", f"file://{tmp_path}/store", "--json", str(tmp_path / "r.json")], out=out)
+    code = main(
+        [
+            "simulate",
+            "--nodes",
+            "20",
+            "--epochs",
+            "1",
+            "--skew",
+            "0",
+            "--no-baselines",
+            "--quiet",
+            "--store",
+            f"file://{tmp_path}/store",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        out=out,
+    )
     assert code == 0, out.getvalue()
     report = json.loads((tmp_path / "r.json").read_text())
     totals = report["summary"]["totals"]
@@ -68,17 +91,19 @@ def test_the_process_pool_is_bounded() -> None:
     assert pool_size(2, 16) == 2
 
 
-@pytest.mark.parametrize(("overrides", "needle"), [
-    ({"engine": "spark"}, "option engine (--engine) must be one of local, ray"),
-    ({"workers": 4}, "option workers (--workers)"),
-    ({"use_processes": True, "workers": 0}, "must be an integer >= 1"),
-    ({"engine": "ray", "use_processes": True}, "option use_processes (--processes)"),
-    ({"engine": "ray", "store_url": "memory://x"}, "option store_url (--store)"),
-    ({"engine": "ray", "store_url": None}, "option store_url (--store)"),
-    ({"ray_address": "auto"}, "option ray_address (--address) applies to --engine ray only"),
-])
-def test_execution_options_are_checked_before_training(tmp_path: Path, overrides: dict[str, Any],
-                                                        needle: str) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"engine": "spark"}, "option engine (--engine) must be one of local, ray"),
+        ({"workers": 4}, "option workers (--workers)"),
+        ({"use_processes": True, "workers": 0}, "must be an integer >= 1"),
+        ({"engine": "ray", "use_processes": True}, "option use_processes (--processes)"),
+        ({"engine": "ray", "store_url": "memory://x"}, "option store_url (--store)"),
+        ({"engine": "ray", "store_url": None}, "option store_url (--store)"),
+        ({"ray_address": "auto"}, "option ray_address (--address) applies to --engine ray only"),
+    ],
+)
+def test_execution_options_are_checked_before_training(tmp_path: Path, overrides: dict[str, Any], needle: str) -> None:
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         _config(tmp_path, **overrides).validate()
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from flwr_serverless import AsyncFederatedNode
-from flwr_serverless.aggregation import weighted_mean, weighted_sum
-from flwr_serverless.spool import PeerSpool
+from flwr_serverless.node.spool import PeerSpool
 from flwr_serverless.stores import ObjectInfo, Store, open_store
+from flwr_serverless.strategy.aggregate import weighted_mean, weighted_sum
 
 
 def test_get_into_streams_the_object_and_counts_one_get(store: Store, tmp_path: Any) -> None:

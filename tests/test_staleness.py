@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flwr.server.strategy import FedAvg, FedMedian
 
-from flwr_serverless.aggregation import Contribution, aggregate
-from flwr_serverless.codec import decode
+from flwr_serverless.modes.staleness import Constant, Hinge, Polynomial, mix, parse_staleness
 from flwr_serverless.nodes import AsyncFederatedNode
-from flwr_serverless.staleness import Constant, Hinge, Polynomial, mix, parse_staleness
 from flwr_serverless.stores import open_store
+from flwr_serverless.strategy.aggregate import Contribution, aggregate
+from flwr_serverless.wire.codec import decode
 
 
 def _store():
@@ -37,10 +37,19 @@ def test_staleness_functions_match_hand_computed_values():
     assert hinge(6) == pytest.approx(1 / 21)
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("constant", Constant()), ("poly", Polynomial(0.5)), ("poly:0.5", Polynomial(0.5)), ("poly:2", Polynomial(2.0)),
-    ("hinge", Hinge(10, 4)), ("hinge:10,4", Hinge(10, 4)), ("hinge:2,1", Hinge(2, 1)), (None, Constant()),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("constant", Constant()),
+        ("poly", Polynomial(0.5)),
+        ("poly:0.5", Polynomial(0.5)),
+        ("poly:2", Polynomial(2.0)),
+        ("hinge", Hinge(10, 4)),
+        ("hinge:10,4", Hinge(10, 4)),
+        ("hinge:2,1", Hinge(2, 1)),
+        (None, Constant()),
+    ],
+)
 def test_parse_staleness_specs(spec, expected):
     assert parse_staleness(spec) == expected
 
@@ -111,8 +120,9 @@ def test_versions_penalise_a_slow_node_more_than_steps():
 def test_staleness_weights_equal_examples_times_s_u():
     """The async node's FedAvg result is sum(c_k w_k) / sum(c_k) with c_k = examples_k * s(u_k)."""
     store = _store()
-    nodes = [AsyncFederatedNode(store, node_id=f"n{i}", staleness="hinge:1,0", staleness_unit="versions")
-             for i in range(3)]
+    nodes = [
+        AsyncFederatedNode(store, node_id=f"n{i}", staleness="hinge:1,0", staleness_unit="versions") for i in range(3)
+    ]
     nodes[0].update_parameters(_w(1.0), num_examples=30, num_steps=1)  # base 0
     nodes[1].update_parameters(_w(9.0), num_examples=50, num_steps=1)  # published with base 0, then aggregates
     nodes[1].update_parameters(_w(2.0), num_examples=50, num_steps=1)  # seq 2, base: n0(1) + n1(1) = 2

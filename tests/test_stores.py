@@ -119,8 +119,16 @@ def test_stats_count_requests_and_bytes(store: Store) -> None:
     store.list()
     store.delete("b")
     stats = store.stats.as_dict()
-    assert stats == {"puts": 2, "gets": 1, "lists": 1, "deletes": 1, "copies": 0, "requests": 5, "bytes_up": 8,
-                     "bytes_down": 5}
+    assert stats == {
+        "puts": 2,
+        "gets": 1,
+        "lists": 1,
+        "deletes": 1,
+        "copies": 0,
+        "requests": 5,
+        "bytes_up": 8,
+        "bytes_down": 5,
+    }
 
 
 def test_copy_inside_the_store_is_an_independent_object(store: Store) -> None:

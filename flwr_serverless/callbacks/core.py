@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from flwr_serverless import layout
 from flwr_serverless.callbacks.parts import (
     ProximalTerm,
     check_positive,
@@ -29,6 +28,7 @@ from flwr_serverless.callbacks.parts import (
     write_atomically,
 )
 from flwr_serverless.node.protocol import Federating
+from flwr_serverless.wire import layout
 
 __all__ = ["FederatedCallbackCore", "Payload", "as_federating"]
 
@@ -39,10 +39,22 @@ Payload = tuple[list[np.ndarray], dict[str, float], int | None]
 def as_federating(node: Any) -> Federating:
     """``node`` when it implements the ``Federating`` protocol (every ``FederatedNode`` does), else a TypeError."""
     if not isinstance(node, Federating):
-        missing = [name for name in ("update_parameters", "steps_until_federation", "record_batch_time", "leave",
-                                     "state_dict", "load_state_dict") if not callable(getattr(node, name, None))]
-        raise TypeError(f"node must be a federated node (the Federating protocol); {type(node).__name__} lacks "
-                        f"{', '.join(missing) or 'node_id'}")
+        missing = [
+            name
+            for name in (
+                "update_parameters",
+                "steps_until_federation",
+                "record_batch_time",
+                "leave",
+                "state_dict",
+                "load_state_dict",
+            )
+            if not callable(getattr(node, name, None))
+        ]
+        raise TypeError(
+            f"node must be a federated node (the Federating protocol); {type(node).__name__} lacks "
+            f"{', '.join(missing) or 'node_id'}"
+        )
     return node
 
 
@@ -56,11 +68,18 @@ class FederatedCallbackCore:
     model_suffix: ClassVar[str]  # file suffix of a saved model
     store_model_suffix: ClassVar[str | None] = None  # suffix of a model saved into the store (None: never)
 
-    def _init_core(self, node: Any, num_examples_per_epoch: int | None = None, proximal_mu: float = 0.0,
-                   postfix_for_federated_metrics: str = "_fed", override_metrics_with_aggregated_metrics: bool = False,
-                   save_model_before_aggregation: bool = False, save_model_after_aggregation: bool = False,
-                   checkpoint_dir: str | os.PathLike[str] | None = "checkpoints",
-                   leave_on_train_end: bool = True) -> None:
+    def _init_core(
+        self,
+        node: Any,
+        num_examples_per_epoch: int | None = None,
+        proximal_mu: float = 0.0,
+        postfix_for_federated_metrics: str = "_fed",
+        override_metrics_with_aggregated_metrics: bool = False,
+        save_model_before_aggregation: bool = False,
+        save_model_after_aggregation: bool = False,
+        checkpoint_dir: str | os.PathLike[str] | None = "checkpoints",
+        leave_on_train_end: bool = True,
+    ) -> None:
         """Validate and keep the options both callbacks take (same names as their keyword arguments)."""
         self._node = as_federating(node)
         self.node = node
@@ -68,8 +87,9 @@ class FederatedCallbackCore:
         if not (isinstance(proximal_mu, (int, float)) and math.isfinite(proximal_mu) and proximal_mu >= 0):
             raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu!r}")
         if not isinstance(postfix_for_federated_metrics, str) or not postfix_for_federated_metrics:
-            raise ValueError(f"postfix_for_federated_metrics must be a non-empty string, "
-                             f"got {postfix_for_federated_metrics!r}")
+            raise ValueError(
+                f"postfix_for_federated_metrics must be a non-empty string, got {postfix_for_federated_metrics!r}"
+            )
         #: FedProx: after every optimizer step, w <- w - lr * mu * (w - w_fed). 0 disables it (no extra work).
         self.proximal_mu = float(proximal_mu)
         self._proximal = ProximalTerm(proximal_mu)
@@ -174,8 +194,11 @@ class FederatedCallbackCore:
         num_examples = self.num_examples_per_epoch if self.num_examples_per_epoch is not None else counted
         if num_examples == 0:
             # Weight 0 drops this node's training from the aggregate; say why instead of failing quietly.
-            warnings.warn(f"FlwrFederatedCallback counted no training examples in epoch {epoch}; if the model "
-                          "did train, pass num_examples_per_epoch", stacklevel=3)
+            warnings.warn(
+                f"FlwrFederatedCallback counted no training examples in epoch {epoch}; if the model "
+                "did train, pass num_examples_per_epoch",
+                stacklevel=3,
+            )
         steps, self._batches = self._optimizer_steps(), 0
         tag = self._checkpoint_tag(epoch)
         if self.save_model_before_aggregation:
@@ -183,8 +206,14 @@ class FederatedCallbackCore:
 
         def exchange() -> Payload:
             arrays, aggregated = self._node.update_parameters(
-                self._get_arrays(), num_examples=num_examples, metrics=metrics, epoch=epoch, num_steps=steps,
-                tensor_names=self._tensor_names(), framework=self.framework)
+                self._get_arrays(),
+                num_examples=num_examples,
+                metrics=metrics,
+                epoch=epoch,
+                num_steps=steps,
+                tensor_names=self._tensor_names(),
+                framework=self.framework,
+            )
             return [np.asarray(a) for a in arrays], dict(aggregated or {}), self._node.steps_until_federation()
 
         arrays, aggregated, self._budget = self._on_rank_zero(exchange)
@@ -196,8 +225,9 @@ class FederatedCallbackCore:
         figures = {**aggregated, **self.last_evaluation}  # evaluation replaces the peers' mean of the same name
         if self.save_model_after_aggregation:
             self._write_checkpoint("after", tag, figures)
-        logged = federated_logs(figures, self.postfix_for_federated_metrics,
-                                self.override_metrics_with_aggregated_metrics)
+        logged = federated_logs(
+            figures, self.postfix_for_federated_metrics, self.override_metrics_with_aggregated_metrics
+        )
         self._log(logged, final)
         return logged
 
@@ -232,15 +262,18 @@ class FederatedCallbackCore:
             return
         folder = self.checkpoint_dir / self._node.node_id
         write_atomically(folder / f"{model_name}{self.model_suffix}", self._save_model)
-        write_atomically(folder / f"metrics_{stage}_aggregation_{tag}.json",
-                         lambda path: path.write_text(text, encoding="utf-8"))
+        write_atomically(
+            folder / f"metrics_{stage}_aggregation_{tag}.json", lambda path: path.write_text(text, encoding="utf-8")
+        )
 
     def _checkpoint_to_store(self, model_name: str, metrics_name: str, text: str) -> None:
         """Into the node's store, ``keras/<node_id>/...`` (never a pickle: Keras writes HDF5 here)."""
         store = getattr(self.node, "store", None)
         if store is None or self.store_model_suffix is None:
-            raise ValueError("checkpoint_dir=None stores checkpoints in the node's store; this node or framework "
-                             "has none: pass a checkpoint_dir")
+            raise ValueError(
+                "checkpoint_dir=None stores checkpoints in the node's store; this node or framework "
+                "has none: pass a checkpoint_dir"
+            )
         folder = f"{layout.CHECKPOINTS}{self._node.node_id}/"
         with tempfile.TemporaryDirectory(prefix="flwr-serverless-ckpt-") as scratch:
             path = Path(scratch) / f"{model_name}{self.store_model_suffix}"

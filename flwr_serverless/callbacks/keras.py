@@ -73,9 +73,14 @@ def _install_tf_counter(model: keras.Model) -> _TFExampleCount:
     import tensorflow as tf
 
     with model.distribute_strategy.scope():
-        variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="flwr_examples_seen",
-                               synchronization=tf.VariableSynchronization.ON_READ,
-                               aggregation=tf.VariableAggregation.SUM)  # replicas each add their share
+        variable = tf.Variable(
+            0,
+            dtype=tf.int64,
+            trainable=False,
+            name="flwr_examples_seen",
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.SUM,
+        )  # replicas each add their share
     original: Callable[[Any], Any] = model.train_step
 
     def counting_train_step(data: Any) -> Any:
@@ -100,6 +105,7 @@ def _install_python_counter(model: keras.Model) -> _ExampleCount:
         result = build(force)
         function = model.train_function
         if function is not None and getattr(function, _COUNTING_MARK, None) is None:
+
             def counting_train_function(*args: Any) -> Any:
                 *head, data = args
                 if isinstance(data, (list, tuple)):
@@ -131,8 +137,10 @@ def _install_counter(model: keras.Model) -> _ExampleCount | _TFExampleCount:
     elif keras.backend.backend() in ("torch", "jax"):
         count = _install_python_counter(model)
     else:
-        raise RuntimeError(f"FlwrFederatedCallback cannot count examples on the {keras.backend.backend()} "
-                           "backend; pass num_examples_per_epoch")
+        raise RuntimeError(
+            f"FlwrFederatedCallback cannot count examples on the {keras.backend.backend()} "
+            "backend; pass num_examples_per_epoch"
+        )
     model.train_function = None
     return count
 
@@ -176,16 +184,37 @@ class FlwrFederatedCallback(keras.callbacks.Callback, FederatedCallbackCore):
     #: Options reserved for later versions; accepted so calling code keeps working.
     KNOWN_OPTIONS: frozenset[str] = frozenset()
 
-    def __init__(self, node: Any, num_examples_per_epoch: int | None = None, x_test: Any = None, y_test: Any = None,
-                 test_batch_size: int = 32, test_steps: int | None = 10, postfix_for_federated_metrics: str = "_fed",
-                 override_metrics_with_aggregated_metrics: bool = False, save_model_before_aggregation: bool = False,
-                 save_model_after_aggregation: bool = False, *, proximal_mu: float = 0.0,
-                 state_path: str | os.PathLike[str] | None = None, checkpoint_dir: str | os.PathLike[str] | None = None,
-                 leave_on_train_end: bool = True, **future_options: Any) -> None:
+    def __init__(
+        self,
+        node: Any,
+        num_examples_per_epoch: int | None = None,
+        x_test: Any = None,
+        y_test: Any = None,
+        test_batch_size: int = 32,
+        test_steps: int | None = 10,
+        postfix_for_federated_metrics: str = "_fed",
+        override_metrics_with_aggregated_metrics: bool = False,
+        save_model_before_aggregation: bool = False,
+        save_model_after_aggregation: bool = False,
+        *,
+        proximal_mu: float = 0.0,
+        state_path: str | os.PathLike[str] | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        leave_on_train_end: bool = True,
+        **future_options: Any,
+    ) -> None:
         super().__init__()
-        self._init_core(node, num_examples_per_epoch, proximal_mu, postfix_for_federated_metrics,
-                        override_metrics_with_aggregated_metrics, save_model_before_aggregation,
-                        save_model_after_aggregation, checkpoint_dir, leave_on_train_end)
+        self._init_core(
+            node,
+            num_examples_per_epoch,
+            proximal_mu,
+            postfix_for_federated_metrics,
+            override_metrics_with_aggregated_metrics,
+            save_model_before_aggregation,
+            save_model_after_aggregation,
+            checkpoint_dir,
+            leave_on_train_end,
+        )
         check_given_with("y_test", y_test, "x_test", x_test)
         self.x_test, self.y_test = x_test, y_test
         self.test_batch_size = check_positive("test_batch_size", test_batch_size, allow_none=False)
@@ -276,16 +305,20 @@ class FlwrFederatedCallback(keras.callbacks.Callback, FederatedCallbackCore):
         mid-epoch (semi-sync) evaluation leaves the epoch's training figures intact."""
         if self.x_test is None:
             return {}
-        examples = leading_dim(self.x_test) if isinstance(self.x_test, (np.ndarray, list, tuple, dict)) \
-            or hasattr(self.x_test, "shape") else 0
+        examples = (
+            leading_dim(self.x_test)
+            if isinstance(self.x_test, (np.ndarray, list, tuple, dict)) or hasattr(self.x_test, "shape")
+            else 0
+        )
         batch_size = self.test_batch_size if examples else None
         steps = self.test_steps
         if examples and steps is not None:
             steps = min(steps, math.ceil(examples / self.test_batch_size))
         state = [keras.ops.copy(v.value) for v in self.model.metrics_variables]
         try:
-            result = self.model.evaluate(self.x_test, self.y_test, batch_size=batch_size, steps=steps, verbose=0,
-                                         return_dict=True)
+            result = self.model.evaluate(
+                self.x_test, self.y_test, batch_size=batch_size, steps=steps, verbose=0, return_dict=True
+            )
         finally:
             for variable, value in zip(self.model.metrics_variables, state):
                 variable.assign(value)

@@ -90,16 +90,36 @@ class _LightningFederation(FederatedCallbackCore):
     model_suffix = ".pt"
     store_model_suffix = None  # torch.save is a pickle: it never goes into a shared store
 
-    def __init__(self, node: Any, num_examples_per_epoch: int | None = None, include_buffers: bool = True,
-                 proximal_mu: float = 0.0, log_metrics: bool = True, *, eval_dataloader: Iterable[Any] | None = None,
-                 eval_steps: int | None = None, eval_fn: EvalFn | None = None,
-                 postfix_for_federated_metrics: str = "_fed", override_metrics_with_aggregated_metrics: bool = False,
-                 save_model_before_aggregation: bool = False, save_model_after_aggregation: bool = False,
-                 checkpoint_dir: str | os.PathLike[str] = "lightning", leave_on_train_end: bool = True) -> None:
+    def __init__(
+        self,
+        node: Any,
+        num_examples_per_epoch: int | None = None,
+        include_buffers: bool = True,
+        proximal_mu: float = 0.0,
+        log_metrics: bool = True,
+        *,
+        eval_dataloader: Iterable[Any] | None = None,
+        eval_steps: int | None = None,
+        eval_fn: EvalFn | None = None,
+        postfix_for_federated_metrics: str = "_fed",
+        override_metrics_with_aggregated_metrics: bool = False,
+        save_model_before_aggregation: bool = False,
+        save_model_after_aggregation: bool = False,
+        checkpoint_dir: str | os.PathLike[str] = "lightning",
+        leave_on_train_end: bool = True,
+    ) -> None:
         super().__init__()
-        self._init_core(node, num_examples_per_epoch, proximal_mu, postfix_for_federated_metrics,
-                        override_metrics_with_aggregated_metrics, save_model_before_aggregation,
-                        save_model_after_aggregation, checkpoint_dir, leave_on_train_end)
+        self._init_core(
+            node,
+            num_examples_per_epoch,
+            proximal_mu,
+            postfix_for_federated_metrics,
+            override_metrics_with_aggregated_metrics,
+            save_model_before_aggregation,
+            save_model_after_aggregation,
+            checkpoint_dir,
+            leave_on_train_end,
+        )
         check_given_with("eval_fn", eval_fn, "eval_dataloader", eval_dataloader)
         self.include_buffers = include_buffers
         self.log_metrics = log_metrics
@@ -120,8 +140,11 @@ class _LightningFederation(FederatedCallbackCore):
     def federated_names(self, module: torch.nn.Module) -> list[str]:
         """State-dict keys sent to the store: parameters, plus float buffers when ``include_buffers``."""
         params = {name for name, _ in module.named_parameters()}
-        return [name for name, tensor in module.state_dict().items()
-                if torch.is_floating_point(tensor) and (name in params or self.include_buffers)]
+        return [
+            name
+            for name, tensor in module.state_dict().items()
+            if torch.is_floating_point(tensor) and (name in params or self.include_buffers)
+        ]
 
     # -- Lightning hooks --------------------------------------------------------------
     def _bind(self, trainer: Any, pl_module: Any) -> None:
@@ -211,8 +234,7 @@ class _LightningFederation(FederatedCallbackCore):
         examples, self._examples = self._examples, 0
         trainer = self._trainer
         if self.num_examples_per_epoch is None and trainer.world_size > 1:
-            total = trainer.strategy.reduce(torch.tensor(float(examples), device=self._module.device),
-                                            reduce_op="sum")
+            total = trainer.strategy.reduce(torch.tensor(float(examples), device=self._module.device), reduce_op="sum")
             examples = int(total.item())
         return examples
 
@@ -253,8 +275,11 @@ class _LightningFederation(FederatedCallbackCore):
             module.train(was_training)
         figures = means.result()
         if not figures:
-            warnings.warn("FlwrFederatedCallback: evaluating on eval_dataloader gave no figures (validation_step "
-                          "logged no numbers); pass eval_fn", stacklevel=2)
+            warnings.warn(
+                "FlwrFederatedCallback: evaluating on eval_dataloader gave no figures (validation_step "
+                "logged no numbers); pass eval_fn",
+                stacklevel=2,
+            )
         return figures
 
     @torch.no_grad()
@@ -273,8 +298,11 @@ def make_callback_class(package: ModuleType) -> type:
     """``FlwrFederatedCallback`` on ``package.Callback`` (``lightning.pytorch`` or ``pytorch_lightning``)."""
     if package.Callback is _PACKAGE.Callback:
         return FlwrFederatedCallback
-    return type("FlwrFederatedCallback", (_LightningFederation, package.Callback),
-                {"__module__": __name__, "__doc__": _LightningFederation.__doc__})
+    return type(
+        "FlwrFederatedCallback",
+        (_LightningFederation, package.Callback),
+        {"__module__": __name__, "__doc__": _LightningFederation.__doc__},
+    )
 
 
 _PACKAGE = _lightning_package()

@@ -13,8 +13,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ProximalTerm", "RunningMean", "check_given_with", "check_positive", "federated_logs", "leading_dim",
-           "numeric_metrics", "write_atomically"]
+__all__ = [
+    "ProximalTerm",
+    "RunningMean",
+    "check_given_with",
+    "check_positive",
+    "federated_logs",
+    "leading_dim",
+    "numeric_metrics",
+    "write_atomically",
+]
 
 
 def numeric_metrics(metrics: Mapping[str, Any] | None, suffix: str | None = "_fed") -> dict[str, float]:

@@ -17,8 +17,9 @@ else:
     _NodeBase = object
 
 
-def open_view(shared_folder: Store | str | None, store: Store | str | None,
-              storage_options: Mapping[str, Any] | None, owner: Any) -> tuple[Store, PeerView]:
+def open_view(
+    shared_folder: Store | str | None, store: Store | str | None, storage_options: Mapping[str, Any] | None, owner: Any
+) -> tuple[Store, PeerView]:
     """Open the user's folder (0.2's ``shared_folder`` or the new ``store``) and the node's view on it."""
     if shared_folder is not None and store is not None:
         raise TypeError("pass the folder once: shared_folder= (0.2's name) or store=, not both")
@@ -74,8 +75,14 @@ class LegacyNode(_NodeBase):
             used = self.stats.peers_used - used_before
             return weights, self._legacy_metrics(aggregated, used, num_examples, rejected_before, bool(upload_only))
 
-    def _legacy_metrics(self, aggregated: Mapping[str, Any] | None, used: int, own_examples: int | None,
-                        rejected_before: Mapping[str, str], upload_only: bool) -> dict[str, Any]:
+    def _legacy_metrics(
+        self,
+        aggregated: Mapping[str, Any] | None,
+        used: int,
+        own_examples: int | None,
+        rejected_before: Mapping[str, str],
+        upload_only: bool,
+    ) -> dict[str, Any]:
         """Add 0.2's ``num_examples``/``num_nodes``; count the federation and the peer objects seen."""
         metrics = dict(aggregated or {})
         for key, reason in self.stats.rejections.items():

@@ -17,10 +17,10 @@ import struct
 from collections.abc import Callable
 from typing import BinaryIO
 
-from flwr_serverless.codec import MAX_HEADER_BYTES, read_header
 from flwr_serverless.errors import InvalidObjectError
 from flwr_serverless.stores import ObjectInfo, Store
 from flwr_serverless.stores.base import Payload
+from flwr_serverless.wire.codec import MAX_HEADER_BYTES, read_header
 
 NODES_PREFIX = "nodes/"  # nodes/<node_id>: an async node's latest weights
 ROUNDS_PREFIX = "rounds/"  # rounds/<round>/<node_id>: what a sync node published for a round
@@ -35,7 +35,7 @@ def _is_peer_listing(prefix: str) -> bool:
 def _peer_of(key: str) -> str | None:
     """The node id of a weights object's key, None for any other key."""
     if key.startswith(NODES_PREFIX) and key.count("/") == 1:
-        return key[len(NODES_PREFIX):]
+        return key[len(NODES_PREFIX) :]
     if key.startswith(ROUNDS_PREFIX) and key.count("/") == 2:
         return key.rsplit("/", 1)[1]
     return None

@@ -40,8 +40,9 @@ class SyncFederatedNode(LegacyNode, _SyncFederatedNode):
             raise TypeError("SyncFederatedNode needs num_nodes: how many nodes each round waits for")
         folder, view = open_view(shared_folder, store, storage_options, self)
         self._init_legacy(folder, view)
-        super().__init__(view, strategy, num_nodes=num_nodes, timeout=timeout, min_nodes=min_nodes,
-                         node_id=node_id, **options)
+        super().__init__(
+            view, strategy, num_nodes=num_nodes, timeout=timeout, min_nodes=min_nodes, node_id=node_id, **options
+        )
 
     def update_parameters(  # type: ignore[override]
         self,

@@ -45,8 +45,9 @@ Split = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 def _keras_mnist_cache() -> Path | None:
     homes = [Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")), Path("/tmp/.keras")]
-    return next((home / "datasets" / "mnist.npz" for home in homes if (home / "datasets" / "mnist.npz").is_file()),
-                None)
+    return next(
+        (home / "datasets" / "mnist.npz" for home in homes if (home / "datasets" / "mnist.npz").is_file()), None
+    )
 
 
 def digits_as_mnist(test_fraction: float = 0.25, seed: int = 0) -> Split:
@@ -73,8 +74,10 @@ def load_mnist() -> Split:
         split = digits_as_mnist()
     except ImportError:
         return keras.datasets.mnist.load_data()  # downloads, as 0.2 did
-    logger.warning("MNIST is not in Keras' cache: using scikit-learn's digits scaled to 28x28 "
-                   "(run keras.datasets.mnist.load_data() once to use MNIST)")
+    logger.warning(
+        "MNIST is not in Keras' cache: using scikit-learn's digits scaled to 28x28 "
+        "(run keras.datasets.mnist.load_data() once to use MNIST)"
+    )
     return split
 
 
@@ -91,7 +94,7 @@ def split_training_data_into_paritions(
     size = len(classes) // num_partitions
     xs, ys = [], []
     for start in range(0, len(classes), size):
-        mask = np.isin(y_train, classes[start:start + size])
+        mask = np.isin(y_train, classes[start : start + size])
         xs.append(x_train[mask])
         ys.append(y_train[mask])
     return xs, ys
@@ -112,17 +115,20 @@ class MnistModelBuilder:
 
     def _build_model(self) -> keras.Model:
         layers = keras.layers
-        return keras.Sequential([
-            layers.Conv2D(32, kernel_size=4, padding="same", activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Conv2D(16, kernel_size=4, padding="same", activation="relu"),
-            layers.Flatten(),
-            layers.Dense(10, activation="softmax"),
-        ])
+        return keras.Sequential(
+            [
+                layers.Conv2D(32, kernel_size=4, padding="same", activation="relu"),
+                layers.MaxPooling2D(),
+                layers.Conv2D(16, kernel_size=4, padding="same", activation="relu"),
+                layers.Flatten(),
+                layers.Dense(10, activation="softmax"),
+            ]
+        )
 
     def _compile_model(self, model: keras.Model) -> keras.Model:
-        model.compile(optimizer=keras.optimizers.Adam(self.lr), loss="sparse_categorical_crossentropy",
-                      metrics=["accuracy"])
+        model.compile(
+            optimizer=keras.optimizers.Adam(self.lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
         return model
 
 
@@ -218,13 +224,17 @@ class FederatedLearningTestRun:
         usable = max(len(x) - len(x) % self.batch_size, min(len(x), self.batch_size))
         while True:
             for start in range(0, usable, self.batch_size):
-                yield x[start:start + self.batch_size], y[start:start + self.batch_size]
+                yield x[start : start + self.batch_size], y[start : start + self.batch_size]
 
     # -- training -----------------------------------------------------------------
     def train_standalone_models(self, model_standalone: list[keras.Model]) -> list[keras.Model]:
         for i, model in enumerate(model_standalone):
-            self.histories[i] = model.fit(self.get_train_dataloader_for_node(i), epochs=self.epochs,
-                                          steps_per_epoch=self.steps_per_epoch, verbose=self.verbose)
+            self.histories[i] = model.fit(
+                self.get_train_dataloader_for_node(i),
+                epochs=self.epochs,
+                steps_per_epoch=self.steps_per_epoch,
+                verbose=self.verbose,
+            )
         return model_standalone
 
     def train_federated_models(self, model_federated: list[keras.Model]) -> list[keras.Model]:
@@ -246,13 +256,13 @@ class FederatedLearningTestRun:
             if self.use_async_node:
                 nodes.append(AsyncFederatedNode(shared_folder=backend, strategy=self.strategy))
             else:
-                nodes.append(SyncFederatedNode(shared_folder=backend, strategy=self.strategy,
-                                               num_nodes=self.num_nodes))
+                nodes.append(SyncFederatedNode(shared_folder=backend, strategy=self.strategy, num_nodes=self.num_nodes))
         self.nodes = nodes
         return nodes
 
-    def _make_callbacks(self, nodes: list[Any], x_test: np.ndarray | None = None,
-                        y_test: np.ndarray | None = None, one_fit: bool = True) -> list[FlwrFederatedCallback]:
+    def _make_callbacks(
+        self, nodes: list[Any], x_test: np.ndarray | None = None, y_test: np.ndarray | None = None, one_fit: bool = True
+    ) -> list[FlwrFederatedCallback]:
         # Several fit() calls per node (one epoch each): the nodes stay members until the run ends.
         options: dict[str, Any] = {} if one_fit else {"leave_on_train_end": False}
         if x_test is not None:
@@ -270,9 +280,14 @@ class FederatedLearningTestRun:
     def _fit_federated(self, model: keras.Model, i: int, loader: Iterator[Any], epochs: int) -> Any:
         held_out = self.test_steps * self.batch_size
         self.histories[i] = model.fit(
-            loader, epochs=epochs, steps_per_epoch=self.steps_per_epoch, callbacks=[self.callbacks_per_client[i]],
-            validation_data=(self.x_test[:held_out], self.y_test[:held_out]), validation_steps=self.test_steps,
-            validation_batch_size=self.batch_size, verbose=self.verbose,
+            loader,
+            epochs=epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            callbacks=[self.callbacks_per_client[i]],
+            validation_data=(self.x_test[:held_out], self.y_test[:held_out]),
+            validation_steps=self.test_steps,
+            validation_batch_size=self.batch_size,
+            verbose=self.verbose,
         )
         return self.histories[i]
 
@@ -291,8 +306,10 @@ class FederatedLearningTestRun:
         self._make_callbacks(self._make_nodes(separate_handles=True), self.x_test, self.y_test)
         loaders = [self.get_train_dataloader_for_node(i) for i in range(self.num_nodes)]
         with ThreadPoolExecutor(max_workers=self.num_nodes) as pool:
-            futures = [pool.submit(self._fit_federated, model, i, loaders[i], self.num_rounds)
-                       for i, model in enumerate(models)]
+            futures = [
+                pool.submit(self._fit_federated, model, i, loaders[i], self.num_rounds)
+                for i, model in enumerate(models)
+            ]
             for future in futures:
                 future.result()
         return models
@@ -314,7 +331,13 @@ class FederatedLearningTestRun:
         """Test accuracy of each model on the first ``test_steps`` batches of the (all-class) test set."""
         accuracies = []
         for model in models:
-            results = model.evaluate(self.x_test, self.y_test, batch_size=self.batch_size, steps=self.test_steps,
-                                     return_dict=True, verbose=self.verbose)
+            results = model.evaluate(
+                self.x_test,
+                self.y_test,
+                batch_size=self.batch_size,
+                steps=self.test_steps,
+                return_dict=True,
+                verbose=self.verbose,
+            )
             accuracies.append(float(results.get("accuracy", list(results.values())[-1])))
         return accuracies

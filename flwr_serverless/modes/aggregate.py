@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from flwr_serverless import layout
 from flwr_serverless.errors import InvalidObjectError
-from flwr_serverless.header import parse_hash
+from flwr_serverless.wire import layout
+from flwr_serverless.wire.header import parse_hash
 
 TABLE = "aggregate"  # the key of the table in the aggregate object's header ``extra``
 MAX_MEMBERS = 100_000
@@ -99,6 +99,7 @@ def table_json(table: Mapping[str, Entry]) -> dict[str, Any]:
 
 def parse_table(value: Any, key: str) -> Table:
     """Every claim of a table read from the store, checked; ``InvalidObjectError(key, reason)`` otherwise."""
+
     def bad(why: str) -> InvalidObjectError:
         return InvalidObjectError(key, f"aggregate table: {why}")
 
@@ -117,6 +118,7 @@ def parse_table(value: Any, key: str) -> Table:
 
 def parse_entry(raw: Any, node: str, key: str, where: str) -> Entry:
     """One ``[slot, seq, weight, hash]`` entry of ``node``, checked; ``InvalidObjectError`` otherwise."""
+
     def bad(why: str) -> InvalidObjectError:
         return InvalidObjectError(key, f"{where}: {why}")
 
@@ -144,8 +146,14 @@ def free_slot(taken: set[int], preferred: int | None = None) -> int | None:
     return next((slot for slot in layout.CONTRIBUTION_SLOTS if slot not in taken), None)
 
 
-def fold(mean: Sequence[np.ndarray] | None, table: Mapping[str, Entry], node: str,
-         old: Sequence[np.ndarray] | None, new: Sequence[np.ndarray], entry: Entry) -> tuple[list[np.ndarray], Table]:
+def fold(
+    mean: Sequence[np.ndarray] | None,
+    table: Mapping[str, Entry],
+    node: str,
+    old: Sequence[np.ndarray] | None,
+    new: Sequence[np.ndarray],
+    entry: Entry,
+) -> tuple[list[np.ndarray], Table]:
     """Replace ``node``'s contribution (``old``, the arrays its table entry names; None if it has none) by ``new``.
 
     Returns the new mean and table. ``mean`` is None for the first contribution ever.
@@ -170,8 +178,9 @@ def fold(mean: Sequence[np.ndarray] | None, table: Mapping[str, Entry], node: st
     return out, updated
 
 
-def delta(old: Sequence[np.ndarray] | None, old_weight: float, new: Sequence[np.ndarray],
-          new_weight: float) -> list[np.ndarray]:
+def delta(
+    old: Sequence[np.ndarray] | None, old_weight: float, new: Sequence[np.ndarray], new_weight: float
+) -> list[np.ndarray]:
     """A pending change: ``new_weight * new - old_weight * old`` for float tensors (in float64, stored at
     least float32), ``new`` itself for integer ones (the mean keeps their maximum)."""
     out = []
@@ -188,8 +197,14 @@ def delta(old: Sequence[np.ndarray] | None, old_weight: float, new: Sequence[np.
     return out
 
 
-def fold_delta(mean: Sequence[np.ndarray], table: Mapping[str, Entry], node: str, base: Entry | None,
-               change: Sequence[np.ndarray], entry: Entry) -> tuple[list[np.ndarray], Table]:
+def fold_delta(
+    mean: Sequence[np.ndarray],
+    table: Mapping[str, Entry],
+    node: str,
+    base: Entry | None,
+    change: Sequence[np.ndarray],
+    entry: Entry,
+) -> tuple[list[np.ndarray], Table]:
     """Fold another member's pending ``change`` (see ``delta``) in: ``M' = (T M + d) / T'``.
 
     Only valid while the table names exactly ``base`` for ``node`` (None: no entry), which the
@@ -216,8 +231,15 @@ def fold_delta(mean: Sequence[np.ndarray], table: Mapping[str, Entry], node: str
     return out, updated
 
 
-def _fold_tensor(mean: np.ndarray, before: float, old: np.ndarray | None, old_weight: float, new: np.ndarray,
-                 new_weight: float, after: float) -> np.ndarray:
+def _fold_tensor(
+    mean: np.ndarray,
+    before: float,
+    old: np.ndarray | None,
+    old_weight: float,
+    new: np.ndarray,
+    new_weight: float,
+    after: float,
+) -> np.ndarray:
     """(before * mean - old_weight * old + new_weight * new) / after, in float64 slices."""
     result = np.empty(mean.shape, mean.dtype)
     flat, m, n = result.reshape(-1), mean.reshape(-1), new.reshape(-1)

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flwr_serverless import layout
-from flwr_serverless.aggregation import Contribution
-from flwr_serverless.codec import DecodedUpdate, UpdateHeader
-from flwr_serverless.staleness import AsyncPolicy, CommunityView
+from flwr_serverless.modes.staleness import AsyncPolicy, CommunityView
 from flwr_serverless.stores import ObjectInfo
+from flwr_serverless.strategy.aggregate import Contribution
+from flwr_serverless.wire import layout
+from flwr_serverless.wire.codec import DecodedUpdate, UpdateHeader
 
 
 @dataclass
@@ -28,8 +28,9 @@ class PeerTracker:
     cached: dict[str, tuple[str, DecodedUpdate]] = field(default_factory=dict)  # peer -> (tag, update)
     leftovers: dict[str, str] = field(default_factory=dict)  # peer -> tag of an object from an earlier run
 
-    def plan(self, listing: Mapping[str, ObjectInfo],
-             bad: Mapping[str, str]) -> tuple[dict[str, ObjectInfo], list[str]]:
+    def plan(
+        self, listing: Mapping[str, ObjectInfo], bad: Mapping[str, str]
+    ) -> tuple[dict[str, ObjectInfo], list[str]]:
         """(peer id -> listed object for every candidate peer, ids whose object must be downloaded)."""
         wanted: dict[str, ObjectInfo] = {}
         for key, info in sorted(listing.items()):
@@ -69,8 +70,9 @@ class AsyncMode:
     def participates(self) -> bool:
         return self.policy.participates()
 
-    def decide(self, own_header: UpdateHeader, own_arrays: Sequence[np.ndarray],
-               updates: Sequence[DecodedUpdate]) -> AsyncDecision | None:
+    def decide(
+        self, own_header: UpdateHeader, own_arrays: Sequence[np.ndarray], updates: Sequence[DecodedUpdate]
+    ) -> AsyncDecision | None:
         policy = self.policy
         fresh = policy.count_new(updates)
         if not policy.ready(fresh):
@@ -85,8 +87,13 @@ class AsyncMode:
         weight = float(header.num_examples) * self.policy.factor(header)
         return Contribution(header.node_id, arrays, weight, header.num_examples, header.metrics)
 
-    def after_aggregation(self, local: Sequence[np.ndarray], result: list[np.ndarray],
-                          decision: AsyncDecision, updates: Sequence[DecodedUpdate]) -> list[np.ndarray]:
+    def after_aggregation(
+        self,
+        local: Sequence[np.ndarray],
+        result: list[np.ndarray],
+        decision: AsyncDecision,
+        updates: Sequence[DecodedUpdate],
+    ) -> list[np.ndarray]:
         """Record what was folded in (FedBuff, staleness) and apply FedAsync mixing."""
         self.policy.aggregated(updates, decision.fresh)
         if not decision.peers:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from flwr_serverless.codec import UpdateHeader
+from flwr_serverless.wire.codec import UpdateHeader
 
 
 def check_lambda(lambda_: object) -> float:
@@ -31,8 +31,7 @@ def check_lambda(lambda_: object) -> float:
 
 def plan_budgets(profiles: Mapping[str, Mapping[str, Any]], lambda_: float) -> tuple[float, dict[str, int]]:
     """t_max = lambda * max_k(|D_k| / beta_k * t_k); B_k = t_max / t_k rounded, at least 1 step."""
-    epoch_seconds = [math.ceil(p["dataset_size"] / p["batch_size"]) * p["seconds_per_batch"]
-                     for p in profiles.values()]
+    epoch_seconds = [math.ceil(p["dataset_size"] / p["batch_size"]) * p["seconds_per_batch"] for p in profiles.values()]
     t_max = lambda_ * max(epoch_seconds)
     return t_max, {node: max(1, round(t_max / p["seconds_per_batch"])) for node, p in profiles.items()}
 
@@ -42,8 +41,12 @@ def valid_profile(data: object) -> bool:
     if not isinstance(data, dict):
         return False
     try:
-        return (float(data["dataset_size"]) > 0 and float(data["batch_size"]) > 0
-                and 0 < float(data["seconds_per_batch"]) < math.inf and isinstance(data["node_id"], str))
+        return (
+            float(data["dataset_size"]) > 0
+            and float(data["batch_size"]) > 0
+            and 0 < float(data["seconds_per_batch"]) < math.inf
+            and isinstance(data["node_id"], str)
+        )
     except (KeyError, TypeError, ValueError):
         return False
 

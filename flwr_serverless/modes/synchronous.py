@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flwr_serverless.membership import LIVE, MemberRecord, ended_before, member_state
+from flwr_serverless.node.membership import LIVE, MemberRecord, ended_before, member_state
 
 
 def check_counts(num_nodes: object, min_nodes: object) -> tuple[int, int | None]:
@@ -22,8 +22,9 @@ def check_counts(num_nodes: object, min_nodes: object) -> tuple[int, int | None]
         raise TypeError("num_nodes is required for synchronous nodes: how many nodes must join to start")
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
         raise ValueError(f"num_nodes must be a positive integer, got {num_nodes!r}")
-    if min_nodes is not None and (isinstance(min_nodes, bool) or not isinstance(min_nodes, int)
-                                  or not 1 <= min_nodes <= num_nodes):
+    if min_nodes is not None and (
+        isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or not 1 <= min_nodes <= num_nodes
+    ):
         raise ValueError(f"min_nodes must be an integer between 1 and num_nodes ({num_nodes}), got {min_nodes!r}")
     return num_nodes, min_nodes
 
@@ -43,12 +44,20 @@ class Barrier:
 
 def current_members(records: Mapping[str, MemberRecord], now: float, joined_at: float) -> dict[str, str]:
     """node id -> state for the members of this run (live, or ended after ``joined_at``)."""
-    return {node: member_state(record, now) for node, record in records.items()
-            if not ended_before(record, joined_at)}
+    return {node: member_state(record, now) for node, record in records.items() if not ended_before(record, joined_at)}
 
 
-def barrier(me: str, published: set[str], records: Mapping[str, MemberRecord], *, now: float, joined_at: float,
-            num_nodes: int, min_nodes: int | None, started: bool) -> Barrier:
+def barrier(
+    me: str,
+    published: set[str],
+    records: Mapping[str, MemberRecord],
+    *,
+    now: float,
+    joined_at: float,
+    num_nodes: int,
+    min_nodes: int | None,
+    started: bool,
+) -> Barrier:
     """Whether round r can be aggregated, given its publishers and the member records.
 
     Complete when the experiment has started (``started``, or ``num_nodes`` members
@@ -66,8 +75,15 @@ def barrier(me: str, published: set[str], records: Mapping[str, MemberRecord], *
     seen = len(counted | live | {node for node in states if states[node] != LIVE})
     enough = len(counted) >= (min_nodes or 1)
     complete = (started or seen >= num_nodes) and not waiting and enough
-    return Barrier(complete, frozenset(counted), frozenset(waiting), frozenset(dropped), frozenset(ended - dropped),
-                   frozenset(leftovers), seen)
+    return Barrier(
+        complete,
+        frozenset(counted),
+        frozenset(waiting),
+        frozenset(dropped),
+        frozenset(ended - dropped),
+        frozenset(leftovers),
+        seen,
+    )
 
 
 def entry_round(me: str, rounds: Mapping[int, set[str]], current: set[str], my_round: int) -> tuple[int, bool]:

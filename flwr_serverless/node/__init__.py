@@ -7,10 +7,10 @@ how to weigh it (``modes``); the ``Exchange`` does every store call under the
 call's deadline; ``aggregation`` does the math.
 """
 
-from flwr_serverless.exchange import NodeStats
 from flwr_serverless.node.aggregate_node import AggregateFederatedNode
 from flwr_serverless.node.async_node import AsyncFederatedNode
 from flwr_serverless.node.base import FederatedNode
+from flwr_serverless.node.exchange import NodeStats
 from flwr_serverless.node.protocol import Federating
 from flwr_serverless.node.semisync_node import SemiSyncFederatedNode
 from flwr_serverless.node.sync_node import SyncFederatedNode

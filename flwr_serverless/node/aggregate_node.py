@@ -50,17 +50,12 @@ from typing import Any
 import numpy as np
 from flwr.server.strategy import Strategy
 
-from flwr_serverless import layout
-from flwr_serverless.aggregation import is_linear
-from flwr_serverless.codec import UpdateHeader, decode, encode, object_ref
-from flwr_serverless.deadline import Deadline
 from flwr_serverless.errors import (
     ConditionalWritesUnsupportedError,
     InvalidObjectError,
     PreconditionFailedError,
     StoreError,
 )
-from flwr_serverless.header import clean_metrics
 from flwr_serverless.modes.aggregate import (
     TABLE,
     Entry,
@@ -78,11 +73,18 @@ from flwr_serverless.modes.aggregate import (
 )
 from flwr_serverless.node.aggregate_pending import RESERVED, Helping, HelpingStats, Pending, PendingRef, Spend
 from flwr_serverless.node.base import FederatedNode
+from flwr_serverless.node.deadline import Deadline
 from flwr_serverless.stores import ObjectInfo, Store
+from flwr_serverless.strategy.aggregate import is_linear
+from flwr_serverless.wire import layout
+from flwr_serverless.wire.codec import UpdateHeader, decode, encode, object_ref
+from flwr_serverless.wire.header import clean_metrics
 
 logger = logging.getLogger("flwr_serverless")
 
 BACKOFF = 0.05  # seconds: the first retry waits up to this, doubling after each conflict
+
+
 @dataclass
 class AggregateState:
     """The aggregate as read: its tag (None: absent), mean (None: empty), table and version."""
@@ -109,30 +111,46 @@ class AggregateFederatedNode(Helping, FederatedNode):
     may be "fp16", "bf16" or "int8" (contributions must be subtractable exactly).
     """
 
-    def __init__(self, store: Store | str | None = None, strategy: Strategy | str | None = None, *,
-                 max_attempts: int = 3, timeout: float | None = None, seed: int | None = None,
-                 helping: bool = True, max_models_down: float | None = 3.0, max_requests: int | None = 10,
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        store: Store | str | None = None,
+        strategy: Strategy | str | None = None,
+        *,
+        max_attempts: int = 3,
+        timeout: float | None = None,
+        seed: int | None = None,
+        helping: bool = True,
+        max_models_down: float | None = 3.0,
+        max_requests: int | None = 10,
+        **options: Any,
+    ) -> None:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"max_attempts must be a positive integer, got {max_attempts!r}")
         if max_models_down is not None and (isinstance(max_models_down, bool) or not max_models_down >= 1):
             raise ValueError(f"max_models_down must be a number of model sizes >= 1 or None, got {max_models_down!r}")
-        if max_requests is not None and (isinstance(max_requests, bool) or not isinstance(max_requests, int)
-                                         or max_requests < 4 + RESERVED):
+        if max_requests is not None and (
+            isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 4 + RESERVED
+        ):
             raise ValueError(f"max_requests must be an integer >= {4 + RESERVED} or None, got {max_requests!r}")
         if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         super().__init__(store, strategy, **options)
         if not is_linear(self.strategy):
-            raise ValueError(f"the aggregate mode keeps a weighted mean (FedAvg); strategy "
-                             f"{type(self.strategy).__name__} is not one (use AsyncFederatedNode)")
+            raise ValueError(
+                f"the aggregate mode keeps a weighted mean (FedAvg); strategy "
+                f"{type(self.strategy).__name__} is not one (use AsyncFederatedNode)"
+            )
         if self.writer.topk is not None:
-            raise ValueError(f"compression={self.writer.option!r} is not available in the aggregate mode "
-                             "(a contribution must be subtracted exactly later); use 'fp16', 'bf16' or 'int8'")
+            raise ValueError(
+                f"compression={self.writer.option!r} is not available in the aggregate mode "
+                "(a contribution must be subtracted exactly later); use 'fp16', 'bf16' or 'int8'"
+            )
         if not self.store.supports_conditional_writes:
             raise ConditionalWritesUnsupportedError(
-                "put_if_match", layout.AGGREGATE,
-                f"{self.store!r} cannot compare-and-swap, which the aggregate mode needs (use AsyncFederatedNode)")
+                "put_if_match",
+                layout.AGGREGATE,
+                f"{self.store!r} cannot compare-and-swap, which the aggregate mode needs (use AsyncFederatedNode)",
+            )
         self.max_attempts = max_attempts
         self.max_models_down, self.max_requests = max_models_down, max_requests
         self.timeout = timeout
@@ -153,16 +171,20 @@ class AggregateFederatedNode(Helping, FederatedNode):
         return Deadline.after(self.timeout, self.clock)
 
     # -- one epoch ---------------------------------------------------------------------------
-    def _federate(self, arrays: list[np.ndarray], header: UpdateHeader,
-                  deadline: Deadline) -> tuple[list[np.ndarray], dict[str, float]]:
+    def _federate(
+        self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
         if not header.num_examples > 0:
-            raise ValueError(f"node {self.node_id}: num_examples is the contribution's weight in the aggregate "
-                             f"mode and must be positive, got {header.num_examples}")
+            raise ValueError(
+                f"node {self.node_id}: num_examples is the contribution's weight in the aggregate "
+                f"mode and must be positive, got {header.num_examples}"
+            )
         header.framework = self._framework
         data = b"".join(self.writer.encode(arrays, header, self._tensor_names, self.secret, _no_keyframes))
         folded = self.writer.seen(arrays)  # what a reader of the contribution decodes: what the mean holds
-        entry = Entry(0, header.seq, float(header.num_examples), short_hash(object_ref(data).payload_hash),
-                      header.timestamp)
+        entry = Entry(
+            0, header.seq, float(header.num_examples), short_hash(object_ref(data).payload_hash), header.timestamp
+        )
         try:
             mean, table = self._update(data, folded, entry, deadline)
         except StoreError as exc:
@@ -172,8 +194,9 @@ class AggregateFederatedNode(Helping, FederatedNode):
             mean, table = None, {}
         self.provenance.advance(header, [header])
         self.stats.federations += 1
-        metrics: dict[str, float] = {k: float(v) for k, v in clean_metrics(header.metrics).items()
-                                     if not isinstance(v, str)}
+        metrics: dict[str, float] = {
+            k: float(v) for k, v in clean_metrics(header.metrics).items() if not isinstance(v, str)
+        }
         if mean is None:
             metrics.update(num_examples=float(header.num_examples), num_nodes=1.0)
             return arrays, metrics
@@ -181,8 +204,9 @@ class AggregateFederatedNode(Helping, FederatedNode):
         metrics.update(num_examples=total_weight(table), num_nodes=float(len(table)))
         return [np.asarray(m).astype(a.dtype, copy=False) for m, a in zip(mean, arrays)], metrics
 
-    def _update(self, data: bytes, folded: list[np.ndarray], new: Entry,
-                deadline: Deadline) -> tuple[list[np.ndarray], Table]:
+    def _update(
+        self, data: bytes, folded: list[np.ndarray], new: Entry, deadline: Deadline
+    ) -> tuple[list[np.ndarray], Table]:
         """Read, fold (one pending change of another member too), compare-and-swap; the last mean either way.
 
         Beside the read: the contribution's PUT (once the node knows a free slot), and one pending change
@@ -196,12 +220,17 @@ class AggregateFederatedNode(Helping, FederatedNode):
         result: tuple[list[np.ndarray], Table] | None = None
         last: tuple[AggregateState, list[np.ndarray] | None, Entry] | None = None
         with ThreadPoolExecutor(max_workers=2) as pool:
-            upload = None if guess is None else pool.submit(self._put_contribution, guess, data, folded,
-                                                            new.payload_hash, deadline)
+            upload = (
+                None
+                if guess is None
+                else pool.submit(self._put_contribution, guess, data, folded, new.payload_hash, deadline)
+            )
             if not self._own_listed:  # a fresh process: changes its predecessor published may still be folded
-                self._own = {ref.key: ref for key, info in self.exchange.list(
-                    f"{layout.PENDING}{self.node_id}/", deadline).items()
-                    if (ref := PendingRef.parse(key, info.size)) is not None}
+                self._own = {
+                    ref.key: ref
+                    for key, info in self.exchange.list(f"{layout.PENDING}{self.node_id}/", deadline).items()
+                    if (ref := PendingRef.parse(key, info.size)) is not None
+                }
                 self._own_listed = True
             candidate = self._pick_pending(deadline, spend) if self.helping else None
             written: int | None = None  # the slot our new contribution is in
@@ -224,14 +253,18 @@ class AggregateFederatedNode(Helping, FederatedNode):
                 self._named, self._named_known = named, True
                 self._settle_own(named, deadline)
                 mean, table, helped = state.mean, state.table, None
-                if named is not None and mean is not None and (named.seq, named.weight, named.payload_hash) \
-                        == (new.seq, new.weight, new.payload_hash):
+                if (
+                    named is not None
+                    and mean is not None
+                    and (named.seq, named.weight, named.payload_hash) == (new.seq, new.weight, new.payload_hash)
+                ):
                     entry = named  # a repair already folded this very contribution in: write what it rebuilt
                 else:
                     slot = free_slot(self._taken(named), written)
                     if slot is None:  # a restart found changes of its predecessor that may land in every slot
-                        logger.warning("node %s: every contribution slot may still be named; skipping this epoch",
-                                       self.node_id)
+                        logger.warning(
+                            "node %s: every contribution slot may still be named; skipping this epoch", self.node_id
+                        )
                         break
                     entry = replace(new, slot=slot)
                     if written != slot:
@@ -239,8 +272,7 @@ class AggregateFederatedNode(Helping, FederatedNode):
                         written = slot
                     helped = helper if helper is not None and mean is not None and helper.applies_to(table) else None
                     if helped is not None and mean is not None:
-                        mean, table = fold_delta(mean, table, helped.ref.node, helped.base, helped.change,
-                                                 helped.entry)
+                        mean, table = fold_delta(mean, table, helped.ref.node, helped.base, helped.change, helped.entry)
                     mean, table = fold(mean, table, self.node_id, old, folded, entry)
                 result, last = (mean, table), (state, old, entry)
                 payload = self._encode_aggregate(mean, table, max(state.version, self.version) + 1)
@@ -268,15 +300,21 @@ class AggregateFederatedNode(Helping, FederatedNode):
             raise StoreError("update", layout.AGGREGATE, "no compare-and-swap attempt was possible")
         return result
 
-    def _put_contribution(self, slot: int, data: bytes, folded: list[np.ndarray], payload_hash: str,
-                          deadline: Deadline) -> None:
+    def _put_contribution(
+        self, slot: int, data: bytes, folded: list[np.ndarray], payload_hash: str, deadline: Deadline
+    ) -> None:
         self._slots.pop(slot, None)  # unknown while the PUT is under way (it may fail half-way)
         self.exchange.put(layout.contribution_key(self.node_id, slot), data, deadline)
         self._slots[slot] = (payload_hash, folded)
 
     def _encode_aggregate(self, mean: list[np.ndarray], table: Table, version: int) -> bytes:
-        header = UpdateHeader(node_id=self.node_id, seq=version, base_own_seq=0, framework=self._framework,
-                              extra={TABLE: table_json(table)})
+        header = UpdateHeader(
+            node_id=self.node_id,
+            seq=version,
+            base_own_seq=0,
+            framework=self._framework,
+            extra={TABLE: table_json(table)},
+        )
         return encode(mean, header, self._tensor_names, self.secret)
 
     # -- reading -----------------------------------------------------------------------------
@@ -294,8 +332,14 @@ class AggregateFederatedNode(Helping, FederatedNode):
         try:
             names = exchange.expected_names if exchange.framework == "torch" else None
             expected = None if exchange.expected is None else stored_specs(exchange.expected)
-            decoded = decode(data, layout.AGGREGATE, expected=expected,
-                             secret=self.secret, expected_names=names, framework=exchange.framework)
+            decoded = decode(
+                data,
+                layout.AGGREGATE,
+                expected=expected,
+                secret=self.secret,
+                expected_names=names,
+                framework=exchange.framework,
+            )
             table = parse_table(decoded.header.extra.get(TABLE), layout.AGGREGATE)
             if not table:
                 raise InvalidObjectError(layout.AGGREGATE, "aggregate table: no members")
@@ -309,8 +353,9 @@ class AggregateFederatedNode(Helping, FederatedNode):
         info = self.exchange.list(layout.AGGREGATE, deadline).get(layout.AGGREGATE)
         return None if info is None else info.tag
 
-    def _old_contribution(self, state: AggregateState,
-                          deadline: Deadline) -> tuple[AggregateState, list[np.ndarray] | None]:
+    def _old_contribution(
+        self, state: AggregateState, deadline: Deadline
+    ) -> tuple[AggregateState, list[np.ndarray] | None]:
         """The arrays the table names as ours (memory, else one GET); a lost or changed one triggers a repair."""
         entry = state.table.get(self.node_id)
         if entry is None:
@@ -324,8 +369,12 @@ class AggregateFederatedNode(Helping, FederatedNode):
         update = self.exchange.fetch(ObjectInfo(key, "", 0), deadline, node_id=self.node_id)
         if update is not None and short_hash(update.payload_hash) == entry.payload_hash:
             return state, list(update.arrays)
-        logger.warning("node %s: the aggregate names its contribution %s (%s), which is gone or changed; "
-                       "rebuilding the aggregate", self.node_id, key, entry.payload_hash[:18])
+        logger.warning(
+            "node %s: the aggregate names its contribution %s (%s), which is gone or changed; rebuilding the aggregate",
+            self.node_id,
+            key,
+            entry.payload_hash[:18],
+        )
         state = self._repair(state.tag, deadline)
         own = state.table.get(self.node_id)
         return state, None if own is None else state.rebuilt[self.node_id]
@@ -334,8 +383,11 @@ class AggregateFederatedNode(Helping, FederatedNode):
         """Rebuild the aggregate from every member's newest valid contribution (O(N) GETs; rare)."""
         exchange = self.exchange
         listing = exchange.list(layout.CONTRIBUTIONS, deadline)
-        found = [(info, parsed) for key, info in sorted(listing.items())
-                 if (parsed := layout.parse_contribution_key(key)) is not None]
+        found = [
+            (info, parsed)
+            for key, info in sorted(listing.items())
+            if (parsed := layout.parse_contribution_key(key)) is not None
+        ]
         if not found:
             return AggregateState(tag, None, {}, self.version)
         self.stats.repairs += 1
@@ -352,6 +404,5 @@ class AggregateFederatedNode(Helping, FederatedNode):
         if not best:
             return AggregateState(tag, None, {}, self.version)
         mean, table = rebuild(best)
-        logger.warning("node %s rebuilt the aggregate from the contributions of %d member(s)", self.node_id,
-                       len(table))
+        logger.warning("node %s rebuilt the aggregate from the contributions of %d member(s)", self.node_id, len(table))
         return AggregateState(tag, mean, table, self.version, {node: arrays for node, (_, arrays) in best.items()})

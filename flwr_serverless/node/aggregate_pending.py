@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flwr_serverless import layout
-from flwr_serverless.codec import UpdateHeader, decode, encode
-from flwr_serverless.deadline import Deadline
 from flwr_serverless.errors import InvalidObjectError, StoreError
-from flwr_serverless.exchange import Exchange, NodeStats
 from flwr_serverless.modes.aggregate import Entry, Table, delta, free_slot, parse_entry, stored_specs
+from flwr_serverless.node.deadline import Deadline
+from flwr_serverless.node.exchange import Exchange, NodeStats
 from flwr_serverless.stores import Store
+from flwr_serverless.wire import layout
+from flwr_serverless.wire.codec import UpdateHeader, decode, encode
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -68,18 +68,37 @@ class Pending:
         return table.get(self.ref.node) == self.base
 
 
-def encode_pending(node: str, base: Entry | None, entry: Entry, change: Sequence[np.ndarray],
-                   names: Sequence[str] | None, secret: bytes | None, framework: str | None) -> bytes:
+def encode_pending(
+    node: str,
+    base: Entry | None,
+    entry: Entry,
+    change: Sequence[np.ndarray],
+    names: Sequence[str] | None,
+    secret: bytes | None,
+    framework: str | None,
+) -> bytes:
     extra = {FIELD: {"base": None if base is None else base.to_json(), "new": entry.to_json()}}
     header = UpdateHeader(node_id=node, seq=entry.seq, base_own_seq=0, framework=framework, extra=extra)
     return encode(list(change), header, names, secret)
 
 
-def decode_pending(data: bytes, ref: PendingRef, expected: Sequence[tuple[tuple[int, ...], np.dtype]] | None,
-                   names: Sequence[str] | None, secret: bytes | None, framework: str | None) -> Pending:
+def decode_pending(
+    data: bytes,
+    ref: PendingRef,
+    expected: Sequence[tuple[tuple[int, ...], np.dtype]] | None,
+    names: Sequence[str] | None,
+    secret: bytes | None,
+    framework: str | None,
+) -> Pending:
     """Decode and check every claim against the key; ``InvalidObjectError`` naming the key otherwise."""
-    decoded = decode(data, ref.key, expected=None if expected is None else stored_specs(expected), secret=secret,
-                     expected_names=names, framework=framework)
+    decoded = decode(
+        data,
+        ref.key,
+        expected=None if expected is None else stored_specs(expected),
+        secret=secret,
+        expected_names=names,
+        framework=framework,
+    )
     raw = decoded.header.extra.get(FIELD)
     if decoded.header.node_id != ref.node:
         raise InvalidObjectError(ref.key, f"pending change: written by {decoded.header.node_id!r}, not {ref.node!r}")
@@ -128,6 +147,7 @@ class Spend:
         down = stats.bytes_down - self.start[1] + self.listing
         return down + more_bytes <= self.limit and spent + requests + RESERVED <= self.requests
 
+
 class Helping:
     """The aggregate node's side of helping: its published changes, the page it lists, what it fetches."""
 
@@ -151,8 +171,7 @@ class Helping:
 
     def _taken(self, named: Entry | None) -> set[int]:
         """Slots the aggregate may name for us at the next read: the named one and those of live changes."""
-        return ({named.slot} if named is not None else set()) | {r.slot for r in self._own.values()
-                                                                  if r.live_in(named)}
+        return ({named.slot} if named is not None else set()) | {r.slot for r in self._own.values() if r.live_in(named)}
 
     def _guess_slot(self) -> int | None:
         """Where to PUT the contribution before reading: free whatever helpers did since (None: unknown)."""
@@ -182,8 +201,11 @@ class Helping:
             logger.info("node %s could not list pending changes: %s", self.node_id, exc)
             return None
         spend.listed(len(page))
-        refs = [ref for key, info in page.items() if (ref := PendingRef.parse(key, info.size)) is not None
-                and ref.node != self.node_id]
+        refs = [
+            ref
+            for key, info in page.items()
+            if (ref := PendingRef.parse(key, info.size)) is not None and ref.node != self.node_id
+        ]
         if not refs:
             return None
         ref = self.random.choice(refs)
@@ -203,8 +225,14 @@ class Helping:
             logger.info("node %s could not fetch %s: %s", self.node_id, ref.key, exc)
         return None
 
-    def _publish_pending(self, named: Entry | None, old: list[np.ndarray] | None, folded: list[np.ndarray],
-                         entry: Entry, deadline: Deadline) -> None:
+    def _publish_pending(
+        self,
+        named: Entry | None,
+        old: list[np.ndarray] | None,
+        folded: list[np.ndarray],
+        entry: Entry,
+        deadline: Deadline,
+    ) -> None:
         """Our change since ``named`` (the entry the last read named), for another member to fold in."""
         if any(ref.live_in(named) for ref in self._own.values()):
             self.helping_stats.deferred += 1  # an older change on the same base may still land: never two
@@ -221,5 +249,8 @@ class Helping:
             return
         self._own[key] = PendingRef(key, self.node_id, base_hash, entry.slot, entry.payload_hash, len(data))
         self.helping_stats.published += 1
-        logger.info("node %s: %d compare-and-swap attempts lost; its change is pending for others to fold in",
-                    self.node_id, self.max_attempts)
+        logger.info(
+            "node %s: %d compare-and-swap attempts lost; its change is pending for others to fold in",
+            self.node_id,
+            self.max_attempts,
+        )

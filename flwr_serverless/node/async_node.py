@@ -9,15 +9,15 @@ from typing import Any
 import numpy as np
 from flwr.server.strategy import Strategy
 
-from flwr_serverless import layout
-from flwr_serverless.codec import UpdateHeader
-from flwr_serverless.deadline import Deadline
 from flwr_serverless.errors import InvalidObjectError, StoreError
-from flwr_serverless.membership import ended_before
 from flwr_serverless.modes.asynchronous import AsyncMode, PeerTracker
+from flwr_serverless.modes.staleness import AsyncPolicy, StalenessFunction
 from flwr_serverless.node.base import FederatedNode
-from flwr_serverless.staleness import AsyncPolicy, StalenessFunction
+from flwr_serverless.node.deadline import Deadline
+from flwr_serverless.node.membership import ended_before
 from flwr_serverless.stores import Store
+from flwr_serverless.wire import layout
+from flwr_serverless.wire.codec import UpdateHeader
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -32,10 +32,20 @@ class AsyncFederatedNode(FederatedNode):
     until their node publishes again.
     """
 
-    def __init__(self, store: Store | str | None = None, strategy: Strategy | str | None = None, *,
-                 staleness: str | StalenessFunction | None = None, staleness_unit: str = "steps",
-                 alpha: float | None = None, buffer_size: int | None = None, participation: float = 1.0,
-                 seed: int | None = None, timeout: float | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        store: Store | str | None = None,
+        strategy: Strategy | str | None = None,
+        *,
+        staleness: str | StalenessFunction | None = None,
+        staleness_unit: str = "steps",
+        alpha: float | None = None,
+        buffer_size: int | None = None,
+        participation: float = 1.0,
+        seed: int | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(store, strategy, **options)
         if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
@@ -52,8 +62,9 @@ class AsyncFederatedNode(FederatedNode):
     def _participates(self) -> bool:
         return self.mode.participates()
 
-    def _federate(self, arrays: list[np.ndarray], header: UpdateHeader,
-                  deadline: Deadline) -> tuple[list[np.ndarray], dict[str, float]]:
+    def _federate(
+        self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
         # The upload and the pull are independent: encoding and the PUT(s) run beside the LIST and the GETs.
         with ThreadPoolExecutor(max_workers=1) as uploader:
             upload = uploader.submit(self._upload, arrays, header, deadline)
@@ -74,8 +85,9 @@ class AsyncFederatedNode(FederatedNode):
         data = self._encode(arrays, header, deadline)  # a due top-k keyframe is PUT here, before the delta
         return self._publish(layout.node_key(self.node_id), data, deadline)
 
-    def _keep_local(self, arrays: list[np.ndarray], header: UpdateHeader,
-                    exc: StoreError) -> tuple[list[np.ndarray], dict[str, float]]:
+    def _keep_local(
+        self, arrays: list[np.ndarray], header: UpdateHeader, exc: StoreError
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
         """The store is away: keep the local training, federate again next epoch."""
         self.stats.store_failures += 1
         logger.warning("node %s could not federate this epoch, keeping local weights: %s", self.node_id, exc)
@@ -118,9 +130,15 @@ class AsyncFederatedNode(FederatedNode):
             record = records.get(peer) if peer is not None else None
             if peer != self.node_id and record is not None and ended_before(record, membership.joined_at):
                 self.peers.leftovers[peer] = info.tag
-                skipped.append(f"{peer} ({record.status}, last heard {membership.joined_at - record.heartbeat:.0f}s "
-                               "before we joined)")
+                skipped.append(
+                    f"{peer} ({record.status}, last heard {membership.joined_at - record.heartbeat:.0f}s "
+                    "before we joined)"
+                )
         if skipped:
             self.stats.leftovers_skipped += len(skipped)
-            logger.warning("node %s ignores objects left by an earlier run in this prefix (they are aggregated "
-                           "again only if their node publishes anew): %s", self.node_id, "; ".join(skipped))
+            logger.warning(
+                "node %s ignores objects left by an earlier run in this prefix (they are aggregated "
+                "again only if their node publishes anew): %s",
+                self.node_id,
+                "; ".join(skipped),
+            )

@@ -20,16 +20,16 @@ import numpy as np
 from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg, Strategy
 
-from flwr_serverless import layout
-from flwr_serverless.aggregation import Contribution, aggregate, mean_metrics
-from flwr_serverless.codec import UpdateHeader
-from flwr_serverless.deadline import NO_DEADLINE, Deadline
 from flwr_serverless.errors import StoreError
-from flwr_serverless.exchange import Exchange, NodeStats
-from flwr_serverless.membership import DEFAULT_LEASE, Membership, Roster, check_lease, new_owner_token
-from flwr_serverless.node.writer import UpdateWriter
-from flwr_serverless.staleness import Provenance
+from flwr_serverless.modes.staleness import Provenance
+from flwr_serverless.node.deadline import NO_DEADLINE, Deadline
+from flwr_serverless.node.exchange import Exchange, NodeStats
+from flwr_serverless.node.membership import DEFAULT_LEASE, Membership, Roster, check_lease, new_owner_token
+from flwr_serverless.node.publisher import UpdateWriter
 from flwr_serverless.stores import Store, open_store
+from flwr_serverless.strategy.aggregate import Contribution, aggregate, mean_metrics
+from flwr_serverless.wire import layout
+from flwr_serverless.wire.codec import UpdateHeader
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -55,7 +55,7 @@ def resolve_strategy(strategy: Strategy | str | None) -> Strategy:
     if strategy is None:
         return FedAvg()
     if isinstance(strategy, str):
-        from flwr_serverless.strategies import make_strategy
+        from flwr_serverless.strategy.factory import make_strategy
 
         return make_strategy(strategy)  # ValueError naming the strategy when unknown or incomplete
     if not callable(getattr(strategy, "aggregate_fit", None)) and not callable(
@@ -102,14 +102,24 @@ class FederatedNode(ABC):
         self.node_id = layout.check_node_id(node_id if node_id is not None else f"node-{uuid.uuid4().hex[:8]}")
         self.strategy: Strategy = resolve_strategy(strategy)
         # None | "fp16" | "bf16" | "int8" | "topk:<fraction>": what this node publishes (any reader decodes all).
-        self.writer = UpdateWriter(compression, topk_keyframe_every=topk_keyframe_every,
-                                   topk_max_error=topk_max_error, topk_keyframe=topk_keyframe)
+        self.writer = UpdateWriter(
+            compression,
+            topk_keyframe_every=topk_keyframe_every,
+            topk_max_error=topk_max_error,
+            topk_keyframe=topk_keyframe,
+        )
         self.member_lease = check_lease(member_lease)
         self.owner_token = owner_token or new_owner_token()
         self.stats = NodeStats()
-        self.exchange = Exchange(open_store(store, **dict(storage_options or {})), self.node_id,
-                                 secret=_secret_bytes(secret), max_object_bytes=max_object_bytes,
-                                 peer_cache=peer_cache, cache_dir=cache_dir, stats=self.stats)
+        self.exchange = Exchange(
+            open_store(store, **dict(storage_options or {})),
+            self.node_id,
+            secret=_secret_bytes(secret),
+            max_object_bytes=max_object_bytes,
+            peer_cache=peer_cache,
+            cache_dir=cache_dir,
+            stats=self.stats,
+        )
         self.roster = Roster(self.store)
         self.membership: Membership | None = None
         self.local_steps = 0  # cumulative optimizer steps this node has published
@@ -199,8 +209,12 @@ class FederatedNode(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """What a restarted job needs to rejoin as the same node (saved by the callbacks with checkpoints)."""
-        return {"node_id": self.node_id, "local_steps": self.local_steps, "federations": self.stats.federations,
-                "owner_token": self.owner_token}
+        return {
+            "node_id": self.node_id,
+            "local_steps": self.local_steps,
+            "federations": self.stats.federations,
+            "owner_token": self.owner_token,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()``; call before the first federation so the node publishes under the old id."""
@@ -214,8 +228,9 @@ class FederatedNode(ABC):
 
     # -- for subclasses -----------------------------------------------------
     @abstractmethod
-    def _federate(self, arrays: list[np.ndarray], header: UpdateHeader,
-                  deadline: Deadline) -> tuple[list[np.ndarray], dict[str, float]]:
+    def _federate(
+        self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
         """Publish ``arrays``, gather peers as the mode says, return the aggregate and its metrics."""
 
     def _deadline(self) -> Deadline:
@@ -234,17 +249,25 @@ class FederatedNode(ABC):
     def compression(self) -> str | None:
         return self.writer.option
 
-    def _encode(self, arrays: Sequence[np.ndarray], header: UpdateHeader, deadline: Deadline = NO_DEADLINE,
-                *, persist: bool = False) -> list[bytes | memoryview]:
+    def _encode(
+        self,
+        arrays: Sequence[np.ndarray],
+        header: UpdateHeader,
+        deadline: Deadline = NO_DEADLINE,
+        *,
+        persist: bool = False,
+    ) -> list[bytes | memoryview]:
         """The object to publish, compressed as configured; a due top-k keyframe is PUT first (``persist``:
         through store outages until ``deadline``, as a barrier's publish)."""
         header.framework = self._framework
         put = self.exchange.publish if persist else self.exchange.put
-        return self.writer.encode(arrays, header, self._tensor_names, self.secret,
-                                  lambda key, data: put(key, data, deadline))
+        return self.writer.encode(
+            arrays, header, self._tensor_names, self.secret, lambda key, data: put(key, data, deadline)
+        )
 
-    def _publish(self, key: str, data: list[bytes | memoryview], deadline: Deadline = NO_DEADLINE,
-                 *, persist: bool = False) -> str:
+    def _publish(
+        self, key: str, data: list[bytes | memoryview], deadline: Deadline = NO_DEADLINE, *, persist: bool = False
+    ) -> str:
         """PUT the encoded object at ``key`` (``persist``: through store outages until ``deadline``); then the
         writer logs a top-k delta with a copy inside the store."""
         exchange = self.exchange
@@ -258,8 +281,9 @@ class FederatedNode(ABC):
         self.writer.published(key, copy)
         return tag
 
-    def _aggregate(self, own: Contribution, peers: list[Contribution],
-                   headers: Sequence[UpdateHeader]) -> tuple[list[np.ndarray], dict[str, float]]:
+    def _aggregate(
+        self, own: Contribution, peers: list[Contribution], headers: Sequence[UpdateHeader]
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
         """Aggregate own + peers in node-id order, so every node computing the same set gets the same bits.
 
         ``headers`` are those of own + peers: what the result was trained from (staleness provenance).

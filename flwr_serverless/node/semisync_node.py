@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 from flwr.server.strategy import Strategy
 
-from flwr_serverless import layout
-from flwr_serverless.codec import UpdateHeader
-from flwr_serverless.deadline import Deadline
 from flwr_serverless.errors import StoreError
 from flwr_serverless.modes.semisync import BatchClock, check_lambda, dataset_weight, plan_budgets, valid_profile
 from flwr_serverless.modes.synchronous import current_members
+from flwr_serverless.node.deadline import Deadline
 from flwr_serverless.node.sync_node import SyncFederatedNode
 from flwr_serverless.stores import Store
+from flwr_serverless.wire import layout
+from flwr_serverless.wire.codec import UpdateHeader
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -31,8 +31,15 @@ class SemiSyncFederatedNode(SyncFederatedNode):
     ``steps_until_federation()`` batches once a plan exists.
     """
 
-    def __init__(self, store: Store | str | None = None, strategy: Strategy | str | None = None, *,
-                 lambda_: float = 2.0, reestimate: bool = True, **options: Any) -> None:
+    def __init__(
+        self,
+        store: Store | str | None = None,
+        strategy: Strategy | str | None = None,
+        *,
+        lambda_: float = 2.0,
+        reestimate: bool = True,
+        **options: Any,
+    ) -> None:
         self.lambda_ = check_lambda(lambda_)
         super().__init__(store, strategy, **options)
         self.reestimate = bool(reestimate)
@@ -61,8 +68,9 @@ class SemiSyncFederatedNode(SyncFederatedNode):
     def _weight(self, header: UpdateHeader) -> float:
         return dataset_weight(header)
 
-    def _federate(self, arrays: list[np.ndarray], header: UpdateHeader,
-                  deadline: Deadline) -> tuple[list[np.ndarray], dict[str, float]]:
+    def _federate(
+        self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
         steps = header.local_steps - self._last_steps
         self._last_steps = header.local_steps
         profiling = self.round == 0 or self.reestimate

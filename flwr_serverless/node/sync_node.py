@@ -9,16 +9,16 @@ from typing import Any
 import numpy as np
 from flwr.server.strategy import Strategy
 
-from flwr_serverless import layout
-from flwr_serverless.aggregation import Contribution
-from flwr_serverless.codec import UpdateHeader
-from flwr_serverless.deadline import Deadline
 from flwr_serverless.errors import IncompatiblePeersError, StoreError, SyncTimeoutError
-from flwr_serverless.exchange import is_transient
 from flwr_serverless.modes.synchronous import Barrier, barrier, check_counts, current_members, entry_round
 from flwr_serverless.node.base import FederatedNode
+from flwr_serverless.node.deadline import Deadline
+from flwr_serverless.node.exchange import is_transient
 from flwr_serverless.stores import ObjectInfo, Store
-from flwr_serverless.topk import state_ref
+from flwr_serverless.strategy.aggregate import Contribution
+from flwr_serverless.wire import layout
+from flwr_serverless.wire.codec import UpdateHeader
+from flwr_serverless.wire.topk import state_ref
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -45,13 +45,24 @@ class SyncFederatedNode(FederatedNode):
     row with peers but none compatible raise ``IncompatiblePeersError``.
     """
 
-    def __init__(self, store: Store | str | None = None, strategy: Strategy | str | None = None, *,
-                 num_nodes: int | None = None, timeout: float = 300.0, min_nodes: int | None = None,
-                 max_incompatible_rounds: int = 3, **options: Any) -> None:
+    def __init__(
+        self,
+        store: Store | str | None = None,
+        strategy: Strategy | str | None = None,
+        *,
+        num_nodes: int | None = None,
+        timeout: float = 300.0,
+        min_nodes: int | None = None,
+        max_incompatible_rounds: int = 3,
+        **options: Any,
+    ) -> None:
         self.num_nodes, self.min_nodes = check_counts(num_nodes, min_nodes)
         self.timeout = _check_positive("timeout", timeout)
-        if isinstance(max_incompatible_rounds, bool) or not isinstance(max_incompatible_rounds, int) \
-                or max_incompatible_rounds < 1:
+        if (
+            isinstance(max_incompatible_rounds, bool)
+            or not isinstance(max_incompatible_rounds, int)
+            or max_incompatible_rounds < 1
+        ):
             raise ValueError(f"max_incompatible_rounds must be a positive integer, got {max_incompatible_rounds!r}")
         self.max_incompatible_rounds = max_incompatible_rounds
         super().__init__(store, strategy, **options)
@@ -112,15 +123,17 @@ class SyncFederatedNode(FederatedNode):
 
     def _joined_at(self) -> float:
         membership = self.membership
-        return membership.joined_at if membership is not None and membership.joined_at is not None \
-            else self.wall_clock()
+        return (
+            membership.joined_at if membership is not None and membership.joined_at is not None else self.wall_clock()
+        )
 
     # -- a round -------------------------------------------------------------------------
     def _weight(self, header: UpdateHeader) -> float:
         return float(header.num_examples)
 
-    def _federate(self, arrays: list[np.ndarray], header: UpdateHeader,
-                  deadline: Deadline) -> tuple[list[np.ndarray], dict[str, float]]:
+    def _federate(
+        self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
         if not self._round_checked:
             try:
                 self._enter(deadline)
@@ -134,8 +147,7 @@ class SyncFederatedNode(FederatedNode):
         self._publish(layout.round_key(self.round, self.node_id), data, deadline, persist=True)
         if self.publish_only:
             self.round += 1
-            return arrays, self._metrics([Contribution(self.node_id, arrays, 1.0, header.num_examples,
-                                                       header.metrics)])
+            return arrays, self._metrics([Contribution(self.node_id, arrays, 1.0, header.num_examples, header.metrics)])
         # Our own weights as peers decode them (compression included), without decoding our own object:
         # every member then averages the same values and all hold identical weights.
         own_arrays = self.writer.seen(arrays)
@@ -148,16 +160,27 @@ class SyncFederatedNode(FederatedNode):
         result = self._aggregate(own, peers, [header, *headers])
         missed = self.stats.keyframe_misses > misses
         own_keyframe = self.writer.keyframes_written > keyframes
-        self._rebase(result[0], chains, len(peers), arrays,
-                     diverged=missed or (any(c == 0 for c in chains.values()) and not own_keyframe))
+        self._rebase(
+            result[0],
+            chains,
+            len(peers),
+            arrays,
+            diverged=missed or (any(c == 0 for c in chains.values()) and not own_keyframe),
+        )
         if self.round >= 2:
             self.exchange.delete_quietly(layout.round_key(self.round - 2, self.node_id), deadline)
         self.round += 1
         self.started = True
         return result
 
-    def _rebase(self, arrays: list[np.ndarray], chains: dict[str, int], aggregated: int,
-                trained: list[np.ndarray], diverged: bool) -> None:
+    def _rebase(
+        self,
+        arrays: list[np.ndarray],
+        chains: dict[str, int],
+        aggregated: int,
+        trained: list[np.ndarray],
+        diverged: bool,
+    ) -> None:
         """When every member of the round sends top-k deltas and we followed them all, every member now holds
         ``arrays``: the next deltas are against them, on writers and readers alike (named by a hash of their
         bits, so a member whose round went otherwise cannot misapply them).
@@ -180,8 +203,9 @@ class SyncFederatedNode(FederatedNode):
         if diverged:
             self.writer.restart()
 
-    def _gather(self, others: list[ObjectInfo],
-                deadline: Deadline) -> tuple[list[Contribution], list[UpdateHeader], dict[str, int]]:
+    def _gather(
+        self, others: list[ObjectInfo], deadline: Deadline
+    ) -> tuple[list[Contribution], list[UpdateHeader], dict[str, int]]:
         """The usable peer objects, their headers, and the chain position of each top-k peer's object."""
         peers: list[Contribution] = []
         headers: list[UpdateHeader] = []
@@ -199,8 +223,7 @@ class SyncFederatedNode(FederatedNode):
 
     def _check_compatibility(self, others: list[ObjectInfo], peers: list[Contribution]) -> None:
         """Peers present but none usable, round after round: say so instead of training alone."""
-        rejections = {info.key: self.stats.rejections[info.key] for info in others
-                      if info.key in self.stats.rejections}
+        rejections = {info.key: self.stats.rejections[info.key] for info in others if info.key in self.stats.rejections}
         if others and not peers and len(rejections) == len(others):
             self._incompatible += 1
             if self._incompatible >= self.max_incompatible_rounds:
@@ -237,14 +260,26 @@ class SyncFederatedNode(FederatedNode):
 
     def _barrier(self, listing: dict[str, ObjectInfo], records: dict[str, Any]) -> Barrier:
         published = {k.rsplit("/", 1)[-1] for k in listing if layout.parse_round_key(k) is not None}
-        state = barrier(self.node_id, published, records, now=self.wall_clock(), joined_at=self._joined_at(),
-                        num_nodes=self.num_nodes, min_nodes=self.min_nodes, started=self.started)
+        state = barrier(
+            self.node_id,
+            published,
+            records,
+            now=self.wall_clock(),
+            joined_at=self._joined_at(),
+            num_nodes=self.num_nodes,
+            min_nodes=self.min_nodes,
+            started=self.started,
+        )
         for node in sorted((state.dropped | state.departed) - self._announced):
             self._announced.add(node)
             if node in state.dropped:
                 self.stats.dropped_members += 1
-                logger.warning("node %s: round %d no longer waits for %s (its lease expired or its process is "
-                               "gone)", self.node_id, self.round, node)
+                logger.warning(
+                    "node %s: round %d no longer waits for %s (its lease expired or its process is gone)",
+                    self.node_id,
+                    self.round,
+                    node,
+                )
             else:
                 logger.info("node %s: %s has left the experiment", self.node_id, node)
         return state
@@ -257,7 +292,13 @@ class SyncFederatedNode(FederatedNode):
             missing.append(f"{unknown} node(s) that never joined")
         if self.min_nodes is not None and len(present) >= self.min_nodes:
             self.stats.partial_rounds += 1
-            logger.warning("node %s: round %d continues with %d node(s) after %.1fs, without %s", self.node_id,
-                           self.round, len(present), self.timeout, ", ".join(missing))
+            logger.warning(
+                "node %s: round %d continues with %d node(s) after %.1fs, without %s",
+                self.node_id,
+                self.round,
+                len(present),
+                self.timeout,
+                ", ".join(missing),
+            )
             return state
         raise SyncTimeoutError(self.round, self.timeout, present, missing)

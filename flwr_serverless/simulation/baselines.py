@@ -30,11 +30,16 @@ def _common(config: SimulationConfig) -> dict[str, Any]:
         "seed": config.seed,
         "max_train_examples": config.max_train_examples,
         "epochs": config.epochs,
-        "model": {"framework": config.framework, "batch_size": config.batch_size,
-                  "learning_rate": config.learning_rate},
+        "model": {
+            "framework": config.framework,
+            "batch_size": config.batch_size,
+            "learning_rate": config.learning_rate,
+        },
         "time_budget": config.heterogeneity.time_budget,
-        "evaluation": {"eval_each_epoch": config.evaluation.eval_each_epoch,
-                       "eval_examples": config.evaluation.eval_examples},
+        "evaluation": {
+            "eval_each_epoch": config.evaluation.eval_each_epoch,
+            "eval_examples": config.evaluation.eval_examples,
+        },
     }
 
 
@@ -45,9 +50,13 @@ def centralized_key(config: SimulationConfig) -> dict[str, Any]:
 
 def standalone_key(config: SimulationConfig) -> dict[str, Any]:
     """What the standalone baselines depend on: the centralized key plus the partition and slow nodes."""
-    return {"kind": "standalone", **_common(config),
-            "partition": {"num_nodes": config.num_nodes, "skew": config.skew},
-            "slowdown": list(config.heterogeneity.slowdown), "batch_seconds": config.heterogeneity.batch_seconds}
+    return {
+        "kind": "standalone",
+        **_common(config),
+        "partition": {"num_nodes": config.num_nodes, "skew": config.skew},
+        "slowdown": list(config.heterogeneity.slowdown),
+        "batch_seconds": config.heterogeneity.batch_seconds,
+    }
 
 
 class BaselineCache:

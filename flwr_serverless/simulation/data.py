@@ -109,9 +109,7 @@ def _load_digits() -> Dataset:
     bunch = load_digits()
     x = (bunch.data / 16.0).astype(np.float32)  # pixel values are 0..16
     y = bunch.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.25, stratify=y, random_state=SPLIT_SEED
-    )
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, stratify=y, random_state=SPLIT_SEED)
     return x_train, y_train, x_test, y_test
 
 

@@ -48,17 +48,27 @@ def _run_in_threads(tasks: list[NodeTask], progress: ProgressFn) -> list[dict[st
             results[slot] = _train_function(task.config.framework)(task, progress)
         except BaseException as exc:  # reported in the row, so one failed node does not hide the others
             results[slot] = _error_row(task, exc)
-            progress({"event": "error", "role": task.role, "node": task.name, "error": results[slot]["error"],
-                      "traceback": traceback.format_exc()})
+            progress(
+                {
+                    "event": "error",
+                    "role": task.role,
+                    "node": task.name,
+                    "error": results[slot]["error"],
+                    "traceback": traceback.format_exc(),
+                }
+            )
 
-    threads = [threading.Thread(target=run, args=(i, t), name=f"sim-{t.name}", daemon=True)
-               for i, t in enumerate(tasks)]
+    threads = [
+        threading.Thread(target=run, args=(i, t), name=f"sim-{t.name}", daemon=True) for i, t in enumerate(tasks)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return [r if r is not None else {"node_id": t.name, "role": t.role, "error": "no result"}
-            for r, t in zip(results, tasks)]
+    return [
+        r if r is not None else {"node_id": t.name, "role": t.role, "error": "no result"}
+        for r, t in zip(results, tasks)
+    ]
 
 
 def _process_main(tasks: list[NodeTask], messages: Any) -> None:
@@ -83,8 +93,10 @@ def _run_in_processes(tasks: list[NodeTask], progress: ProgressFn, workers: int 
     messages = context.Queue()
     size = pool_size(len(tasks), workers)
     shares = [tasks[i::size] for i in range(size)]
-    processes = [context.Process(target=_process_main, args=(share, messages), name=f"sim-worker-{i}")
-                 for i, share in enumerate(shares)]
+    processes = [
+        context.Process(target=_process_main, args=(share, messages), name=f"sim-worker-{i}")
+        for i, share in enumerate(shares)
+    ]
     for process in processes:
         process.start()
     results: dict[int, dict[str, Any]] = {}
@@ -102,8 +114,11 @@ def _run_in_processes(tasks: list[NodeTask], progress: ProgressFn, workers: int 
                     # Give the queue a moment to deliver results written just before exit.
                     if now - dead_since.setdefault(slot, now) > 3.0:
                         for task in missing:
-                            results[task.index] = {"node_id": task.name, "role": task.role,
-                                                   "error": f"worker process exited with code {process.exitcode}"}
+                            results[task.index] = {
+                                "node_id": task.name,
+                                "role": task.role,
+                                "error": f"worker process exited with code {process.exitcode}",
+                            }
                 continue
             if message[0] == "progress":
                 progress(message[1])

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
     """The federated node of ``task``: async, sync, semi-sync or aggregate, on a store opened for this run."""
     from flwr_serverless.stores import open_store
-    from flwr_serverless.strategies import make_strategy
+    from flwr_serverless.strategy.factory import make_strategy
 
     config = task.config
     if task.run_url is None:
@@ -35,14 +35,21 @@ def make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
     if config.mode == "semisync":
         from flwr_serverless.node import SemiSyncFederatedNode
 
-        return SemiSyncFederatedNode(store, lambda_=config.semisync.lambda_, reestimate=config.semisync.reestimate,
-                                     num_nodes=config.num_nodes, timeout=config.timeout,
-                                     min_nodes=config.min_nodes, **common)
+        return SemiSyncFederatedNode(
+            store,
+            lambda_=config.semisync.lambda_,
+            reestimate=config.semisync.reestimate,
+            num_nodes=config.num_nodes,
+            timeout=config.timeout,
+            min_nodes=config.min_nodes,
+            **common,
+        )
     if config.mode == "sync":
         from flwr_serverless.node import SyncFederatedNode
 
-        return SyncFederatedNode(store, num_nodes=config.num_nodes, timeout=config.timeout,
-                                 min_nodes=config.min_nodes, **common)
+        return SyncFederatedNode(
+            store, num_nodes=config.num_nodes, timeout=config.timeout, min_nodes=config.min_nodes, **common
+        )
     if config.mode == "aggregate":
         from flwr_serverless.node import AggregateFederatedNode
 

@@ -17,8 +17,17 @@ from flwr_serverless.simulation.options import parse_factors
 if TYPE_CHECKING:
     from flwr_serverless.simulation.runner import NodeTask
 
-__all__ = ["BatchPadder", "FederationProbe", "TimeBudget", "epoch_event", "make_lightning_slowdown_callback",
-           "make_slowdown_callback", "parse_factors", "peer_lag", "slowdown_factor"]
+__all__ = [
+    "BatchPadder",
+    "FederationProbe",
+    "TimeBudget",
+    "epoch_event",
+    "make_lightning_slowdown_callback",
+    "make_slowdown_callback",
+    "parse_factors",
+    "peer_lag",
+    "slowdown_factor",
+]
 
 
 def slowdown_factor(task: NodeTask) -> float:
@@ -108,8 +117,9 @@ class FederationProbe:
     a node (baselines) every epoch's model is tested.
     """
 
-    def __init__(self, node: Any, test: Callable[[], float], started: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, node: Any, test: Callable[[], float], started: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.node = node
         self.test = test
         self.started = started
@@ -161,8 +171,15 @@ class TimeBudget:
 def epoch_event(task: NodeTask, epoch: int, numbers: dict[str, float], started: float) -> dict[str, Any]:
     """The ``epoch_end`` progress event (both frameworks)."""
     return {
-        "event": "epoch_end", "role": task.role, "node": task.name, "epoch": epoch, "epochs": task.config.epochs,
-        "loss": numbers.get("loss"), "accuracy": numbers.get("accuracy"),
-        "loss_fed": numbers.get("loss_fed"), "accuracy_fed": numbers.get("accuracy_fed"),
-        "test_accuracy": numbers.get("test_accuracy"), "elapsed": time.monotonic() - started,
+        "event": "epoch_end",
+        "role": task.role,
+        "node": task.name,
+        "epoch": epoch,
+        "epochs": task.config.epochs,
+        "loss": numbers.get("loss"),
+        "accuracy": numbers.get("accuracy"),
+        "loss_fed": numbers.get("loss_fed"),
+        "accuracy_fed": numbers.get("accuracy_fed"),
+        "test_accuracy": numbers.get("test_accuracy"),
+        "elapsed": time.monotonic() - started,
     }

@@ -30,8 +30,8 @@ def keras_accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
     """Test accuracy of ``model`` on ``(x, y)``, in chunks."""
     correct = 0
     for start in range(0, len(x), TEST_CHUNK):
-        predictions = np.asarray(model(x[start:start + TEST_CHUNK], training=False))
-        correct += int(np.sum(predictions.argmax(axis=-1) == y[start:start + TEST_CHUNK]))
+        predictions = np.asarray(model(x[start : start + TEST_CHUNK], training=False))
+        correct += int(np.sum(predictions.argmax(axis=-1) == y[start : start + TEST_CHUNK]))
     return correct / max(len(x), 1)
 
 
@@ -97,8 +97,9 @@ class Progress(keras.callbacks.Callback):
         self.progress(epoch_event(self.task, self.epochs_completed, numbers, self.started))
 
 
-def worker_callbacks(task: NodeTask, federated: Any, reporter: Progress, probe: FederationProbe | None,
-                     started: float) -> list[Any]:
+def worker_callbacks(
+    task: NodeTask, federated: Any, reporter: Progress, probe: FederationProbe | None, started: float
+) -> list[Any]:
     """In order: slowdown (so semi-sync batch timings include it), federation, evaluation, budget, reporter."""
     options = task.config.heterogeneity
     factor = slowdown_factor(task)

@@ -36,8 +36,15 @@ def load_node_data(task: Any) -> tuple[Any, Any, Any, Any, int]:
     return x, y, x_test, y_test, int(max(y_train.max(), y_test.max())) + 1
 
 
-def node_result(task: Any, node: Any, reporter: Any, test_accuracy: float, test_loss: float,
-                train_time: float, num_train_examples: int) -> dict[str, Any]:
+def node_result(
+    task: Any,
+    node: Any,
+    reporter: Any,
+    test_accuracy: float,
+    test_loss: float,
+    train_time: float,
+    num_train_examples: int,
+) -> dict[str, Any]:
     """One node's result row as plain data (shared by every framework's worker)."""
     result: dict[str, Any] = {
         "node_id": task.name,
@@ -53,8 +60,9 @@ def node_result(task: Any, node: Any, reporter: Any, test_accuracy: float, test_
         result.update(node.store.stats.as_dict())
         counters = node.stats.as_dict()
         result.update(counters)  # the named fields of NodeResult (federations, rejected...)
-        result["counters"] = {k: v for k, v in counters.items()
-                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        result["counters"] = {
+            k: v for k, v in counters.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
     return result
 
 
@@ -82,8 +90,9 @@ def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
     config = task.config
     started = time.monotonic()
     x, y, x_test, y_test, num_classes = load_node_data(task)
-    model = build_keras_model(config.dataset, x.shape[1:], num_classes, seed=config.seed,
-                              learning_rate=config.learning_rate)
+    model = build_keras_model(
+        config.dataset, x.shape[1:], num_classes, seed=config.seed, learning_rate=config.learning_rate
+    )
 
     # tf.data with an op-level seed: shuffling is reproducible per node, in threads and processes alike.
     train_data = (

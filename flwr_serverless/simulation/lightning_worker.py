@@ -36,8 +36,10 @@ def build_torch_model(input_size: int, num_classes: int, seed: int = 0) -> Any:
     try:
         return torch.nn.Sequential(
             torch.nn.Flatten(),
-            torch.nn.Linear(input_size, 64), torch.nn.ReLU(),
-            torch.nn.Linear(64, 64), torch.nn.ReLU(),
+            torch.nn.Linear(input_size, 64),
+            torch.nn.ReLU(),
+            torch.nn.Linear(64, 64),
+            torch.nn.ReLU(),
             torch.nn.Linear(64, num_classes),
         )
     finally:
@@ -77,8 +79,15 @@ def _lightning_classes(learning_rate: float) -> tuple[Any, Any]:
         probe, also tests the model after each federation and stops at the time budget.
         """
 
-        def __init__(self, task: NodeTask, progress: ProgressFn, started: float, fed: Any,
-                     probe: FederationProbe | None, budget: TimeBudget) -> None:
+        def __init__(
+            self,
+            task: NodeTask,
+            progress: ProgressFn,
+            started: float,
+            fed: Any,
+            probe: FederationProbe | None,
+            budget: TimeBudget,
+        ) -> None:
             self.task, self.progress, self.started, self.fed = task, progress, started, fed
             self.probe, self.budget = probe, budget
             self.epochs_completed = 0
@@ -134,8 +143,7 @@ def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
     classifier_cls, progress_cls = _lightning_classes(config.learning_rate)
     module = classifier_cls(net)
 
-    dataset = torch.utils.data.TensorDataset(torch.tensor(x, dtype=torch.float32),
-                                             torch.tensor(y, dtype=torch.long))
+    dataset = torch.utils.data.TensorDataset(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long))
     shuffle = torch.Generator().manual_seed(task.shuffle_seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=shuffle)
 
@@ -152,10 +160,16 @@ def train_node(task: NodeTask, progress: ProgressFn) -> dict[str, Any]:
     factor, batch_seconds = slowdown_factor(task), config.heterogeneity.batch_seconds
     slowdown = make_lightning_slowdown_callback(pl, factor, batch_seconds) if factor > 1 or batch_seconds else None
     trainer = pl.Trainer(
-        max_epochs=config.epochs, accelerator="cpu", devices=1,
+        max_epochs=config.epochs,
+        accelerator="cpu",
+        devices=1,
         callbacks=[c for c in (slowdown, fed, reporter) if c is not None],  # slowdown first: semi-sync times it
-        enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
-        num_sanity_val_steps=0, deterministic=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
     )
     try:
         trainer.fit(module, loader)

@@ -28,7 +28,10 @@ def build_keras_model(
 
     def conv(filters: int) -> Any:
         return keras.layers.Conv2D(
-            filters, 3, activation="relu", padding="same",
+            filters,
+            3,
+            activation="relu",
+            padding="same",
             kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds)),
         )
 

@@ -46,17 +46,22 @@ def _changed(options: Any) -> list[str]:
 class AsyncOptions:
     """``AsyncFederatedNode``'s policy: staleness weighting (FedRec/FedAsync), mixing, FedBuff, sampling."""
 
-    staleness: str | None = None  # "constant", "poly:a" or "hinge:a,b" (flwr_serverless.staleness)
+    staleness: str | None = None  # "constant", "poly:a" or "hinge:a,b" (flwr_serverless.modes.staleness)
     staleness_unit: str = "steps"  # "steps" (FedRec) or "versions" (FedAsync)
     alpha: float | None = None  # FedAsync mixing weight in (0, 1]
     buffer_size: int | None = None  # FedBuff: aggregate after K new peer updates
     participation: float | None = None  # federate with probability C
 
-    FLAGS = {"staleness": "--staleness", "staleness_unit": "--staleness-unit", "alpha": "--alpha",
-             "buffer_size": "--buffer-size", "participation": "--participation"}
+    FLAGS = {
+        "staleness": "--staleness",
+        "staleness_unit": "--staleness-unit",
+        "alpha": "--alpha",
+        "buffer_size": "--buffer-size",
+        "participation": "--participation",
+    }
 
     def validate(self) -> None:
-        from flwr_serverless.staleness import parse_staleness
+        from flwr_serverless.modes.staleness import parse_staleness
 
         if self.staleness is not None:
             try:
@@ -64,12 +69,16 @@ class AsyncOptions:
             except ValueError as exc:
                 raise _error("staleness", "--staleness", f"is invalid: {exc}") from None
         if self.staleness_unit not in STALENESS_UNITS:
-            raise _error("staleness_unit", "--staleness-unit",
-                         f"must be one of {', '.join(STALENESS_UNITS)}, got {self.staleness_unit!r}")
+            raise _error(
+                "staleness_unit",
+                "--staleness-unit",
+                f"must be one of {', '.join(STALENESS_UNITS)}, got {self.staleness_unit!r}",
+            )
         _check_fraction("alpha", "--alpha", self.alpha)
         _check_fraction("participation", "--participation", self.participation)
-        if self.buffer_size is not None and (isinstance(self.buffer_size, bool) or int(self.buffer_size) < 1
-                                             or int(self.buffer_size) != self.buffer_size):
+        if self.buffer_size is not None and (
+            isinstance(self.buffer_size, bool) or int(self.buffer_size) < 1 or int(self.buffer_size) != self.buffer_size
+        ):
             raise _error("buffer_size", "--buffer-size", f"must be an integer >= 1, got {self.buffer_size}")
 
     def node_kwargs(self, seed: int, index: int) -> dict[str, Any]:
@@ -115,8 +124,11 @@ class Heterogeneity:
         if bad:
             raise _error("slowdown", "--slowdown", f"factors must be >= 1, got {list(self.slowdown)}")
         if len(self.slowdown) > num_nodes:
-            raise _error("slowdown", "--slowdown",
-                         f"has {len(self.slowdown)} factors for {num_nodes} nodes; give at most one per node")
+            raise _error(
+                "slowdown",
+                "--slowdown",
+                f"has {len(self.slowdown)} factors for {num_nodes} nodes; give at most one per node",
+            )
         _check_positive("batch_seconds", "--batch-seconds", self.batch_seconds)
         _check_positive("time_budget", "--time-budget", self.time_budget)
 
@@ -140,8 +152,11 @@ class Evaluation:
         if not isinstance(self.eval_each_epoch, bool):
             raise _error("eval_each_epoch", "--eval-each-epoch", f"must be True or False, got {self.eval_each_epoch!r}")
         if self.eval_examples is not None:
-            if isinstance(self.eval_examples, bool) or int(self.eval_examples) != self.eval_examples \
-                    or self.eval_examples < 1:
+            if (
+                isinstance(self.eval_examples, bool)
+                or int(self.eval_examples) != self.eval_examples
+                or self.eval_examples < 1
+            ):
                 raise _error("eval_examples", "--eval-examples", f"must be an integer >= 1, got {self.eval_examples}")
             if not self.eval_each_epoch:
                 raise _error("eval_examples", "--eval-examples", "needs --eval-each-epoch (eval_each_epoch=True)")
@@ -150,22 +165,28 @@ class Evaluation:
 ENGINES = ("local", "ray")
 
 
-def check_execution(engine: str, address: str | None, use_processes: bool, workers: int | None,
-                    store_url: str | None) -> None:
+def check_execution(
+    engine: str, address: str | None, use_processes: bool, workers: int | None, store_url: str | None
+) -> None:
     """Where nodes run: threads or a process pool here (``local``), or Ray tasks on a cluster (``ray``)."""
     if engine not in ENGINES:
         raise _error("engine", "--engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
     if workers is not None and (isinstance(workers, bool) or int(workers) != workers or workers < 1):
         raise _error("workers", "--workers", f"must be an integer >= 1, got {workers}")
     if workers is not None and not use_processes and engine != "ray":
-        raise _error("workers", "--workers", "groups nodes into K processes or Ray tasks: it needs --processes "
-                     "or --engine ray")
+        raise _error(
+            "workers", "--workers", "groups nodes into K processes or Ray tasks: it needs --processes or --engine ray"
+        )
     if engine == "ray":
         if use_processes:
             raise _error("use_processes", "--processes", "does not apply to --engine ray: Ray places the nodes")
         if store_url is None or store_url.startswith("memory://"):
-            raise _error("store_url", "--store", "must be a URL every Ray worker reaches (s3://..., or file:// "
-                         "on a one-machine cluster) with --engine ray, not a default temp folder or memory://")
+            raise _error(
+                "store_url",
+                "--store",
+                "must be a URL every Ray worker reaches (s3://..., or file:// "
+                "on a one-machine cluster) with --engine ray, not a default temp folder or memory://",
+            )
     elif address is not None:
         raise _error("ray_address", "--address", "applies to --engine ray only")
 
@@ -181,8 +202,7 @@ def check_mode(mode: str, async_options: AsyncOptions, semisync: SemiSyncOptions
 
 def check_mode_flags(mode: str, async_given: Iterable[str], semisync_given: Iterable[str]) -> None:
     """Flags the user typed for another mode, even at their default value (``check_mode`` cannot see those)."""
-    for names, options, wanted in ((async_given, AsyncOptions, "async"), (semisync_given, SemiSyncOptions,
-                                                                         "semisync")):
+    for names, options, wanted in ((async_given, AsyncOptions, "async"), (semisync_given, SemiSyncOptions, "semisync")):
         for name in names:
             if mode != wanted:
                 raise _error(name, options.FLAGS[name], f"applies to --mode {wanted} only, not {mode}")
@@ -199,11 +219,14 @@ def check_strategy(name: str, options: dict[str, Any]) -> None:
 
     import numpy as np
 
-    from flwr_serverless.strategies import make_strategy
+    from flwr_serverless.strategy.factory import make_strategy
 
     if "proximal_mu" in options:
-        raise _error("proximal_mu", "--strategy-option", f"is not a strategy option here: {PROXIMAL_MU_NOTE}. "
-                     "Set proximal_mu= (CLI: --proximal-mu)")
+        raise _error(
+            "proximal_mu",
+            "--strategy-option",
+            f"is not a strategy option here: {PROXIMAL_MU_NOTE}. Set proximal_mu= (CLI: --proximal-mu)",
+        )
     dummy = [np.zeros(1, np.float32)]
     try:
         make_strategy(name, initial_parameters=dummy, **options)

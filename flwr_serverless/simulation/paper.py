@@ -93,18 +93,44 @@ def make_grid(quick: bool, dataset: str | None = None) -> Grid:
     if dataset is None:
         dataset = "digits" if quick or not has_local_copy("fashion_mnist") else "fashion_mnist"
     if dataset == "digits":
-        hetero = HeteroGrid(batch_seconds=0.02, budget=20.0 if quick else 40.0, seeds=(0,) if quick else (0, 1, 2),
-                            targets=(0.6, 0.75) if quick else (0.8, 0.9))
-        return Grid("quick" if quick else "default", "digits", None, 5 if quick else 10,
-                    (0, 1) if quick else (0, 1, 2), (0, 1) if quick else (0, 1, 2), None, hetero,
-                    node_counts=(2, 5) if quick else (2, 3, 5))
+        hetero = HeteroGrid(
+            batch_seconds=0.02,
+            budget=20.0 if quick else 40.0,
+            seeds=(0,) if quick else (0, 1, 2),
+            targets=(0.6, 0.75) if quick else (0.8, 0.9),
+        )
+        return Grid(
+            "quick" if quick else "default",
+            "digits",
+            None,
+            5 if quick else 10,
+            (0, 1) if quick else (0, 1, 2),
+            (0, 1) if quick else (0, 1, 2),
+            None,
+            hetero,
+            node_counts=(2, 5) if quick else (2, 3, 5),
+        )
     # 1000 examples per node: epochs of ~1.3 s (fast), 5 s (4x) and 13 s (10x) with 40 ms batches.
-    hetero = HeteroGrid(batch_seconds=0.04, budget=30.0 if quick else 60.0, max_train_examples=3000,
-                        targets=(0.7, 0.75), seeds=(0,) if quick else (0, 1, 2), eval_examples=1000)
+    hetero = HeteroGrid(
+        batch_seconds=0.04,
+        budget=30.0 if quick else 60.0,
+        max_train_examples=3000,
+        targets=(0.7, 0.75),
+        seeds=(0,) if quick else (0, 1, 2),
+        eval_examples=1000,
+    )
     # 8000 training examples (not all 60000): 5 epochs of 3 seeds x 60 runs fit ~40 min on 2 idle cores.
-    return Grid("quick" if quick else "default", dataset, 3000 if quick else 8000, 2 if quick else 5,
-                (0, 1) if quick else (0, 1, 2), (0, 1) if quick else (0, 1, 2), 2000, hetero,
-                node_counts=(2, 5) if quick else (2, 3, 5))
+    return Grid(
+        "quick" if quick else "default",
+        dataset,
+        3000 if quick else 8000,
+        2 if quick else 5,
+        (0, 1) if quick else (0, 1, 2),
+        (0, 1) if quick else (0, 1, 2),
+        2000,
+        hetero,
+        node_counts=(2, 5) if quick else (2, 3, 5),
+    )
 
 
 @dataclass
@@ -121,9 +147,13 @@ def cells(grid: Grid, cache_dir: str) -> list[Cell]:
     """Every run: table 1 (which needs all its seeds) first, then tables 2 and hetero seed by seed, so a grid
     stopped early (``--max-minutes``) has whole seeds of every table.
     """
-    base = SimulationConfig(dataset=grid.dataset, max_train_examples=grid.max_train_examples, epochs=grid.epochs,
-                            baseline_cache=str(Path(cache_dir) / "baselines"),
-                            evaluation=Evaluation(eval_each_epoch=True, eval_examples=grid.eval_examples))
+    base = SimulationConfig(
+        dataset=grid.dataset,
+        max_train_examples=grid.max_train_examples,
+        epochs=grid.epochs,
+        baseline_cache=str(Path(cache_dir) / "baselines"),
+        evaluation=Evaluation(eval_each_epoch=True, eval_examples=grid.eval_examples),
+    )
     out: list[Cell] = []
     if "table1" in grid.tables:
         for seed in grid.seeds:
@@ -135,8 +165,15 @@ def cells(grid: Grid, cache_dir: str) -> list[Cell]:
             for nodes in grid.node_counts:
                 for strategy in grid.strategies:
                     for mode in ("sync", "async"):
-                        config = replace(base, num_nodes=nodes, mode=mode, skew=0.9, seed=seed, strategy=strategy,
-                                         strategy_options=dict(STRATEGIES[strategy]))
+                        config = replace(
+                            base,
+                            num_nodes=nodes,
+                            mode=mode,
+                            skew=0.9,
+                            seed=seed,
+                            strategy=strategy,
+                            strategy_options=dict(STRATEGIES[strategy]),
+                        )
                         out.append(Cell("table2", f"{strategy} {mode}", config))
         if "hetero" in grid.tables and seed in grid.hetero.seeds:
             out += hetero_cells(grid, replace(base, seed=seed))
@@ -152,10 +189,17 @@ def hetero_cells(grid: Grid, base: SimulationConfig) -> list[Cell]:
     evaluation = replace(base.evaluation, eval_examples=h.eval_examples)
     out = []
     for name in h.modes:
-        config = replace(base, num_nodes=h.num_nodes, skew=h.skew, epochs=100_000, baselines=False,
-                         max_train_examples=h.max_train_examples, evaluation=evaluation,
-                         heterogeneity=Heterogeneity(slowdown=h.slowdown, batch_seconds=h.batch_seconds,
-                                                     time_budget=h.budget), **HETERO_MODES[name])
+        config = replace(
+            base,
+            num_nodes=h.num_nodes,
+            skew=h.skew,
+            epochs=100_000,
+            baselines=False,
+            max_train_examples=h.max_train_examples,
+            evaluation=evaluation,
+            heterogeneity=Heterogeneity(slowdown=h.slowdown, batch_seconds=h.batch_seconds, time_budget=h.budget),
+            **HETERO_MODES[name],
+        )
         if config.mode != "async":
             config = replace(config, sync_timeout=max(10.0, 2 * slow_epoch), min_nodes=1)
         out.append(Cell("hetero", name, config, {"budget": h.budget}))
@@ -174,21 +218,35 @@ def record(cell: Cell, result: SimulationResult, seconds: float) -> dict[str, An
     """What the tables need from one run, as plain data."""
     c = result.config
     return {
-        "table": cell.table, "label": cell.label, "mode": c.mode, "strategy": c.strategy, "nodes": c.num_nodes,
-        "skew": c.skew, "seed": c.seed, "dataset": c.dataset, **cell.meta,
-        "federated": result.federated_mean_accuracy, "standalone": result.standalone_mean_accuracy,
-        "centralized": result.centralized_accuracy, "per_node": [n.test_accuracy for n in result.nodes],
-        "epochs": [n.epochs_completed for n in result.nodes], "federations": [n.federations for n in result.nodes],
+        "table": cell.table,
+        "label": cell.label,
+        "mode": c.mode,
+        "strategy": c.strategy,
+        "nodes": c.num_nodes,
+        "skew": c.skew,
+        "seed": c.seed,
+        "dataset": c.dataset,
+        **cell.meta,
+        "federated": result.federated_mean_accuracy,
+        "standalone": result.standalone_mean_accuracy,
+        "centralized": result.centralized_accuracy,
+        "per_node": [n.test_accuracy for n in result.nodes],
+        "epochs": [n.epochs_completed for n in result.nodes],
+        "federations": [n.federations for n in result.nodes],
         "partial_rounds": sum(n.partial_rounds for n in result.nodes),
-        "peer_lag": observed_peer_lag(result.nodes), "seconds": seconds,
-        "points": [[[h["time"], h["test_accuracy"]] for h in n.history if "time" in h and "test_accuracy" in h]
-                   for n in result.nodes],
+        "peer_lag": observed_peer_lag(result.nodes),
+        "seconds": seconds,
+        "points": [
+            [[h["time"], h["test_accuracy"]] for h in n.history if "time" in h and "test_accuracy" in h]
+            for n in result.nodes
+        ],
         "errors": [e for e in (n.error for n in [*result.nodes, *result.standalone]) if e],
     }
 
 
-def run_grid(grid: Grid, cache_dir: str, log: Callable[[str], None] = print,
-             max_minutes: float | None = None) -> list[dict[str, Any]]:
+def run_grid(
+    grid: Grid, cache_dir: str, log: Callable[[str], None] = print, max_minutes: float | None = None
+) -> list[dict[str, Any]]:
     """Run (or load from the cache) every cell; a cell that failed is not cached, so a re-run retries it.
 
     After ``max_minutes`` no new run starts (cached ones are still read): the tables show what finished.
@@ -216,9 +274,11 @@ def run_grid(grid: Grid, cache_dir: str, log: Callable[[str], None] = print,
                 cache.save(key, [row])
             records.append(row)
             acc = "-" if row["federated"] is None else f"{row['federated']:.3f}"
-            log(f"[{i}/{len(todo)}] {cell.table} {cell.label} nodes={row['nodes']} skew={row['skew']} "
+            log(
+                f"[{i}/{len(todo)}] {cell.table} {cell.label} nodes={row['nodes']} skew={row['skew']} "
                 f"seed={row['seed']}: federated {acc}  ({row['seconds']:.0f}s, {time.monotonic() - started:.0f}s "
-                f"total){'  ERRORS ' + '; '.join(row['errors']) if row['errors'] else ''}")
+                f"total){'  ERRORS ' + '; '.join(row['errors']) if row['errors'] else ''}"
+            )
             shutil.rmtree(f"{store_root}/{i}", ignore_errors=True)
     finally:
         shutil.rmtree(store_root, ignore_errors=True)
@@ -236,19 +296,29 @@ def default_cache_dir() -> str:
 def add_experiment_parser(commands: Any) -> None:
     """``flwr-serverless experiment paper [--quick] ...``: regenerate the paper tables and plots."""
     exp = commands.add_parser(
-        "experiment", help="regenerate the paper tables and plots (sync vs async by skew, strategies, slow nodes)",
+        "experiment",
+        help="regenerate the paper tables and plots (sync vs async by skew, strategies, slow nodes)",
         description="Run the paper-reproduction grid and write JSON, CSV, a markdown table and PNG plots. "
-                    "Runs and baselines are cached, so an interrupted grid resumes where it stopped.")
+        "Runs and baselines are cached, so an interrupted grid resumes where it stopped.",
+    )
     exp.add_argument("name", choices=("paper",), help="the experiment to run")
     exp.add_argument("--quick", action="store_true", help="a small digits grid that takes a few minutes")
-    exp.add_argument("--dataset", choices=("digits", "fashion_mnist"), default=None,
-                     help=f"default: fashion_mnist when its IDX files are in {IDX_DIRS['fashion_mnist'][0]}, "
-                          "else digits")
+    exp.add_argument(
+        "--dataset",
+        choices=("digits", "fashion_mnist"),
+        default=None,
+        help=f"default: fashion_mnist when its IDX files are in {IDX_DIRS['fashion_mnist'][0]}, else digits",
+    )
     exp.add_argument("--tables", default=None, metavar="LIST", help="subset, e.g. table1,hetero (default: all)")
     exp.add_argument("--out", default="benchmarks/results", metavar="DIR", help="where the outputs go")
     exp.add_argument("--cache", default=None, metavar="DIR", help=f"run cache (default {default_cache_dir()})")
-    exp.add_argument("--max-minutes", type=float, default=None, metavar="M",
-                     help="start no new run after M minutes; the tables show the runs that finished")
+    exp.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        metavar="M",
+        help="start no new run after M minutes; the tables show the runs that finished",
+    )
 
 
 def run_experiment(args: Any, out: Any = None) -> int:
@@ -263,20 +333,32 @@ def run_experiment(args: Any, out: Any = None) -> int:
             raise ValueError(f"unknown table(s) {', '.join(unknown)}; choose from {', '.join(grid.tables)}")
         grid = replace(grid, tables=tables)
     cache_dir = args.cache or default_cache_dir()
-    command = " ".join(["flwr-serverless experiment paper", *(["--quick"] if args.quick else []),
-                        *([f"--dataset {args.dataset}"] if args.dataset else []),
-                        *([f"--tables {args.tables}"] if args.tables else []),
-                        *([f"--max-minutes {args.max_minutes:g}"] if args.max_minutes is not None else []),
-                        f"--out {args.out}"])
+    command = " ".join(
+        [
+            "flwr-serverless experiment paper",
+            *(["--quick"] if args.quick else []),
+            *([f"--dataset {args.dataset}"] if args.dataset else []),
+            *([f"--tables {args.tables}"] if args.tables else []),
+            *([f"--max-minutes {args.max_minutes:g}"] if args.max_minutes is not None else []),
+            f"--out {args.out}",
+        ]
+    )
 
     def log(line: str) -> None:
         print(line, file=out, flush=True)
 
-    log(f"grid {grid.name} ({grid_digest(grid)}): {grid.dataset}, {len(cells(grid, cache_dir))} runs; "
-        f"cache {cache_dir}")
+    log(
+        f"grid {grid.name} ({grid_digest(grid)}): {grid.dataset}, {len(cells(grid, cache_dir))} runs; cache {cache_dir}"
+    )
     started = time.monotonic()
     records = run_grid(grid, cache_dir, log, max_minutes=args.max_minutes)
-    paths = write_outputs(grid, records, Path(args.out), command=command, seconds=time.monotonic() - started,
-                          planned=len(cells(grid, cache_dir)))
+    paths = write_outputs(
+        grid,
+        records,
+        Path(args.out),
+        command=command,
+        seconds=time.monotonic() - started,
+        planned=len(cells(grid, cache_dir)),
+    )
     log("written: " + ", ".join(str(p) for p in paths))
     return 0 if all(not r["errors"] for r in records) else 1

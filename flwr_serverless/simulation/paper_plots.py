@@ -43,8 +43,11 @@ def plot_all(grid: Any, tables: dict[str, Any], records: list[dict[str, Any]], s
         t = tables["table1"]
         fig, ax = plt.subplots(figsize=(8, 4.5))
         skews = [str(s) for s in t["skews"]]
-        _bars(ax, [f"skew {s}" for s in skews],
-              {row: [t["rows"][row][s] for s in skews] for row in ("sync", "async", "standalone", "centralized")})
+        _bars(
+            ax,
+            [f"skew {s}" for s in skews],
+            {row: [t["rows"][row][s] for s in skews] for row in ("sync", "async", "standalone", "centralized")},
+        )
         for i, (mode, marker) in enumerate((("sync", "^"), ("async", "v"))):
             paper = [PAPER_TABLE1.get((mode, float(s)), np.nan) for s in skews]
             offset = (i - 1.5) * 0.2  # over the mode's own bar (4 series, width 0.2)

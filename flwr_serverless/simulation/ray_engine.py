@@ -56,9 +56,11 @@ def _check_capacity(ray: Any, tasks: list[NodeTask], groups: int) -> None:
         return
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus < groups:
-        raise RuntimeError(f"--mode {config.mode} needs all {groups} Ray tasks running at once but the cluster has "
-                           f"{cpus:g} CPUs; use --workers {int(cpus) or 1} (nodes share a task in threads) or a "
-                           "bigger cluster")
+        raise RuntimeError(
+            f"--mode {config.mode} needs all {groups} Ray tasks running at once but the cluster has "
+            f"{cpus:g} CPUs; use --workers {int(cpus) or 1} (nodes share a task in threads) or a "
+            "bigger cluster"
+        )
 
 
 def run_on_ray(tasks: list[NodeTask], progress: ProgressFn) -> list[dict[str, Any]]:

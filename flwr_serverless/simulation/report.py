@@ -19,8 +19,10 @@ def epoch_line(event: dict[str, Any]) -> str:
     (a training figure, not a test of the federated model); ``test acc (federated model)``
     is the aggregate tested on the test set, measured with ``--eval-each-epoch``.
     """
-    line = (f"[{event['node']}] epoch {event['epoch']}/{event['epochs']}  loss {_fmt(event.get('loss'), '.2f')}  "
-            f"train acc {_fmt(event.get('accuracy'), '.2f')}")
+    line = (
+        f"[{event['node']}] epoch {event['epoch']}/{event['epochs']}  loss {_fmt(event.get('loss'), '.2f')}  "
+        f"train acc {_fmt(event.get('accuracy'), '.2f')}"
+    )
     if event.get("accuracy_fed") is not None:
         line += f" (nodes' mean {_fmt(event.get('accuracy_fed'), '.2f')})"
     if event.get("test_accuracy") is not None:
@@ -69,9 +71,11 @@ def execution_label(config: Any) -> str:
 def totals_line(result: SimulationResult) -> str:
     """The experiment's store traffic summed over nodes, and how many nodes finished every epoch."""
     t = result.totals
-    return (f"Totals over {t['nodes']} nodes ({t['completed']} completed every epoch): {t['requests']} requests "
-            f"({t['puts']} PUT, {t['gets']} GET, {t['lists']} LIST, {t['deletes']} DELETE), "
-            f"{_mb(t['bytes_up'])} MB up, {_mb(t['bytes_down'])} MB down")
+    return (
+        f"Totals over {t['nodes']} nodes ({t['completed']} completed every epoch): {t['requests']} requests "
+        f"({t['puts']} PUT, {t['gets']} GET, {t['lists']} LIST, {t['deletes']} DELETE), "
+        f"{_mb(t['bytes_up'])} MB up, {_mb(t['bytes_down'])} MB down"
+    )
 
 
 def _mb(num_bytes: int) -> str:
@@ -120,8 +124,10 @@ def format_report(result: SimulationResult) -> str:
     lines += ["", summary + f"  [{result.wall_time:.1f}s]", totals_line(result)]
     lag = observed_peer_lag(result.nodes)
     if lag is not None:
-        lines.append(f"Peer lag in the async aggregates (epochs a peer's update was behind the reader's): "
-                     f"max {lag['max']:.0f}, mean {lag['mean']:.2f} over {lag['aggregations']} aggregations")
+        lines.append(
+            f"Peer lag in the async aggregates (epochs a peer's update was behind the reader's): "
+            f"max {lag['max']:.0f}, mean {lag['mean']:.2f} over {lag['aggregations']} aggregations"
+        )
     return "\n".join(lines)
 
 
@@ -146,5 +152,8 @@ def observed_peer_lag(rows: list[NodeResult]) -> dict[str, float] | None:
     points = [h for row in rows for h in row.history if "peer_lag_max" in h]
     if not points:
         return None
-    return {"max": max(h["peer_lag_max"] for h in points),
-            "mean": sum(h["peer_lag_mean"] for h in points) / len(points), "aggregations": len(points)}
+    return {
+        "max": max(h["peer_lag_max"] for h in points),
+        "mean": sum(h["peer_lag_mean"] for h in points) / len(points),
+        "aggregations": len(points),
+    }

@@ -102,9 +102,10 @@ class SimulationResult:
         """Store traffic summed over the federated nodes (the whole experiment's requests and bytes), and
         every node counter summed under ``counters``."""
         return {key: sum(getattr(row, key) for row in self.nodes) for key in TRAFFIC} | {
-            "nodes": len(self.nodes), "completed": sum(1 for r in self.nodes if r.error is None
-                                                       and r.epochs_completed == self.config.epochs),
-            "counters": sum_counters(row.counters for row in self.nodes)}
+            "nodes": len(self.nodes),
+            "completed": sum(1 for r in self.nodes if r.error is None and r.epochs_completed == self.config.epochs),
+            "counters": sum_counters(row.counters for row in self.nodes),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -42,9 +42,24 @@ MODES = ("async", "sync", "semisync", "aggregate")
 NON_WAITING_MODES = ("async", "aggregate")
 DEFAULT_SYNC_TIMEOUT = 120.0
 #: node kwargs the simulation sets itself; ``node_options`` may not override them
-RESERVED_NODE_OPTIONS = frozenset({"store", "strategy", "node_id", "num_nodes", "timeout", "min_nodes", "lambda_",
-                                   "reestimate", "staleness", "staleness_unit", "alpha", "buffer_size",
-                                   "participation", "seed"})
+RESERVED_NODE_OPTIONS = frozenset(
+    {
+        "store",
+        "strategy",
+        "node_id",
+        "num_nodes",
+        "timeout",
+        "min_nodes",
+        "lambda_",
+        "reestimate",
+        "staleness",
+        "staleness_unit",
+        "alpha",
+        "buffer_size",
+        "participation",
+        "seed",
+    }
+)
 _SECRET_OPTION_WORDS = ("secret", "key", "token", "password", "credential")
 
 
@@ -121,23 +136,27 @@ class SimulationConfig:
 
     def _validate_waiting(self) -> None:
         if self.mode in NON_WAITING_MODES and (self.sync_timeout is not None or self.min_nodes is not None):
-            name, flag = ("sync_timeout", "--timeout") if self.sync_timeout is not None else ("min_nodes",
-                                                                                            "--min-nodes")
-            raise ValueError(f"option {name} ({flag}) applies to --mode sync and semisync only: "
-                             f"{self.mode} nodes never wait")
+            name, flag = (
+                ("sync_timeout", "--timeout") if self.sync_timeout is not None else ("min_nodes", "--min-nodes")
+            )
+            raise ValueError(
+                f"option {name} ({flag}) applies to --mode sync and semisync only: {self.mode} nodes never wait"
+            )
         if self.sync_timeout is not None and not self.sync_timeout > 0:
             raise ValueError(f"option sync_timeout (--timeout) must be positive, got {self.sync_timeout}")
         if self.min_nodes is not None and not 1 <= self.min_nodes <= self.num_nodes:
-            raise ValueError(f"option min_nodes (--min-nodes) must be between 1 and {self.num_nodes}, "
-                             f"got {self.min_nodes}")
+            raise ValueError(
+                f"option min_nodes (--min-nodes) must be between 1 and {self.num_nodes}, got {self.min_nodes}"
+            )
 
     @property
     def effective_compression(self) -> CompressionOptions:
         """``compression``, or the same options given in ``node_options`` (not both)."""
         legacy = CompressionOptions.from_node_options(self.node_options)
         if legacy.given and self.compression.given:
-            raise ValueError("option compression (--compression) is set both in compression= and in node_options; "
-                             "set it once")
+            raise ValueError(
+                "option compression (--compression) is set both in compression= and in node_options; set it once"
+            )
         return self.compression if self.compression.given else legacy
 
     @property
@@ -205,8 +224,9 @@ def _training_indices(config: SimulationConfig, num_train: int) -> np.ndarray:
     return indices
 
 
-def _run_baselines(config: SimulationConfig, parts: list[np.ndarray], pool: np.ndarray,
-                   report: ProgressFn) -> tuple[list[NodeResult], NodeResult]:
+def _run_baselines(
+    config: SimulationConfig, parts: list[np.ndarray], pool: np.ndarray, report: ProgressFn
+) -> tuple[list[NodeResult], NodeResult]:
     """Standalone nodes on the same partitions and a centralized model, from ``baseline_cache`` when it has them."""
     cache = BaselineCache(config.baseline_cache) if config.baseline_cache else None
     keys = {"standalone": standalone_key(config), "centralized": centralized_key(config)}
@@ -217,11 +237,19 @@ def _run_baselines(config: SimulationConfig, parts: list[np.ndarray], pool: np.n
     if cached["centralized"] is None:
         tasks.append(NodeTask("centralized", len(parts), "centralized", pool, config))
     if cache is not None and len(tasks) < len(parts) + 1:
-        report({"event": "phase", "phase": "baselines_cached", "cache": str(cache.directory),
-                "cached": sorted(kind for kind, rows in cached.items() if rows is not None)})
+        report(
+            {
+                "event": "phase",
+                "phase": "baselines_cached",
+                "cache": str(cache.directory),
+                "cached": sorted(kind for kind, rows in cached.items() if rows is not None),
+            }
+        )
     fresh = run_tasks(tasks, config.use_processes, report)
-    rows = {"standalone": cached["standalone"] or [r for r in fresh if r.get("role") == "standalone"],
-            "centralized": cached["centralized"] or [r for r in fresh if r.get("role") == "centralized"]}
+    rows = {
+        "standalone": cached["standalone"] or [r for r in fresh if r.get("role") == "standalone"],
+        "centralized": cached["centralized"] or [r for r in fresh if r.get("role") == "centralized"],
+    }
     if cache is not None:
         for kind, key in keys.items():
             if cached[kind] is None:
@@ -256,8 +284,15 @@ def run_simulation(config: SimulationConfig, progress: ProgressFn | None = None)
     base_url = config.store_url if config.store_url is not None else default_store_url()
     run_url = make_run_url(base_url)
     federated = [NodeTask("federated", i, f"node-{i}", part, config, run_url) for i, part in enumerate(parts)]
-    report({"event": "phase", "phase": "federated", "run_url": run_url, "num_nodes": config.num_nodes,
-            "partition_sizes": [len(p) for p in parts]})
+    report(
+        {
+            "event": "phase",
+            "phase": "federated",
+            "run_url": run_url,
+            "num_nodes": config.num_nodes,
+            "partition_sizes": [len(p) for p in parts],
+        }
+    )
     nodes = [NodeResult.from_dict(row) for row in run_tasks(federated, config.use_processes, report)]
 
     standalone: list[NodeResult] = []
@@ -266,7 +301,13 @@ def run_simulation(config: SimulationConfig, progress: ProgressFn | None = None)
         report({"event": "phase", "phase": "baselines"})
         standalone, centralized = _run_baselines(config, parts, pool, report)
 
-    result = SimulationResult(config=config, run_url=run_url, nodes=nodes, standalone=standalone,
-                              centralized=centralized, wall_time=time.monotonic() - started)
+    result = SimulationResult(
+        config=config,
+        run_url=run_url,
+        nodes=nodes,
+        standalone=standalone,
+        centralized=centralized,
+        wall_time=time.monotonic() - started,
+    )
     report({"event": "phase", "phase": "done"})
     return result

@@ -16,9 +16,38 @@ from flwr_serverless.simulation.results import TRAFFIC
 from flwr_serverless.simulation.runner import SimulationConfig, SimulationResult, run_simulation
 
 # t(0.975, df) for df = 1..30; beyond, scipy when installed, else the df=30 value (slightly wide).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 FIGURES = ("federated", "standalone", "centralized")
 
 
@@ -48,8 +77,9 @@ def mean_ci(values: Sequence[float | None]) -> dict[str, Any]:
     return {"mean": mean, "ci95": t975(n - 1) * sd / math.sqrt(n), "sd": sd, "n": n, "values": numbers}
 
 
-def run_seeds(config: SimulationConfig, seeds: Sequence[int],
-              progress: Callable[[dict[str, Any]], None] | None = None) -> list[SimulationResult]:
+def run_seeds(
+    config: SimulationConfig, seeds: Sequence[int], progress: Callable[[dict[str, Any]], None] | None = None
+) -> list[SimulationResult]:
     """One run per seed; everything else as in ``config`` (set ``baseline_cache`` to train baselines once)."""
     results = []
     for seed in seeds:
@@ -60,8 +90,11 @@ def run_seeds(config: SimulationConfig, seeds: Sequence[int],
 
 
 def figures(result: SimulationResult) -> dict[str, float | None]:
-    return {"federated": result.federated_mean_accuracy, "standalone": result.standalone_mean_accuracy,
-            "centralized": result.centralized_accuracy}
+    return {
+        "federated": result.federated_mean_accuracy,
+        "standalone": result.standalone_mean_accuracy,
+        "centralized": result.centralized_accuracy,
+    }
 
 
 def seed_summary(results: Sequence[SimulationResult]) -> dict[str, dict[str, Any]]:
@@ -72,8 +105,10 @@ def seed_summary(results: Sequence[SimulationResult]) -> dict[str, dict[str, Any
 
 def format_seed_summary(results: Sequence[SimulationResult]) -> str:
     summary = seed_summary(results)
-    lines = [f"Over {len(results)} seeds ({', '.join(str(r.config.seed) for r in results)}): "
-             "mean test accuracy +- 95% CI (Student's t)"]
+    lines = [
+        f"Over {len(results)} seeds ({', '.join(str(r.config.seed) for r in results)}): "
+        "mean test accuracy +- 95% CI (Student's t)"
+    ]
     for name in FIGURES:
         s = summary[name]
         if s["mean"] is None:
@@ -95,15 +130,39 @@ def write_csv(path: str | Path, results: Sequence[SimulationResult]) -> None:
     counters = _counter_names(t["counters"] for t in totals)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["seed", "mode", "strategy", "nodes", "dataset", "skew", "epochs", *FIGURES, "wall_time",
-                         *TRAFFIC, *counters])
+        writer.writerow(
+            [
+                "seed",
+                "mode",
+                "strategy",
+                "nodes",
+                "dataset",
+                "skew",
+                "epochs",
+                *FIGURES,
+                "wall_time",
+                *TRAFFIC,
+                *counters,
+            ]
+        )
         for result, total in zip(results, totals):
             c = result.config
             values = figures(result)
-            writer.writerow([c.seed, c.mode, c.strategy, c.num_nodes, c.dataset, c.skew, c.epochs,
-                             *("" if values[f] is None else f"{values[f]:.4f}" for f in FIGURES),
-                             f"{result.wall_time:.1f}", *(total[k] for k in TRAFFIC),
-                             *(total["counters"].get(k, "") for k in counters)])
+            writer.writerow(
+                [
+                    c.seed,
+                    c.mode,
+                    c.strategy,
+                    c.num_nodes,
+                    c.dataset,
+                    c.skew,
+                    c.epochs,
+                    *("" if values[f] is None else f"{values[f]:.4f}" for f in FIGURES),
+                    f"{result.wall_time:.1f}",
+                    *(total[k] for k in TRAFFIC),
+                    *(total["counters"].get(k, "") for k in counters),
+                ]
+            )
 
 
 def write_nodes_csv(path: str | Path, results: Sequence[SimulationResult]) -> None:
@@ -111,11 +170,21 @@ def write_nodes_csv(path: str | Path, results: Sequence[SimulationResult]) -> No
     counters = _counter_names(row.counters for result in results for row in result.nodes)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["seed", "mode", "node_id", "test_accuracy", "epochs_completed", "wall_time", *TRAFFIC,
-                         *counters, "error"])
+        writer.writerow(
+            ["seed", "mode", "node_id", "test_accuracy", "epochs_completed", "wall_time", *TRAFFIC, *counters, "error"]
+        )
         for result in results:
             for row in result.nodes:
-                writer.writerow([result.config.seed, result.config.mode, row.node_id,
-                                 "" if row.test_accuracy is None else f"{row.test_accuracy:.4f}",
-                                 row.epochs_completed, f"{row.wall_time:.1f}", *(getattr(row, k) for k in TRAFFIC),
-                                 *(row.counters.get(k, "") for k in counters), row.error or ""])
+                writer.writerow(
+                    [
+                        result.config.seed,
+                        result.config.mode,
+                        row.node_id,
+                        "" if row.test_accuracy is None else f"{row.test_accuracy:.4f}",
+                        row.epochs_completed,
+                        f"{row.wall_time:.1f}",
+                        *(getattr(row, k) for k in TRAFFIC),
+                        *(row.counters.get(k, "") for k in counters),
+                        row.error or "",
+                    ]
+                )

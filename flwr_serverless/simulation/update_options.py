@@ -20,7 +20,7 @@ TOPK_PREFIX = "topk_"
 def topk_option_names() -> tuple[str, ...]:
     """The ``topk_*`` keyword options a node accepts (its constructor and its update writer), in order."""
     from flwr_serverless.node.base import FederatedNode
-    from flwr_serverless.node.writer import UpdateWriter
+    from flwr_serverless.node.publisher import UpdateWriter
 
     names: dict[str, None] = {}
     for function in (FederatedNode.__init__, UpdateWriter.__init__):
@@ -49,8 +49,9 @@ class CompressionOptions:
     @classmethod
     def from_node_options(cls, node_options: Mapping[str, Any]) -> CompressionOptions:
         """The compression options found in a ``node_options`` dict (the Python API's older spelling)."""
-        return cls(node_options.get("compression"),
-                   {k: v for k, v in node_options.items() if k.startswith(TOPK_PREFIX)})
+        return cls(
+            node_options.get("compression"), {k: v for k, v in node_options.items() if k.startswith(TOPK_PREFIX)}
+        )
 
     @property
     def given(self) -> bool:
@@ -62,7 +63,7 @@ class CompressionOptions:
 
     def validate(self, mode: str) -> None:
         """Build the node's ``UpdateWriter`` once: any value it refuses fails here, naming the flag."""
-        from flwr_serverless.node.writer import UpdateWriter
+        from flwr_serverless.node.publisher import UpdateWriter
 
         known = topk_option_names()
         unknown = [name for name in self.topk if name not in known]
@@ -76,26 +77,34 @@ class CompressionOptions:
             first = min(named, key=message.index) if named else "compression"
             raise _error(first, f"is invalid: {message}") from None
         if mode == "aggregate" and writer.topk is not None:
-            raise _error("compression", f"{self.compression!r} is not available with --mode aggregate (a "
-                         "contribution must be subtracted exactly later); use fp16, bf16 or int8")
+            raise _error(
+                "compression",
+                f"{self.compression!r} is not available with --mode aggregate (a "
+                "contribution must be subtracted exactly later); use fp16, bf16 or int8",
+            )
 
 
-def check_aggregate(strategy: str, strategy_options: Mapping[str, Any], store_url: str | None,
-                    storage_options: Mapping[str, Any]) -> None:
+def check_aggregate(
+    strategy: str, strategy_options: Mapping[str, Any], store_url: str | None, storage_options: Mapping[str, Any]
+) -> None:
     """``--mode aggregate`` keeps FedAvg in one compare-and-swap object: refuse other strategies and stores
     without conditional writes before any node is built."""
     import numpy as np
 
-    from flwr_serverless.aggregation import is_linear
-    from flwr_serverless.strategies import make_strategy
+    from flwr_serverless.strategy.aggregate import is_linear
+    from flwr_serverless.strategy.factory import make_strategy
 
     built = make_strategy(strategy, initial_parameters=[np.zeros(1, np.float32)], **dict(strategy_options))
     if not is_linear(built):
-        raise ValueError(f"option strategy (--strategy) {strategy!r} is not available with --mode aggregate: "
-                         "the aggregate is a weighted mean (FedAvg); use --strategy fedavg or --mode async")
+        raise ValueError(
+            f"option strategy (--strategy) {strategy!r} is not available with --mode aggregate: "
+            "the aggregate is a weighted mean (FedAvg); use --strategy fedavg or --mode async"
+        )
     if not _conditional_writes(store_url, storage_options):
-        raise ValueError(f"option store_url (--store) {store_url!r} cannot compare-and-swap (no conditional "
-                         "writes), which --mode aggregate needs: use s3://, a local folder or memory://")
+        raise ValueError(
+            f"option store_url (--store) {store_url!r} cannot compare-and-swap (no conditional "
+            "writes), which --mode aggregate needs: use s3://, a local folder or memory://"
+        )
 
 
 def _conditional_writes(store_url: str | None, storage_options: Mapping[str, Any]) -> bool:

@@ -156,6 +156,7 @@ class Store(ABC):
 
         A retried attempt rewinds and truncates ``sink`` first, so it never holds two partial reads.
         """
+
         def attempt() -> int:
             sink.seek(0)
             sink.truncate()
@@ -224,18 +225,14 @@ class Store(ABC):
         callers that must know read the object back (as node membership does).
         """
         self._require_conditional("put_if_absent", key)
-        tag = self._retrying(
-            "put_if_absent", check_key(key), lambda: self._put_conditional(key, data, if_match=None)
-        )
+        tag = self._retrying("put_if_absent", check_key(key), lambda: self._put_conditional(key, data, if_match=None))
         self.stats.add(puts=1, bytes_up=len(data))
         return tag
 
     def put_if_match(self, key: str, data: bytes, tag: str) -> str:
         """Compare-and-swap write; raises ``PreconditionFailedError`` if the tag changed."""
         self._require_conditional("put_if_match", key)
-        new_tag = self._retrying(
-            "put_if_match", check_key(key), lambda: self._put_conditional(key, data, if_match=tag)
-        )
+        new_tag = self._retrying("put_if_match", check_key(key), lambda: self._put_conditional(key, data, if_match=tag))
         self.stats.add(puts=1, bytes_up=len(data))
         return new_tag
 
@@ -312,7 +309,6 @@ class Store(ABC):
             raise ConditionalWritesUnsupportedError(
                 operation, key, f"{type(self).__name__} has no atomic conditional writes"
             )
-
 
 
 def refuse_options(url: str, options: dict[str, Any], backend: str) -> None:

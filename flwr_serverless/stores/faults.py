@@ -151,4 +151,3 @@ class FaultyStore(Store):
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
-

@@ -43,7 +43,7 @@ class NotBytesError(FlwrServerlessError, TypeError):
             f"{folder}[{key!r}] = <{type(value).__name__}>: folders hold bytes only. flwr-serverless 0.3 never "
             "pickles (unpickling an object read from a shared folder runs any code its writer put in it). "
             "Serialize the value yourself and store the bytes: json.dumps(value).encode(), numpy.save into an "
-            "io.BytesIO, or flwr_serverless.codec.encode for model weights."
+            "io.BytesIO, or flwr_serverless.wire.codec.encode for model weights."
         )
 
 

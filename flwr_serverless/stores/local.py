@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 from flwr_serverless.errors import PreconditionFailedError, StoreConfigurationError, StoreError
 from flwr_serverless.stores.backend_errors import describe, translated
 from flwr_serverless.stores.base import Buffer, ObjectInfo, Payload, Store, check_prefix, refuse_options
-from flwr_serverless.stores.local_fs import can_map_in_place, map_read_only
+from flwr_serverless.stores.local_mapping import can_map_in_place, map_read_only
 
 try:  # POSIX only; without it local compare-and-swap cannot be made safe across processes
     import fcntl
@@ -120,8 +120,9 @@ class LocalStore(Store):
         if map_reads is not None and not isinstance(map_reads, bool):
             raise StoreConfigurationError(f"store {url!r}: map_reads must be True, False or None, got {map_reads!r}")
         if map_reads and os.name != "posix":
-            raise StoreConfigurationError(f"store {url!r}: map_reads=True needs POSIX (a mapped file cannot be "
-                                          "replaced on Windows)")
+            raise StoreConfigurationError(
+                f"store {url!r}: map_reads=True needs POSIX (a mapped file cannot be replaced on Windows)"
+            )
         self.url = str(url)
         self.root = local_path(self.url)
         self._lock_path = os.path.join(self.root, LOCK_NAME)

@@ -47,6 +47,7 @@ __all__ = [
     "with_retries",
 ]
 
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How hard to try: at most ``attempts`` calls and ``max_time`` seconds per operation.

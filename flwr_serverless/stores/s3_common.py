@@ -140,13 +140,18 @@ class S3ObjectStore(Store):
 
     def _copy(self, source: str, destination: str) -> str:
         with translated("copy", source):  # a missing source is a 404 naming it
-            response = self._call("copy_object", Bucket=self.bucket, Key=self._key(destination),
-                                  CopySource={"Bucket": self.bucket, "Key": self._key(source)})
+            response = self._call(
+                "copy_object",
+                Bucket=self.bucket,
+                Key=self._key(destination),
+                CopySource={"Bucket": self.bucket, "Key": self._key(source)},
+            )
         etag = response.get("CopyObjectResult", {}).get("ETag")
         return unquote_etag(etag) if etag is not None else self._tag_of({}, destination)
 
     def get_with_tag(self, key: str) -> tuple[bytes, str]:
         """One GET instead of LIST + GET: the response carries the ETag of the body it returns."""
+
         def attempt() -> tuple[bytes, str]:
             with translated("get", key):
                 return self._read_object_tagged(key)

@@ -146,8 +146,11 @@ def boto3_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
     """Translate s3fs-style storage options into S3Store keyword arguments (unknown ones are an error)."""
     options = {key: value for key, value in options.items() if key not in _FSSPEC_ONLY}
     out: dict[str, Any] = dict(options.pop("client_kwargs", None) or {})
-    for s3fs_name, boto_name in (*S3FS_TO_BOTO3.items(), ("username", "aws_access_key_id"),
-                                 ("password", "aws_secret_access_key")):
+    for s3fs_name, boto_name in (
+        *S3FS_TO_BOTO3.items(),
+        ("username", "aws_access_key_id"),
+        ("password", "aws_secret_access_key"),
+    ):
         if s3fs_name in options:
             out[boto_name] = options.pop(s3fs_name)
     config_kwargs = dict(options.pop("config_kwargs", None) or {})

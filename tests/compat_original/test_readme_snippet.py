@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from flwr_serverless.codec import decode
+from flwr_serverless.wire.codec import decode
 
-SNIPPET = '''
+SNIPPET = """
 # Create a FL Node that has a strategy and a shared folder.
 from flwr.server.strategy import FedAvg  # This is a flwr federated strategy.
 from flwr_serverless import AsyncFederatedNode, S3Folder
@@ -44,7 +44,7 @@ callback = FlwrFederatedCallback(
 model = keras.Model(...)
 model.compile(...)
 model.fit(dataset, callbacks=[callback])
-'''
+"""
 
 
 class PlaceholderModel(keras.Sequential):

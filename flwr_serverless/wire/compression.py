@@ -27,7 +27,7 @@ The header's ``encodings`` maps each compressed tensor to
 ``{"codec", "dtype", "shape"[, "chunk" | "gaps"]}``; readers validate it as strictly as the
 rest of the object (see ``parse_spec`` and ``decode_tensor``).
 
-Top-k deltas on a chain (the writer's side is ``flwr_serverless.topk``)
+Top-k deltas on a chain (the writer's side is ``flwr_serverless.wire.topk``)
 -----------------------------------------------------------------------
 Each writer keeps the state every reader of its objects holds, ``R``, and
 sends the ``k`` largest entries of ``W - R`` (its weights minus that state):
@@ -59,8 +59,8 @@ from typing import Any
 
 import numpy as np
 
-from flwr_serverless.dtypes import DTYPES, dtype_name
 from flwr_serverless.errors import InvalidObjectError
+from flwr_serverless.wire.dtypes import DTYPES, dtype_name
 
 CODECS = ("fp16", "bf16", "int8", "delta")
 
@@ -164,13 +164,13 @@ def quantize_int8(array: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray
     scales = np.empty(-(-flat.size // chunk), "<f4")
     step = max(chunk, _BLOCK // chunk * chunk)
     for start in range(0, flat.size, step):
-        rows = _rows(flat[start:start + step].astype(np.float32), chunk)
+        rows = _rows(flat[start : start + step].astype(np.float32), chunk)
         scale = np.abs(rows).max(axis=1) / np.float32(127)
         inverse = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale > 0)
         block = np.clip(np.rint(rows * inverse[:, None]), -127, 127).astype(np.int8).reshape(-1)
         end = min(start + step, flat.size)
         q[start:end] = block[: end - start]
-        scales[start // chunk: start // chunk + rows.shape[0]] = scale
+        scales[start // chunk : start // chunk + rows.shape[0]] = scale
     return q.reshape(array.shape), scales
 
 
@@ -179,8 +179,8 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray, chunk: int, dtype: np.dty
     out = np.empty(flat.size, dtype)
     step = max(chunk, _BLOCK // chunk * chunk)
     for start in range(0, flat.size, step):
-        rows = _rows(flat[start:start + step].astype(np.float32), chunk)
-        block = (rows * scales[start // chunk: start // chunk + rows.shape[0], None]).reshape(-1)
+        rows = _rows(flat[start : start + step].astype(np.float32), chunk)
+        block = (rows * scales[start // chunk : start // chunk + rows.shape[0], None]).reshape(-1)
         end = min(start + step, flat.size)
         out[start:end] = block[: end - start]
     return out.reshape(q.shape)
@@ -248,8 +248,8 @@ def _top(moved: np.ndarray, k: int) -> np.ndarray:
         if threshold == 0 and candidates.size <= k:  # fewer than k entries moved at all: all of them
             return candidates
         if candidates.size >= k:
-            return candidates[np.argpartition(moved[candidates], candidates.size - k)[candidates.size - k:]]
-    return np.argpartition(moved, n - k)[n - k:]
+            return candidates[np.argpartition(moved[candidates], candidates.size - k)[candidates.size - k :]]
+    return np.argpartition(moved, n - k)[n - k :]
 
 
 # -- reading: every claim of a hostile header checked before it is used ---------------------------------
@@ -268,6 +268,7 @@ class Spec:
 
 def parse_spec(spec: Any, key: str, name: str) -> Spec:
     """Validate one ``encodings`` entry of a header."""
+
     def bad(why: str) -> InvalidObjectError:
         return InvalidObjectError(key, f"tensor {name!r}: encoding {why}")
 
@@ -281,9 +282,12 @@ def parse_spec(spec: Any, key: str, name: str) -> Spec:
     if dtype is None or dtype.kind != "f":
         raise bad(f"original dtype must be a float type, got {str(spec['dtype'])[:20]!r}")
     shape = spec["shape"]
-    if (not isinstance(shape, list) or len(shape) > MAX_RANK
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_ELEMENTS for d in shape)
-            or math.prod(shape) > MAX_ELEMENTS):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_ELEMENTS for d in shape)
+        or math.prod(shape) > MAX_ELEMENTS
+    ):
         raise bad(f"shape must be at most {MAX_RANK} dimensions and {MAX_ELEMENTS} elements, got {str(shape)[:60]}")
     chunk = spec.get("chunk")
     if codec == "int8" and not (isinstance(chunk, int) and not isinstance(chunk, bool) and 1 <= chunk <= MAX_CHUNK):
@@ -293,9 +297,11 @@ def parse_spec(spec: Any, key: str, name: str) -> Spec:
     return Spec(codec, dtype, tuple(shape), chunk, "gaps" in spec)
 
 
-def decode_tensor(spec: Spec, parts: dict[str, np.ndarray], key: str, name: str,
-                  base: np.ndarray | None = None) -> np.ndarray:
+def decode_tensor(
+    spec: Spec, parts: dict[str, np.ndarray], key: str, name: str, base: np.ndarray | None = None
+) -> np.ndarray:
     """Rebuild one tensor in its original dtype from validated parts (a delta needs the state it applies to)."""
+
     def bad(why: str) -> InvalidObjectError:
         return InvalidObjectError(key, f"tensor {name!r} ({spec.codec}): {why}")
 
@@ -303,8 +309,10 @@ def decode_tensor(spec: Spec, parts: dict[str, np.ndarray], key: str, name: str,
         part = parts[suffix]
         if part.dtype not in kinds or (shape is not None and part.shape != shape) or (shape is None and part.ndim != 1):
             want = "/".join(dtype_name(k) for k in kinds)
-            raise bad(f"part {name + suffix!r} is {dtype_name(part.dtype)}{list(part.shape)}, expected {want}"
-                      + (f"{list(shape)}" if shape is not None else " with one dimension"))
+            raise bad(
+                f"part {name + suffix!r} is {dtype_name(part.dtype)}{list(part.shape)}, expected {want}"
+                + (f"{list(shape)}" if shape is not None else " with one dimension")
+            )
         return part
 
     if spec.codec == "fp16":

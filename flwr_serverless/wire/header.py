@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from flwr_serverless import layout
 from flwr_serverless.errors import InvalidObjectError
+from flwr_serverless.wire import layout
 
 FORMAT = "flwr-serverless/2"
 FORMAT_V1 = "flwr-serverless/1"
@@ -32,12 +32,28 @@ MAX_COUNT = 2**53  # largest integer a JSON reader in any language holds exactly
 FRAMEWORKS = ("keras", "torch")  # tensor layout families: keras kernels are (in, out), torch (out, in)
 _FRAMEWORK = re.compile(r"^[a-z0-9_\-]{1,32}$")
 _HASH = re.compile(r"^(blake3|sha256):([0-9a-f]{64})$")
-_COUNTERS = ("epoch", "num_examples", "local_steps", "base_version", "base_steps", "seq", "base_own_seq",
-             "base_own_steps")
+_COUNTERS = (
+    "epoch",
+    "num_examples",
+    "local_steps",
+    "base_version",
+    "base_steps",
+    "seq",
+    "base_own_seq",
+    "base_own_steps",
+)
 _V1_EXTRA = ("seq", "base_own_seq", "base_own_steps", "dataset_size")
 # Fields the codec itself writes next to the header's own (see codec.encode).
-CODEC_FIELDS = ("format", "tensor_names", "payload_hash", "payload_sha256", "encodings", "keyframe", "chain",
-                "signature")
+CODEC_FIELDS = (
+    "format",
+    "tensor_names",
+    "payload_hash",
+    "payload_sha256",
+    "encodings",
+    "keyframe",
+    "chain",
+    "signature",
+)
 MAX_CHAIN = 1024  # deltas per top-k chain (compression.MAX_CHAIN)
 
 Scalar = bool | int | float | str
@@ -93,16 +109,24 @@ def header_fields(header: UpdateHeader) -> dict[str, Any]:
     if not is_valid_node_id(header.node_id):
         raise ValueError(f"node id {header.node_id!r} is not a plain name")
     fields: dict[str, Any] = {
-        "node_id": header.node_id, "timestamp": float(header.timestamp), "metrics": clean_metrics(header.metrics),
-        "framework": header.framework, "extra": dict(header.extra),
+        "node_id": header.node_id,
+        "timestamp": float(header.timestamp),
+        "metrics": clean_metrics(header.metrics),
+        "framework": header.framework,
+        "extra": dict(header.extra),
     }
     for name in (*_COUNTERS, "round", "dataset_size"):
         value = getattr(header, name)
         fields[name] = int(value) if isinstance(value, np.integer) else value
     for name, value in fields.items():  # the writer gets the reader's checks first, as a ValueError
         if name in _COUNTERS or name in ("round", "dataset_size"):
-            _check_int(value, name, optional=name in ("round", "dataset_size"),
-                       low=1 if name == "dataset_size" else 0, fail=ValueError)
+            _check_int(
+                value,
+                name,
+                optional=name in ("round", "dataset_size"),
+                low=1 if name == "dataset_size" else 0,
+                fail=ValueError,
+            )
     if not 0 <= fields["timestamp"] < 1e11:  # also NaN
         raise ValueError(f"header field 'timestamp' must be seconds since the epoch, got {header.timestamp!r}")
     if header.framework is not None and not _FRAMEWORK.match(str(header.framework)):
@@ -112,6 +136,7 @@ def header_fields(header: UpdateHeader) -> dict[str, Any]:
 
 def parse_header(fields: dict[str, Any], key: str) -> UpdateHeader:
     """Validate every field of a decoded header (v1 or v2) and build the typed header."""
+
     def bad(name: str, why: str) -> InvalidObjectError:
         return InvalidObjectError(key, f"header field {name!r} {why}, got {_show(fields.get(name))}")
 
@@ -141,21 +166,40 @@ def parse_header(fields: dict[str, Any], key: str) -> UpdateHeader:
     if not isinstance(metrics, dict):
         raise bad("metrics", "must be an object")
     if values["base_own_seq"] > values["seq"] or values["base_own_steps"] > values["local_steps"]:
-        raise InvalidObjectError(key, "header claims more own work at its base than in total "
-                                      "(base_own_seq > seq or base_own_steps > local_steps)")
-    known = {*CODEC_FIELDS, *_COUNTERS, "node_id", "round", "timestamp", "metrics", "extra", "dataset_size",
-             "framework"}
+        raise InvalidObjectError(
+            key,
+            "header claims more own work at its base than in total "
+            "(base_own_seq > seq or base_own_steps > local_steps)",
+        )
+    known = {
+        *CODEC_FIELDS,
+        *_COUNTERS,
+        "node_id",
+        "round",
+        "timestamp",
+        "metrics",
+        "extra",
+        "dataset_size",
+        "framework",
+    }
     extra.update({name: value for name, value in fields.items() if name not in known})  # a newer writer's fields
-    return UpdateHeader(node_id=node_id, timestamp=float(timestamp), metrics=clean_metrics(metrics), extra=extra,
-                        framework=framework, **values)
+    return UpdateHeader(
+        node_id=node_id,
+        timestamp=float(timestamp),
+        metrics=clean_metrics(metrics),
+        extra=extra,
+        framework=framework,
+        **values,
+    )
 
 
 def parse_hash(value: Any, key: str) -> tuple[str, str]:
     """``"blake3:<hex>"`` or ``"sha256:<hex>"`` -> (algorithm, hex digest)."""
     match = _HASH.match(value) if isinstance(value, str) else None
     if match is None:
-        raise InvalidObjectError(key, f"header field 'payload_hash' must be 'blake3:<hex>' or 'sha256:<hex>', "
-                                      f"got {_show(value)}")
+        raise InvalidObjectError(
+            key, f"header field 'payload_hash' must be 'blake3:<hex>' or 'sha256:<hex>', got {_show(value)}"
+        )
     return match.group(1), match.group(2)
 
 
@@ -172,15 +216,18 @@ def parse_chain(value: Any, key: str) -> int | None:
     if value is None:
         return None
     if not _check_int(value, "chain") or value > MAX_CHAIN:
-        raise InvalidObjectError(key, f"header field 'chain' must be an integer in [0, {MAX_CHAIN}], "
-                                      f"got {_show(value)}")
+        raise InvalidObjectError(
+            key, f"header field 'chain' must be an integer in [0, {MAX_CHAIN}], got {_show(value)}"
+        )
     return int(value)
 
 
-def _check_int(value: Any, name: str, optional: bool = False, low: int = 0,
-               fail: type[Exception] | None = None) -> bool:
+def _check_int(
+    value: Any, name: str, optional: bool = False, low: int = 0, fail: type[Exception] | None = None
+) -> bool:
     ok = (value is None and optional) or (
-        isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_COUNT)
+        isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_COUNT
+    )
     if not ok and fail is not None:
         raise fail(f"header field {name!r} must be an integer in [{low}, 2**53], got {_show(value)}")
     return ok

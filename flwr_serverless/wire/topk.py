@@ -1,6 +1,6 @@
 """Top-k deltas with error feedback on a chain from a keyframe: the writer's state.
 
-The protocol is in ``flwr_serverless.compression``. The compressor holds ``R``,
+The protocol is in ``flwr_serverless.wire.compression``. The compressor holds ``R``,
 the state every reader of this node holds after applying its deltas, and sends
 the ``k`` largest entries of ``W - R`` per tensor. Whatever a delta leaves out
 (or rounds to float16) stays in ``W - R`` and competes again next time: the
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import blake3
 import numpy as np
 
-from flwr_serverless.compression import (
+from flwr_serverless.wire.compression import (
     SEP,
     EncodedTensor,
     apply_delta,
@@ -40,7 +40,7 @@ from flwr_serverless.compression import (
     sparse_delta,
     unpack_indices,
 )
-from flwr_serverless.header import MAX_CHAIN, KeyframeRef
+from flwr_serverless.wire.header import MAX_CHAIN, KeyframeRef
 
 DEFAULT_KEYFRAME_EVERY = 50
 DEFAULT_MAX_ERROR = 0.5
@@ -60,12 +60,16 @@ class PendingDelta:
 class TopKCompressor:
     """Turns a node's weights into top-k deltas on a chain, and says when a new keyframe is due."""
 
-    def __init__(self, fraction: float, keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
-                 max_error: float = DEFAULT_MAX_ERROR) -> None:
+    def __init__(
+        self, fraction: float, keyframe_every: int = DEFAULT_KEYFRAME_EVERY, max_error: float = DEFAULT_MAX_ERROR
+    ) -> None:
         if not 0.0 < fraction < 0.5:
             raise ValueError(f"top-k fraction must be in (0, 0.5) (sparse entries cost 2x dense ones), got {fraction}")
-        if isinstance(keyframe_every, bool) or not isinstance(keyframe_every, int) \
-                or not 1 <= keyframe_every <= MAX_CHAIN:
+        if (
+            isinstance(keyframe_every, bool)
+            or not isinstance(keyframe_every, int)
+            or not 1 <= keyframe_every <= MAX_CHAIN
+        ):
             raise ValueError(f"keyframe_every must be an integer in [1, {MAX_CHAIN}], got {keyframe_every!r}")
         if not max_error > 0.0:  # NaN fails too
             raise ValueError(f"max_error must be a positive relative error, got {max_error}")
@@ -99,8 +103,15 @@ class TopKCompressor:
             k = max(1, math.ceil(self.fraction * array.size))
             indices, values = sparse_delta(residual, k)
             stored, gaps = pack_indices(indices, array.size)
-            items.append(EncodedTensor("delta", array.dtype, tuple(array.shape),
-                                       {SEP + "indices": stored, SEP + "values": values}, gaps=gaps))
+            items.append(
+                EncodedTensor(
+                    "delta",
+                    array.dtype,
+                    tuple(array.shape),
+                    {SEP + "indices": stored, SEP + "values": values},
+                    gaps=gaps,
+                )
+            )
             flat = residual.reshape(-1)
             flat[indices] -= values.astype(flat.dtype, copy=False)  # what stays unsent (and F16 rounding)
             left += _squared(flat)
@@ -130,9 +141,17 @@ class TopKCompressor:
         self.last_error = 0.0
         self.rebased = False
         self.carry = None
-        return [EncodedTensor("delta", s.dtype, tuple(s.shape), {SEP + "indices": np.zeros(0, index_dtype(s.size)),
-                                                                 SEP + "values": np.zeros(0, "<f2")})
-                if compressible(s) else s for s in self.state]
+        return [
+            EncodedTensor(
+                "delta",
+                s.dtype,
+                tuple(s.shape),
+                {SEP + "indices": np.zeros(0, index_dtype(s.size)), SEP + "values": np.zeros(0, "<f2")},
+            )
+            if compressible(s)
+            else s
+            for s in self.state
+        ]
 
     def rebase(self, arrays: Sequence[np.ndarray], ref: KeyframeRef, weights: Sequence[np.ndarray]) -> None:
         """Every reader now holds ``arrays`` for this writer too (a round's aggregate, named by ``ref``).
@@ -143,8 +162,9 @@ class TopKCompressor:
         """
         if self.state is None or not self._state_matches([np.asarray(a) for a in arrays]):
             return  # no chain to move (a keyframe comes next anyway)
-        unsent = [np.asarray(w, dtype=s.dtype) - s if s.dtype.kind == "f" else None
-                  for w, s in zip(weights, self.state)]
+        unsent = [
+            np.asarray(w, dtype=s.dtype) - s if s.dtype.kind == "f" else None for w, s in zip(weights, self.state)
+        ]
         if self.carry is not None:
             unsent = [u if c is None else u + c for u, c in zip(unsent, self.carry)]
         self.carry = unsent  # type: ignore[assignment]
@@ -161,8 +181,11 @@ class TopKCompressor:
         self.chain = 0
 
     def _state_matches(self, arrays: list[np.ndarray]) -> bool:
-        return self.state is not None and len(arrays) == len(self.state) and all(
-            a.shape == s.shape and a.dtype.newbyteorder("<") == s.dtype for a, s in zip(arrays, self.state))
+        return (
+            self.state is not None
+            and len(arrays) == len(self.state)
+            and all(a.shape == s.shape and a.dtype.newbyteorder("<") == s.dtype for a, s in zip(arrays, self.state))
+        )
 
 
 def state_ref(round_number: int, arrays: Sequence[np.ndarray]) -> KeyframeRef:

@@ -9,11 +9,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr_serverless import layout
-from flwr_serverless.codec import read_header
 from flwr_serverless.errors import FlwrServerlessError, ObjectNotFoundError
-from flwr_serverless.membership import MemberRecord, member_state
+from flwr_serverless.node.membership import MemberRecord, member_state
 from flwr_serverless.stores import ObjectInfo, Store
+from flwr_serverless.wire import layout
+from flwr_serverless.wire.codec import read_header
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -28,8 +28,12 @@ def parse_duration(text: str) -> float:
 
 
 #: per-member prefixes whose keys are ``<prefix><node_id>`` or ``<prefix><node_id>/...``, with the kind inspect shows
-MEMBER_PREFIXES: dict[str, str] = {layout.KEYFRAMES: "keyframes", layout.DELTAS: "deltas",
-                                   layout.CONTRIBUTIONS: "contributions", layout.PENDING: "pending"}
+MEMBER_PREFIXES: dict[str, str] = {
+    layout.KEYFRAMES: "keyframes",
+    layout.DELTAS: "deltas",
+    layout.CONTRIBUTIONS: "contributions",
+    layout.PENDING: "pending",
+}
 #: kinds whose objects are weights objects with a header (epoch, timestamp) worth one GET
 _WEIGHTS_KINDS = ("nodes", "rounds", "keyframes", "contributions")
 _SHOWN_NAMES = 20  # aggregate members named in full; more are counted
@@ -80,7 +84,7 @@ def owner_of(key: str) -> tuple[str, str] | None:
         return "rounds", parsed.node_id
     for prefix, kind in MEMBER_PREFIXES.items():
         if key.startswith(prefix):
-            node = key[len(prefix):].split("/", 1)[0]
+            node = key[len(prefix) :].split("/", 1)[0]
             if layout.is_valid_node_id(node):
                 return kind, node
     return None
@@ -144,8 +148,9 @@ def _aggregate_view(store: Store, listing: Mapping[str, ObjectInfo]) -> Aggregat
     seq = fields.get("seq", extra.get("seq"))
     result.version = seq if isinstance(seq, int) else None
     result.members = sorted(table)
-    result.missing = [node for node, entry in sorted(table.items())
-                      if layout.contribution_key(node, entry.slot) not in listing]
+    result.missing = [
+        node for node, entry in sorted(table.items()) if layout.contribution_key(node, entry.slot) not in listing
+    ]
     return result
 
 
@@ -168,8 +173,9 @@ def format_view(view: ExperimentView) -> str:
     def age(seconds: float | None) -> str:
         return "-" if seconds is None else f"{seconds:.0f}s"
 
-    lines = [f"{'node':<24} {'status':<8} {'heartbeat':>10} {'epoch':>6} {'round':>6} {'newest obj':>10} {'MB':>8}"
-             "  objects"]
+    lines = [
+        f"{'node':<24} {'status':<8} {'heartbeat':>10} {'epoch':>6} {'round':>6} {'newest obj':>10} {'MB':>8}  objects"
+    ]
     for member in sorted(view.members.values(), key=lambda m: m.node_id):
         objects = ", ".join(f"{kind} {count} ({_size(size)})" for kind, (count, size) in member.objects.items())
         lines.append(
@@ -183,9 +189,11 @@ def format_view(view: ExperimentView) -> str:
         lines.append(_aggregate_line(view.aggregate))
     if view.other_keys:
         prefixes = Counter(key.split("/", 1)[0] + ("/" if "/" in key else "") for key in view.other_keys)
-        lines.append(f"other objects: {len(view.other_keys)} ("
-                     + ", ".join(f"{prefix} {count}" for prefix, count in sorted(prefixes.items()))
-                     + "; clean removes them with --all only)")
+        lines.append(
+            f"other objects: {len(view.other_keys)} ("
+            + ", ".join(f"{prefix} {count}" for prefix, count in sorted(prefixes.items()))
+            + "; clean removes them with --all only)"
+        )
     return "\n".join(lines)
 
 
@@ -202,16 +210,25 @@ def _aggregate_line(aggregate: AggregateView) -> str:
         return f"{line}, unreadable table ({aggregate.problem}); the next writer rebuilds it"
     names = ", ".join(aggregate.members[:_SHOWN_NAMES])
     more = len(aggregate.members) - _SHOWN_NAMES
-    line += (f", version {aggregate.version if aggregate.version is not None else '-'}, "
-             f"{len(aggregate.members)} member(s) in its table: {names}" + (f" and {more} more" if more > 0 else ""))
+    line += (
+        f", version {aggregate.version if aggregate.version is not None else '-'}, "
+        f"{len(aggregate.members)} member(s) in its table: {names}" + (f" and {more} more" if more > 0 else "")
+    )
     if aggregate.missing:
-        line += (f"; contribution object gone for {', '.join(aggregate.missing[:_SHOWN_NAMES])} (the mean keeps "
-                 "what they contributed until the aggregate is rebuilt or deleted)")
+        line += (
+            f"; contribution object gone for {', '.join(aggregate.missing[:_SHOWN_NAMES])} (the mean keeps "
+            "what they contributed until the aggregate is rebuilt or deleted)"
+        )
     return line
 
 
-def clean_experiment(store: Store, older_than: float | None = None, everything: bool = False,
-                     now: float | None = None, dry_run: bool = False) -> list[str]:
+def clean_experiment(
+    store: Store,
+    older_than: float | None = None,
+    everything: bool = False,
+    now: float | None = None,
+    dry_run: bool = False,
+) -> list[str]:
     """Delete every key of members that are no longer live (left, expired, gone, or unknown without objects
     newer than ``older_than``): record, weights, rounds, profile, keyframe, delta log, contributions.
     ``everything`` empties the prefix (the aggregate and Keras checkpoints too). Returns the deleted keys.

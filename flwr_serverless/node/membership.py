@@ -23,8 +23,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from flwr_serverless import layout
-from flwr_serverless.deadline import NO_DEADLINE, Deadline
 from flwr_serverless.errors import (
     ConditionalWritesUnsupportedError,
     DuplicateNodeIdError,
@@ -32,7 +30,9 @@ from flwr_serverless.errors import (
     PreconditionFailedError,
     StoreError,
 )
+from flwr_serverless.node.deadline import NO_DEADLINE, Deadline
 from flwr_serverless.stores.base import Store
+from flwr_serverless.wire import layout
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -86,10 +86,14 @@ class MemberRecord:
         try:
             info = json.loads(raw)
             record = cls(
-                node_id=str(info["node_id"]), owner=str(info.get("owner", "")), host=str(info.get("host", "")),
-                pid=int(info.get("pid", -1)), joined=float(info.get("joined", 0.0)),
+                node_id=str(info["node_id"]),
+                owner=str(info.get("owner", "")),
+                host=str(info.get("host", "")),
+                pid=int(info.get("pid", -1)),
+                joined=float(info.get("joined", 0.0)),
                 heartbeat=float(info.get("heartbeat", info.get("joined", 0.0))),
-                lease=float(info.get("lease", DEFAULT_LEASE)), status=str(info.get("status", "active")),
+                lease=float(info.get("lease", DEFAULT_LEASE)),
+                status=str(info.get("status", "active")),
                 left=None if info.get("left") is None else float(info["left"]),
             )
         except (ValueError, TypeError, KeyError, AttributeError):
@@ -97,8 +101,9 @@ class MemberRecord:
         return record if record.lease > 0 else None
 
 
-def member_state(record: MemberRecord, now: float, host: str | None = None,
-                 alive: Callable[[int], bool] = pid_alive) -> str:
+def member_state(
+    record: MemberRecord, now: float, host: str | None = None, alive: Callable[[int], bool] = pid_alive
+) -> str:
     """``live``, ``left``, ``expired`` (lease ran out) or ``gone`` (its process on this host has exited)."""
     if record.status == "left":
         return LEFT
@@ -123,8 +128,14 @@ def ended_before(record: MemberRecord, moment: float) -> bool:
 class Membership:
     """This node's claim on ``members/<node_id>``: join once, keep the lease fresh, leave at the end."""
 
-    def __init__(self, store: Store, node_id: str, owner: str, lease: float = DEFAULT_LEASE,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        node_id: str,
+        owner: str,
+        lease: float = DEFAULT_LEASE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.node_id = node_id
         self.owner = owner
@@ -139,9 +150,15 @@ class Membership:
 
     def _record(self, **changes: Any) -> MemberRecord:
         now = self.clock()
-        base = MemberRecord(self.node_id, self.owner, socket.gethostname(), os.getpid(),
-                            joined=self.joined_at if self.joined_at is not None else now, heartbeat=now,
-                            lease=self.lease)
+        base = MemberRecord(
+            self.node_id,
+            self.owner,
+            socket.gethostname(),
+            os.getpid(),
+            joined=self.joined_at if self.joined_at is not None else now,
+            heartbeat=now,
+            lease=self.lease,
+        )
         return replace(base, **changes)
 
     def join(self, deadline: Deadline = NO_DEADLINE, before_takeover: Callable[[], None] | None = None) -> None:
@@ -158,8 +175,11 @@ class Membership:
         self.joined_at = self.clock()
         data = self._record().to_bytes()
         if not self.store.supports_conditional_writes:
-            logger.warning("store %r has no conditional writes: node %s cannot detect another node using the same id",
-                           self.store, self.node_id)
+            logger.warning(
+                "store %r has no conditional writes: node %s cannot detect another node using the same id",
+                self.store,
+                self.node_id,
+            )
             self.store.put(self.key, data)
             return
         for _ in range(_CLAIM_ROUNDS):
@@ -252,7 +272,10 @@ class Membership:
         self.lost = True
         logger.error(
             "node %s: another node took over this node id (it was silent longer than its %.0fs lease); "
-            "two jobs now publish as %s", self.node_id, self.lease, self.node_id,
+            "two jobs now publish as %s",
+            self.node_id,
+            self.lease,
+            self.node_id,
         )
 
 

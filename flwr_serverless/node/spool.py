@@ -18,7 +18,7 @@ import mmap
 import tempfile
 
 from flwr_serverless.stores import Store
-from flwr_serverless.stores.local_fs import map_read_only
+from flwr_serverless.stores.local_mapping import map_read_only
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -55,8 +55,10 @@ class PeerSpool:
 
     def _fall_back(self, store: Store, key: str, exc: OSError) -> bytes:
         """A full or unwritable spool directory must not stop training: keep peers in memory from now on."""
-        logger.warning("cannot spool peer objects to %s (%s); keeping them in memory instead",
-                       self.directory or tempfile.gettempdir(), exc)
+        logger.warning(
+            "cannot spool peer objects to %s (%s); keeping them in memory instead",
+            self.directory or tempfile.gettempdir(),
+            exc,
+        )
         self.mode = "memory"
         return store.get(key)
-

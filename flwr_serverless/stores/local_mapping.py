@@ -15,10 +15,24 @@ import os
 import sys
 
 #: Filesystems on which an open (or mapped) file outlives a rename over it or an unlink.
-LOCAL_FILESYSTEMS = frozenset({
-    "ext2", "ext3", "ext4", "xfs", "btrfs", "bcachefs", "zfs", "f2fs", "jfs", "reiserfs", "nilfs2",
-    "tmpfs", "ramfs", "overlay",
-})
+LOCAL_FILESYSTEMS = frozenset(
+    {
+        "ext2",
+        "ext3",
+        "ext4",
+        "xfs",
+        "btrfs",
+        "bcachefs",
+        "zfs",
+        "f2fs",
+        "jfs",
+        "reiserfs",
+        "nilfs2",
+        "tmpfs",
+        "ramfs",
+        "overlay",
+    }
+)
 MOUNTINFO = "/proc/self/mountinfo"
 
 

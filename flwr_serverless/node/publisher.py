@@ -1,7 +1,7 @@
 """What a node publishes: its weights encoded with its ``compression`` option; for top-k, the chain's side objects.
 
 ``compression`` is None | "fp16" | "bf16" | "int8" | "topk:<fraction>" (see
-``flwr_serverless.compression``). For top-k the writer follows the chain
+``flwr_serverless.wire.compression``). For top-k the writer follows the chain
 protocol: a due keyframe goes to ``keyframes/<node_id>`` *before* the object
 naming it is published; once a delta is published, ``published`` copies it
 inside the store to the log ``deltas/<node_id>/<index>`` (no second upload) and
@@ -16,18 +16,18 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from flwr_serverless import layout
-from flwr_serverless.codec import UpdateHeader, encode, encode_parts, object_ref
-from flwr_serverless.compression import (
+from flwr_serverless.errors import StoreError
+from flwr_serverless.wire import layout
+from flwr_serverless.wire.codec import UpdateHeader, encode, encode_parts, object_ref
+from flwr_serverless.wire.compression import (
     EncodedTensor,
     Spec,
     decode_tensor,
     encode_tensor,
     parse_compression,
 )
-from flwr_serverless.errors import StoreError
-from flwr_serverless.header import MAX_CHAIN, KeyframeRef
-from flwr_serverless.topk import PendingDelta, TopKCompressor
+from flwr_serverless.wire.header import MAX_CHAIN, KeyframeRef
+from flwr_serverless.wire.topk import PendingDelta, TopKCompressor
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -47,8 +47,14 @@ def _check_topk_option(name: str, value: object, integer: bool) -> None:
 class UpdateWriter:
     """Encodes one node's weights with its compression option; remembers what peers will decode."""
 
-    def __init__(self, compression: str | None = None, *, topk_keyframe_every: int | None = None,
-                 topk_max_error: float | None = None, topk_keyframe: str | None = None) -> None:
+    def __init__(
+        self,
+        compression: str | None = None,
+        *,
+        topk_keyframe_every: int | None = None,
+        topk_max_error: float | None = None,
+        topk_keyframe: str | None = None,
+    ) -> None:
         self.codec, fraction = parse_compression(compression)  # ValueError naming the option
         self.option = compression
         self.topk: TopKCompressor | None = None
@@ -56,19 +62,25 @@ class UpdateWriter:
             raise ValueError(f"topk_keyframe must be one of {', '.join(KEYFRAME_CODECS)}, got {topk_keyframe!r}")
         # A keyframe only starts a chain: error feedback sends what its encoding rounded, so int8 is the default.
         self.keyframe_codec = None if topk_keyframe == "lossless" else (topk_keyframe or DEFAULT_KEYFRAME_CODEC)
-        topk_options = {"topk_keyframe_every": topk_keyframe_every, "topk_max_error": topk_max_error,
-                        "topk_keyframe": topk_keyframe}
+        topk_options = {
+            "topk_keyframe_every": topk_keyframe_every,
+            "topk_max_error": topk_max_error,
+            "topk_keyframe": topk_keyframe,
+        }
         given = [name for name, value in topk_options.items() if value is not None]
         if self.codec != "topk" and given:
-            raise ValueError(f"{', '.join(given)} only apply with compression='topk:<fraction>', "
-                             f"not compression={compression!r}")
+            raise ValueError(
+                f"{', '.join(given)} only apply with compression='topk:<fraction>', not compression={compression!r}"
+            )
         if self.codec == "topk" and fraction is not None:
             options: dict[str, float] = {}
             if topk_keyframe_every is not None:
                 _check_topk_option("topk_keyframe_every", topk_keyframe_every, integer=True)
                 if topk_keyframe_every > MAX_CHAIN:
-                    raise ValueError(f"topk_keyframe_every must be at most {MAX_CHAIN} (readers refuse longer chains), "
-                                     f"got {topk_keyframe_every}")
+                    raise ValueError(
+                        f"topk_keyframe_every must be at most {MAX_CHAIN} (readers refuse longer chains), "
+                        f"got {topk_keyframe_every}"
+                    )
                 options["keyframe_every"] = topk_keyframe_every
             if topk_max_error is not None:
                 _check_topk_option("topk_max_error", topk_max_error, integer=False)
@@ -82,8 +94,14 @@ class UpdateWriter:
         self._published: list[np.ndarray] | None = None  # top-k: the chain state of the last publication
         self._items: list[np.ndarray | EncodedTensor] | None = None  # what the last object stored, per tensor
 
-    def encode(self, arrays: Sequence[np.ndarray], header: UpdateHeader, names: Sequence[str] | None,
-               secret: bytes | None, put_first: PutFirst) -> list[bytes | memoryview]:
+    def encode(
+        self,
+        arrays: Sequence[np.ndarray],
+        header: UpdateHeader,
+        names: Sequence[str] | None,
+        secret: bytes | None,
+        put_first: PutFirst,
+    ) -> list[bytes | memoryview]:
         """The object to publish as buffers (stores write them without a join); for top-k, a due keyframe is
         stored with ``put_first(key, data)`` before. Call ``published`` once the object is in the store."""
         if self.topk is None:
@@ -128,8 +146,12 @@ class UpdateWriter:
             copy(key, log_key)
         except StoreError as exc:
             self._restart = True
-            logger.warning("node %s could not log its top-k delta at %s (its next update starts a new keyframe): "
-                           "%s", self._node_id, log_key, exc)
+            logger.warning(
+                "node %s could not log its top-k delta at %s (its next update starts a new keyframe): %s",
+                self._node_id,
+                log_key,
+                exc,
+            )
         self.topk.commit(pending)  # readers of ``key`` hold this state now, logged or not
         self._published = self.topk.state  # a rebase replaces the list, a commit changes it: kept until then
         self.deltas_logged += 0 if self._restart else 1

@@ -16,14 +16,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from flwr_serverless import layout
-from flwr_serverless.codec import DecodedUpdate, KeyframeRef, UpdateHeader, decode
-from flwr_serverless.deadline import NO_DEADLINE, Deadline
 from flwr_serverless.errors import InvalidObjectError, KeyframeRequiredError, ObjectNotFoundError, StoreError
-from flwr_serverless.spool import PeerSpool
+from flwr_serverless.node.deadline import NO_DEADLINE, Deadline
+from flwr_serverless.node.spool import PeerSpool
 from flwr_serverless.stores import ObjectInfo, Store
 from flwr_serverless.stores.base import Payload
 from flwr_serverless.stores.retry import RetryPolicy, call_with_retries, is_transient
+from flwr_serverless.wire import layout
+from flwr_serverless.wire.codec import DecodedUpdate, KeyframeRef, UpdateHeader, decode
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -77,9 +77,17 @@ Outcome = DecodedUpdate | StoreError | None  # None: gone, or rejected (already 
 class Exchange:
     """I/O of one node: every store call goes through here with the caller's deadline."""
 
-    def __init__(self, store: Store, node_id: str, *, secret: bytes | None = None,
-                 max_object_bytes: int | None = None, peer_cache: str = "disk", cache_dir: str | None = None,
-                 stats: NodeStats | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        node_id: str,
+        *,
+        secret: bytes | None = None,
+        max_object_bytes: int | None = None,
+        peer_cache: str = "disk",
+        cache_dir: str | None = None,
+        stats: NodeStats | None = None,
+    ) -> None:
         if max_object_bytes is not None and (isinstance(max_object_bytes, bool) or max_object_bytes <= 0):
             raise ValueError(f"max_object_bytes must be a positive number of bytes, got {max_object_bytes!r}")
         self.store = store
@@ -129,19 +137,22 @@ class Exchange:
 
     def persist(self, call: Callable[[], T], deadline: Deadline, operation: str, key: str) -> T:
         """Retry ``call`` on transient store faults until ``deadline``, then raise one error naming op and key."""
-        policy = RetryPolicy(attempts=1_000_000, max_time=min(deadline.remaining(), 1e9), base_delay=0.05,
-                             max_delay=1.0)
+        policy = RetryPolicy(
+            attempts=1_000_000, max_time=min(deadline.remaining(), 1e9), base_delay=0.05, max_delay=1.0
+        )
 
         def count(exc: BaseException) -> None:
             self.stats.store_failures += 1
-            logger.warning("node %s: store unavailable (%s %s), retrying until the deadline: %s",
-                           self.node_id, operation, key, exc)
+            logger.warning(
+                "node %s: store unavailable (%s %s), retrying until the deadline: %s", self.node_id, operation, key, exc
+            )
 
         return call_with_retries(policy, operation, key, call, on_retry=count)
 
     # -- peers ----------------------------------------------------------------------------
-    def fetch(self, info: ObjectInfo, deadline: Deadline = NO_DEADLINE,
-              node_id: str | None = None) -> DecodedUpdate | None:
+    def fetch(
+        self, info: ObjectInfo, deadline: Deadline = NO_DEADLINE, node_id: str | None = None
+    ) -> DecodedUpdate | None:
         """GET and validate one peer object; a bad object is logged, counted, remembered and skipped.
 
         A top-k delta is decoded onto the peer's state we hold. If that is not the
@@ -187,8 +198,15 @@ class Exchange:
 
     def _decode(self, data: Any, key: str, base: DecodedUpdate | None) -> DecodedUpdate:
         names = self.expected_names if self.framework == "torch" else None  # Keras auto-names vary by process
-        return decode(data, key, expected=self.expected, secret=self.secret, expected_names=names,
-                      framework=self.framework, base=base)
+        return decode(
+            data,
+            key,
+            expected=self.expected,
+            secret=self.secret,
+            expected_names=names,
+            framework=self.framework,
+            base=base,
+        )
 
     def _check_size(self, key: str, size: int) -> None:
         if self.max_object_bytes is not None and size > self.max_object_bytes:
@@ -260,16 +278,23 @@ class Exchange:
         """A link of the delta's chain is gone (a new chain began, or it is missing): skip the peer this time."""
         self.stats.keyframe_misses += 1
         self.bad_tags[info.key] = info.tag  # not a rejection: a protocol writer's next object is usable
-        logger.info("node %s skips %s this time: it is top-k delta %d after keyframe seq %d, and the keyframe or "
-                    "a logged delta before it is missing or of a newer chain", self.node_id, info.key,
-                    required.chain, required.ref.seq)
+        logger.info(
+            "node %s skips %s this time: it is top-k delta %d after keyframe seq %d, and the keyframe or "
+            "a logged delta before it is missing or of a newer chain",
+            self.node_id,
+            info.key,
+            required.chain,
+            required.ref.seq,
+        )
 
-    def fetch_many(self, infos: Sequence[ObjectInfo], deadline: Deadline = NO_DEADLINE,
-                   node_ids: Sequence[str] | None = None) -> list[Outcome]:
+    def fetch_many(
+        self, infos: Sequence[ObjectInfo], deadline: Deadline = NO_DEADLINE, node_ids: Sequence[str] | None = None
+    ) -> list[Outcome]:
         """Fetch peers concurrently (downloads overlap, hashing releases the GIL), each under ``deadline``.
 
         ``node_ids``: the writer each object must come from, when the key's last part is not it.
         """
+
         def one(info: ObjectInfo, node_id: str | None) -> Outcome:
             if deadline.expired:
                 return StoreError("get", info.key, "the federation's deadline passed before this download")
@@ -333,8 +358,9 @@ class Exchange:
         logger.warning("node %s skips %s %s, could not pull it: %s", self.node_id, key, what, exc)
 
     # -- added for the aggregate mode's helping (kept at the end of the class) --------------------------
-    def list_page(self, prefix: str, start_after: str, max_keys: int,
-                  deadline: Deadline = NO_DEADLINE) -> dict[str, ObjectInfo]:
+    def list_page(
+        self, prefix: str, start_after: str, max_keys: int, deadline: Deadline = NO_DEADLINE
+    ) -> dict[str, ObjectInfo]:
         """One page of ``prefix`` (``Store.list_page``): at most ``max_keys`` keys after ``start_after``."""
         with deadline.applied():
             return self.store.list_page(prefix, start_after, max_keys)

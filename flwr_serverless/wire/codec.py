@@ -8,7 +8,7 @@ Layout of one object (readable by the ``safetensors`` library too)::
                 "dense/kernel": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]}, ...}
     payload    the stored tensors back to back, little-endian, C order
 
-The update header (``flwr_serverless.header``) carries the format version, who
+The update header (``flwr_serverless.wire.header``) carries the format version, who
 wrote the object and what it was trained from, the tensor names in model order,
 how compressed tensors are stored (``compression.py``), the chain position of a
 top-k delta (its keyframe and index), and a hash of the payload (BLAKE3 by default, SHA-256
@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from flwr_serverless.compat import TensorSpec, check_compatible, default_names, incompatibility
-from flwr_serverless.compression import (
+from flwr_serverless.errors import InvalidObjectError, KeyframeRequiredError
+from flwr_serverless.wire.compression import (
     SEP,
     EncodedTensor,
     Spec,
@@ -43,9 +43,8 @@ from flwr_serverless.compression import (
     parse_spec,
     part_suffixes,
 )
-from flwr_serverless.dtypes import DTYPES, dtype_name
-from flwr_serverless.errors import InvalidObjectError, KeyframeRequiredError
-from flwr_serverless.header import (
+from flwr_serverless.wire.dtypes import DTYPES, dtype_name
+from flwr_serverless.wire.header import (
     FORMAT,
     FORMAT_V1,
     FORMATS,
@@ -59,15 +58,29 @@ from flwr_serverless.header import (
     parse_header,
     parse_keyframe,
 )
+from flwr_serverless.wire.tensor_match import TensorSpec, check_compatible, default_names, incompatibility
 
 try:
     import blake3 as _blake3
 except ImportError:  # pragma: no cover - blake3 is a dependency; SHA-256 keeps working without it
     _blake3 = None
 
-__all__ = ["FORMAT", "FORMAT_V1", "DecodedUpdate", "KeyframeRef", "KeyframeRequiredError", "UpdateHeader",
-           "check_compatible", "decode", "dtype_name", "encode", "encode_parts", "is_valid_node_id", "object_ref",
-           "read_header"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_V1",
+    "DecodedUpdate",
+    "KeyframeRef",
+    "KeyframeRequiredError",
+    "UpdateHeader",
+    "check_compatible",
+    "decode",
+    "dtype_name",
+    "encode",
+    "encode_parts",
+    "is_valid_node_id",
+    "object_ref",
+    "read_header",
+]
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 HASHES = ("blake3", "sha256")
@@ -166,15 +179,23 @@ def encode_parts(
         array = np.asarray(array)
         data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         view = memoryview(data.reshape(-1).view(np.uint8))
-        layout[name] = {"dtype": dtype_name(array.dtype), "shape": list(array.shape),
-                        "data_offsets": [offset, offset + view.nbytes]}
+        layout[name] = {
+            "dtype": dtype_name(array.dtype),
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + view.nbytes],
+        }
         digest.update(view)
         chunks.append(view)
         offset += view.nbytes
 
-    fields.update(format=FORMAT, tensor_names=names, payload_hash=f"{payload_hash}:{digest.hexdigest()}",
-                  encodings=encodings, keyframe=None if keyframe is None else
-                  {"seq": keyframe.seq, "payload_hash": keyframe.payload_hash}, chain=chain)
+    fields.update(
+        format=FORMAT,
+        tensor_names=names,
+        payload_hash=f"{payload_hash}:{digest.hexdigest()}",
+        encodings=encodings,
+        keyframe=None if keyframe is None else {"seq": keyframe.seq, "payload_hash": keyframe.payload_hash},
+        chain=chain,
+    )
     if secret:
         fields["signature"] = _signature(secret, fields, layout)
     meta = {"__metadata__": {"flwr_serverless": json.dumps(fields, allow_nan=False)}}
@@ -183,8 +204,13 @@ def encode_parts(
     return [struct.pack("<Q", len(raw)), raw, *chunks]
 
 
-def encode(arrays: Sequence[np.ndarray | EncodedTensor], header: UpdateHeader, names: Sequence[str] | None = None,
-           secret: bytes | None = None, **options: Any) -> bytes:
+def encode(
+    arrays: Sequence[np.ndarray | EncodedTensor],
+    header: UpdateHeader,
+    names: Sequence[str] | None = None,
+    secret: bytes | None = None,
+    **options: Any,
+) -> bytes:
     """Serialize tensors plus header into one self-describing object.
 
     ``compression`` ("fp16", "bf16", "int8") compresses float tensors; top-k
@@ -212,8 +238,9 @@ def read_header(data: bytes | memoryview | mmap.mmap, key: str) -> tuple[dict[st
         raise InvalidObjectError(key, f"not a flwr-serverless weights object ({type(exc).__name__})") from None
     if not isinstance(fields, dict) or fields.get("format") not in FORMATS:
         version = fields.get("format") if isinstance(fields, dict) else None
-        raise InvalidObjectError(key, f"unsupported format version {str(version)[:40]!r} (this reader reads "
-                                      f"{', '.join(FORMATS)})")
+        raise InvalidObjectError(
+            key, f"unsupported format version {str(version)[:40]!r} (this reader reads {', '.join(FORMATS)})"
+        )
     layout = {name: spec for name, spec in top.items() if name != "__metadata__"}
     return fields, layout, 8 + header_len
 
@@ -283,9 +310,15 @@ def decode(
         for name, array in zip(names, arrays):
             if array.dtype.kind == "f" and not _all_finite(array):
                 raise InvalidObjectError(key, f"tensor {name!r} contains NaN or Inf")
-    return DecodedUpdate(header=header, names=list(names), arrays=arrays, payload_hash=f"{algorithm}:{digest}",
-                         keyframe=ref if chain is not None else None, chain=chain,
-                         encodings={n: s.codec for n, s in specs.items()})
+    return DecodedUpdate(
+        header=header,
+        names=list(names),
+        arrays=arrays,
+        payload_hash=f"{algorithm}:{digest}",
+        keyframe=ref if chain is not None else None,
+        chain=chain,
+        encodings={n: s.codec for n, s in specs.items()},
+    )
 
 
 def _encodings(fields: dict[str, Any], names: list[str], key: str) -> dict[str, Spec]:
@@ -322,8 +355,15 @@ def _views(layout: dict[str, Any], order: list[str], payload: memoryview, key: s
     return views
 
 
-def _rebuild(names: list[str], specs: dict[str, Spec], parts: dict[str, np.ndarray], header: UpdateHeader,
-             at: tuple[KeyframeRef | None, int | None], base: DecodedUpdate | None, key: str) -> list[np.ndarray]:
+def _rebuild(
+    names: list[str],
+    specs: dict[str, Spec],
+    parts: dict[str, np.ndarray],
+    header: UpdateHeader,
+    at: tuple[KeyframeRef | None, int | None],
+    base: DecodedUpdate | None,
+    key: str,
+) -> list[np.ndarray]:
     """Uncompressed tensors as they are; compressed ones back in their original dtype (deltas onto ``base``)."""
     ref, chain = at
     deltas = [name for name, spec in specs.items() if spec.codec == "delta"]
@@ -351,4 +391,4 @@ def _rebuild(names: list[str], specs: dict[str, Spec], parts: dict[str, np.ndarr
 def _all_finite(array: np.ndarray, chunk: int = 1 << 18) -> bool:
     """``np.isfinite(array).all()`` in slices, so the check allocates a small mask, not one per tensor."""
     flat = array.reshape(-1)
-    return all(np.isfinite(flat[start:start + chunk]).all() for start in range(0, flat.size, chunk))
+    return all(np.isfinite(flat[start : start + chunk]).all() for start in range(0, flat.size, chunk))

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flwr_serverless.aggregation import weighted_sum
-from flwr_serverless.codec import UpdateHeader
+from flwr_serverless.strategy.aggregate import weighted_sum
+from flwr_serverless.wire.codec import UpdateHeader
 
 STALENESS_UNITS = ("steps", "versions")
 
@@ -189,9 +189,15 @@ class AsyncPolicy:
     * ``participation`` C: each call federates with probability C (seeded RNG).
     """
 
-    def __init__(self, staleness: str | StalenessFunction | None = None, unit: str = "steps",
-                 alpha: float | None = None, buffer_size: int | None = None, participation: float = 1.0,
-                 seed: int | None = None) -> None:
+    def __init__(
+        self,
+        staleness: str | StalenessFunction | None = None,
+        unit: str = "steps",
+        alpha: float | None = None,
+        buffer_size: int | None = None,
+        participation: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
         if unit not in STALENESS_UNITS:
             raise ValueError(f"staleness_unit must be one of {', '.join(STALENESS_UNITS)}, got {unit!r}")
         if alpha is not None and not 0.0 < alpha <= 1.0:
@@ -246,11 +252,19 @@ class AsyncPolicy:
     def factor(self, header: UpdateHeader) -> float:
         return float(self.function(self.staleness_of(header)))
 
-    def mix(self, local: Sequence[np.ndarray], aggregate: list[np.ndarray], peer_headers: Sequence[UpdateHeader],
-            peer_weights: Sequence[float]) -> list[np.ndarray]:
+    def mix(
+        self,
+        local: Sequence[np.ndarray],
+        aggregate: list[np.ndarray],
+        peer_headers: Sequence[UpdateHeader],
+        peer_weights: Sequence[float],
+    ) -> list[np.ndarray]:
         if self.alpha is None:
             return aggregate
         total = math.fsum(peer_weights)
-        u_agg = (math.fsum(w * self.staleness_of(h) for h, w in zip(peer_headers, peer_weights)) / total
-                 if total > 0 else 0.0)
+        u_agg = (
+            math.fsum(w * self.staleness_of(h) for h, w in zip(peer_headers, peer_weights)) / total
+            if total > 0
+            else 0.0
+        )
         return mix(local, aggregate, self.alpha * float(self.function(u_agg)))

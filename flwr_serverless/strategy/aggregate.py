@@ -61,8 +61,9 @@ def weighted_mean(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[flo
     return result
 
 
-def weighted_sum(layer: Sequence[np.ndarray], scales: Sequence[float], dtype: np.dtype,
-                  chunk: int = CHUNK_ELEMENTS) -> np.ndarray:
+def weighted_sum(
+    layer: Sequence[np.ndarray], scales: Sequence[float], dtype: np.dtype, chunk: int = CHUNK_ELEMENTS
+) -> np.ndarray:
     """sum(scale_k * tensor_k) slice by slice: float64 temporaries of one slice, not of the whole tensor.
 
     Each slice is widened by a plain copy, then scaled in place: the same bits as a
@@ -118,11 +119,20 @@ def _reply(index: int, arrays: Sequence[np.ndarray], weight: float, key: str) ->
     """A train reply as the Message API's strategies read it (no SuperLink: the metadata is ours)."""
     from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
-    content = RecordDict({"arrays": ArrayRecord([np.asarray(a) for a in arrays]),
-                          "metrics": MetricRecord({key: weight})})
-    metadata = Metadata(run_id=0, message_id=f"flwr-serverless-{index}", src_node_id=index + 1, dst_node_id=0,
-                        reply_to_message_id="flwr-serverless", group_id="", created_at=time.time(), ttl=3600.0,
-                        message_type="train")
+    content = RecordDict(
+        {"arrays": ArrayRecord([np.asarray(a) for a in arrays]), "metrics": MetricRecord({key: weight})}
+    )
+    metadata = Metadata(
+        run_id=0,
+        message_id=f"flwr-serverless-{index}",
+        src_node_id=index + 1,
+        dst_node_id=0,
+        reply_to_message_id="flwr-serverless",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
     return Message(content=content, metadata=metadata)
 
 

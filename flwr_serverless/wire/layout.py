@@ -35,11 +35,17 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("keyframes/<node_id>", "top-k compression: the full weights that start the node's chain of sparse deltas"),
     ("keras/<node_id>/", "Keras callback checkpoints: model_{before,after}_aggregation_<epoch>.h5 and metrics JSON"),
     ("aggregate", "aggregate mode: FedAvg of every member's latest contribution and the table naming them (CAS)"),
-    ("contributions/<node_id>/<slot>", "aggregate mode: a member's contributions, slot 0, 1 or 2 (the one the "
-                                       "aggregate names, the one a pending change may name, and the next)"),
-    ("pending/<node_id>/<base>.<slot>.<hash>", "aggregate mode: a change that lost its compare-and-swap (the "
-                                               "weighted difference from contribution <base> to <slot>), for "
-                                               "another member to fold in"),
+    (
+        "contributions/<node_id>/<slot>",
+        "aggregate mode: a member's contributions, slot 0, 1 or 2 (the one the "
+        "aggregate names, the one a pending change may name, and the next)",
+    ),
+    (
+        "pending/<node_id>/<base>.<slot>.<hash>",
+        "aggregate mode: a change that lost its compare-and-swap (the "
+        "weighted difference from contribution <base> to <slot>), for "
+        "another member to fold in",
+    ),
     ("deltas/<node_id>/<index>", "top-k compression: the node's delta log since its keyframe (8-digit index)"),
 )
 
@@ -92,7 +98,7 @@ def parse_contribution_key(key: str) -> tuple[str, int] | None:
     """``contributions/alice/1`` -> ("alice", 1); None for anything else."""
     if not key.startswith(CONTRIBUTIONS):
         return None
-    node_id, sep, slot = key[len(CONTRIBUTIONS):].partition("/")
+    node_id, sep, slot = key[len(CONTRIBUTIONS) :].partition("/")
     if not sep or slot not in ("0", "1", "2") or not is_valid_node_id(node_id):
         return None
     return node_id, int(slot)
@@ -108,11 +114,17 @@ def parse_delta_key(key: str) -> tuple[str, int] | None:
     """``deltas/alice/00000003`` -> ("alice", 3); None for anything else."""
     if not key.startswith(DELTAS):
         return None
-    node_id, sep, index = key[len(DELTAS):].partition("/")
-    if not sep or len(index) != DELTA_DIGITS or not (index.isascii() and index.isdigit()) \
-            or not is_valid_node_id(node_id):
+    node_id, sep, index = key[len(DELTAS) :].partition("/")
+    if (
+        not sep
+        or len(index) != DELTA_DIGITS
+        or not (index.isascii() and index.isdigit())
+        or not is_valid_node_id(node_id)
+    ):
         return None
     return node_id, int(index)
+
+
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
@@ -125,7 +137,7 @@ def parse_pending_key(key: str) -> tuple[str, str | None, int, str] | None:
     """``pending/alice/<base>.1.<new>`` -> ("alice", base or None, 1, new); None for anything else."""
     if not key.startswith(PENDING):
         return None
-    node_id, sep, name = key[len(PENDING):].partition("/")
+    node_id, sep, name = key[len(PENDING) :].partition("/")
     parts = name.split(".")
     if not sep or len(parts) != 3 or not is_valid_node_id(node_id):
         return None

@@ -1,0 +1,5 @@
+"""The ``flwr-serverless`` command line: simulate, experiment, inspect, clean."""
+
+from flwr_serverless.cli.main import build_parser, main
+
+__all__ = ["build_parser", "main"]

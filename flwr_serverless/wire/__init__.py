@@ -1,0 +1,1 @@
+"""The wire format: what an object in the store is (codec, header, compression, key layout)."""
