@@ -275,9 +275,30 @@ def store_url_factory(request: pytest.FixtureRequest, tmp_path: Any) -> StoreUrl
     return make
 
 
-@pytest.fixture(params=STORE_KINDS)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "s3_servers(*servers): run this test's store_url kinds on these S3 servers only (default: all of "
+        "S3_SERVERS); for tests whose subject is node logic, not the server",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``store_url`` runs once per kind; ``@pytest.mark.s3_servers(...)`` narrows the S3 servers."""
+    if "store_url" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("s3_servers")
+    servers = S3_SERVERS if marker is None else [s for s in marker.args if s in S3_SERVERS]
+    unknown = sorted(set(marker.args if marker else ()) - {"moto", "seaweedfs", "external"})
+    if unknown:
+        raise ValueError(f"{metafunc.definition.nodeid}: unknown S3 server(s) {unknown} in s3_servers")
+    kinds = [kind for kind in STORE_KINDS if kind.partition("-")[0] in ("memory", "file", *servers)]
+    metafunc.parametrize("store_url", kinds, indirect=True)
+
+
+@pytest.fixture
 def store_url(request: pytest.FixtureRequest, store_url_factory: StoreUrlFactory) -> tuple[str, dict[str, Any]]:
-    """(url, storage_options) of a fresh experiment, once per backend."""
+    """(url, storage_options) of a fresh experiment, once per kind (see ``pytest_generate_tests``)."""
     return store_url_factory(request.param)
 
 
