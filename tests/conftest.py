@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 
 from flwr_serverless.stores import Store, open_store
-from tests.s3_servers import create_bucket, seaweedfs
+from tests.s3_servers import client_for, create_bucket, seaweedfs
 
 #: Your own S3 endpoint (see the module docstring); read once, before moto's fixture rewrites AWS_*.
 EXTERNAL_ENDPOINT = os.environ.get("FLWR_TEST_S3_ENDPOINT", "").strip()
@@ -219,21 +219,6 @@ def external_s3() -> Iterator[S3Place]:
             client.delete_bucket(Bucket=bucket)
 
 
-def client_for(options: dict[str, Any]) -> Any:
-    """A boto3 client on the endpoint, with the credentials, of a store's S3 options (to look under the Store)."""
-    import boto3
-
-    session = boto3.session.Session(profile_name=options["profile"]) if "profile" in options else None
-    return (session or boto3.session.Session()).client(
-        "s3",
-        endpoint_url=options.get("endpoint_url"),
-        region_name=options.get("region_name", "us-east-1"),
-        aws_access_key_id=options.get("key"),
-        aws_secret_access_key=options.get("secret"),
-        aws_session_token=options.get("token"),
-    )
-
-
 def s3_place(request: pytest.FixtureRequest, server: str) -> S3Place:
     """Where ``server``'s S3 objects go for this test (moto: a fresh bucket; others: the session's bucket)."""
     if server == "moto":
@@ -284,16 +269,20 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """``store_url`` runs once per kind; ``@pytest.mark.s3_servers(...)`` narrows the S3 servers."""
-    if "store_url" not in metafunc.fixturenames:
-        return
+    """Parametrise by S3 server: ``store_url`` (every kind), ``s3_kind`` (every ``<server>-<client>``)
+    and ``s3_server`` (every server name) run once each; ``@pytest.mark.s3_servers(...)`` narrows the servers."""
     marker = metafunc.definition.get_closest_marker("s3_servers")
     servers = S3_SERVERS if marker is None else [s for s in marker.args if s in S3_SERVERS]
     unknown = sorted(set(marker.args if marker else ()) - {"moto", "seaweedfs", "external"})
     if unknown:
         raise ValueError(f"{metafunc.definition.nodeid}: unknown S3 server(s) {unknown} in s3_servers")
-    kinds = [kind for kind in STORE_KINDS if kind.partition("-")[0] in ("memory", "file", *servers)]
-    metafunc.parametrize("store_url", kinds, indirect=True)
+    if "store_url" in metafunc.fixturenames:
+        kinds = [kind for kind in STORE_KINDS if kind.partition("-")[0] in ("memory", "file", *servers)]
+        metafunc.parametrize("store_url", kinds, indirect=True)
+    if "s3_kind" in metafunc.fixturenames:
+        metafunc.parametrize("s3_kind", [kind for kind in S3_KINDS if kind.partition("-")[0] in servers])
+    if "s3_server" in metafunc.fixturenames:
+        metafunc.parametrize("s3_server", servers)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
@@ -146,6 +147,21 @@ def boto3_client(server: S3Server):  # type: ignore[no-untyped-def]
         region_name="us-east-1",
         aws_access_key_id=server.access_key,
         aws_secret_access_key=server.secret_key,
+    )
+
+
+def client_for(options: dict[str, Any]) -> Any:
+    """A boto3 client on the endpoint, with the credentials, of a store's S3 options (to look under the Store)."""
+    import boto3
+
+    session = boto3.session.Session(profile_name=options["profile"]) if "profile" in options else None
+    return (session or boto3.session.Session()).client(
+        "s3",
+        endpoint_url=options.get("endpoint_url"),
+        region_name=options.get("region_name", "us-east-1"),
+        aws_access_key_id=options.get("key"),
+        aws_secret_access_key=options.get("secret"),
+        aws_session_token=options.get("token"),
     )
 
 
