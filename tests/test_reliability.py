@@ -213,8 +213,9 @@ def test_soak_small_local(tmp_path: Path) -> None:
     _run_soak(str(tmp_path / "store"), {}, tmp_path, nodes=3, epochs=5, params=20_000)
 
 
-def test_soak_small_s3(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> None:
-    _run_soak(f"s3://{s3_bucket}/soak", {"endpoint_url": moto_endpoint}, tmp_path, nodes=3, epochs=5, params=20_000)
+def test_soak_small_s3(tmp_path: Path, s3_server: str, store_url_factory: Any) -> None:
+    url, options = store_url_factory(f"{s3_server}-boto3")
+    _run_soak(url, options, tmp_path, nodes=3, epochs=5, params=20_000)
 
 
 @pytest.mark.slow
@@ -223,8 +224,9 @@ def test_soak_8_processes_30_epochs_1m_parameters(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_soak_8_processes_30_epochs_1m_parameters_s3(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> None:
-    _run_soak(f"s3://{s3_bucket}/soak", {"endpoint_url": moto_endpoint}, tmp_path, nodes=8, epochs=30, params=1_000_000)
+def test_soak_8_processes_30_epochs_1m_parameters_s3(tmp_path: Path, s3_server: str, store_url_factory: Any) -> None:
+    url, options = store_url_factory(f"{s3_server}-boto3")
+    _run_soak(url, options, tmp_path, nodes=8, epochs=30, params=1_000_000)
 
 
 # -- kill -9 mid-write --------------------------------------------------------------------------
@@ -286,21 +288,16 @@ def test_kill_9_mid_write_local_folder(tmp_path: Path) -> None:
     assert counts["kills"] == 4 and counts["reads"] > 0 and counts["failures"] == 0
 
 
-def test_kill_9_mid_write_s3(moto_endpoint: str, s3_bucket: str) -> None:
-    counts = _kill_writer_repeatedly(
-        f"s3://{s3_bucket}/kill", {"endpoint_url": moto_endpoint}, kills=3, params=2_000_000
-    )
+def test_kill_9_mid_write_s3(s3_server: str, store_url_factory: Any) -> None:
+    url, options = store_url_factory(f"{s3_server}-boto3")
+    counts = _kill_writer_repeatedly(url, options, kills=3, params=2_000_000)
     assert counts["kills"] == 3 and counts["reads"] > 0 and counts["failures"] == 0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["file", "s3"])
-def test_kill_9_mid_write_ten_times(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    if kind == "file":
-        url, options = str(tmp_path / "store"), {}
-    else:
-        endpoint, bucket = request.getfixturevalue("moto_endpoint"), request.getfixturevalue("s3_bucket")
-        url, options = f"s3://{bucket}/kill", {"endpoint_url": endpoint}
+@pytest.mark.parametrize("kind", ["file", "moto-boto3", "seaweedfs-boto3"])
+def test_kill_9_mid_write_ten_times(kind: str, tmp_path: Path, store_url_factory: Any) -> None:
+    url, options = store_url_factory(kind)
     counts = _kill_writer_repeatedly(url, options, kills=10, params=4_000_000)
     assert counts["kills"] == 10 and counts["failures"] == 0
 
