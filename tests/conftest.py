@@ -66,8 +66,6 @@ _EXTERNAL_REGION = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_R
 S3_SERVERS = ["moto", "seaweedfs", *(["external"] if EXTERNAL_ENDPOINT else [])]
 S3_CLIENTS = {"boto3": "boto3", "s3fs": "fsspec"}  # kind suffix -> open_store's backend
 S3_KINDS = [f"{server}-{client}" for server in S3_SERVERS for client in S3_CLIENTS]
-#: One S3 kind per server, through boto3 (for tests whose subject is the server, not the client).
-S3_SERVER_KINDS = [f"{server}-boto3" for server in S3_SERVERS]
 STORE_KINDS = ["memory", "file", *S3_KINDS]
 _KIND_ALIASES = {"boto3": "moto-boto3", "s3fs": "moto-s3fs"}
 SEAWEEDFS_BUCKET = "flwr-test"  # one bucket per session: every test gets its own prefix in it
