@@ -30,6 +30,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 EXTRA_PAGES = {"changelog.md": ROOT / "CHANGELOG.md", "contributing.md": ROOT / "CONTRIBUTING.md"}
 
 TABLE = re.compile(r"<!--\s*table:\s*([\w.-]+)(?:\s+([\w.-]+))?\s*-->")
+CODE = re.compile(r"(```.*?```|`[^`\n]*`)", re.S)
 VALUE = re.compile(r"<!--\s*value:\s*([\w.-]+)\s+([\w.:+-]+)\s+(\S+)\s*-->")
 
 
@@ -91,7 +92,7 @@ def ci(cell: dict[str, Any] | None) -> str:
 # --- paper grids (paper_<grid>.json) ---------------------------------------------------------------------
 
 # The flwr-serverless paper's figures (MNIST), shown in parentheses beside ours: constants of the paper,
-# not results of this project.
+# not results of this project (the paper report of the grid holds the same ones).
 PAPER_TABLE1 = {
     "sync": {0.0: 0.987, 0.9: 0.983, 1.0: 0.894},
     "async": {0.0: 0.985, 0.9: 0.976, 1.0: 0.734},
@@ -276,7 +277,7 @@ def compression(_: str) -> str:
     for e in data["encodings"]:
         drift = e.get("drift")
         label = e["encoding"].split(" drift")[0] + (" (keyframe included)" if drift is not None else "")
-        error = f"{e['relative_error']:.2g}" + (f" at {drift:g} drift per update" if drift is not None else "")
+        error = f"{e['relative_error']:.2g}" + (f" at drift scale {drift:g} per update" if drift is not None else "")
         rows.append([label, f"{e['bytes_per_update'] / 1e6:.2f}", error])
     note = f" ({data['params']:,} float32 parameters, {data['updates']} updates)"
     return table(["encoding", "MB per update", "relative error (worst over the deltas)"], rows) + source_line(
@@ -434,7 +435,10 @@ def render_markers(markdown: str, where: str) -> str:
         except (TypeError, ValueError) as error:
             raise PluginError(f"{where}: cannot format {name} {dotted} = {value!r} with {spec!r}: {error}") from None
 
-    return VALUE.sub(one_value, TABLE.sub(one_table, markdown))
+    parts = CODE.split(markdown)  # markers quoted in code (fences, `spans`) stay as written
+    for i in range(0, len(parts), 2):
+        parts[i] = VALUE.sub(one_value, TABLE.sub(one_table, parts[i]))
+    return "".join(parts)
 
 
 # --- mkdocs events ----------------------------------------------------------------------------------------------
