@@ -207,6 +207,7 @@ def aggregate_sweep(_: str) -> str:
 def _contention_rows(data: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for row in data["contention"]:
+        deferred, total = row["deferred_epochs"], row["node_epochs_all"]
         rows.append(
             [
                 f"{row['epoch_seconds']:g} s",
@@ -216,7 +217,7 @@ def _contention_rows(data: dict[str, Any]) -> list[list[Any]]:
                 pct(row["conflict_rate"]),
                 row["lost_all_attempts"],
                 row["folded_by_helper"],
-                f"{row['deferred_epochs']} of {row['node_epochs_all']} ({row['deferred_epochs'] / row['node_epochs_all']:.0%})",
+                f"{deferred} of {total} ({deferred / total:.0%})",
                 f"{row['members_latest_folded']} of {row['members_in_table']}",
             ]
         )
@@ -296,7 +297,8 @@ def compression_training(variants: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for label, s in variants.items():
         delta = s["accuracy_delta"]
-        shown = f"{s['accuracy_mean']:.3f} ± {s['accuracy_stdev']:.3f}" + (f" ({delta:+.3f})" if label != "none" else "")
+        shown = f"{s['accuracy_mean']:.3f} ± {s['accuracy_stdev']:.3f}"
+        shown += f" ({delta:+.3f})" if label != "none" else ""
         rows.append(
             [
                 label,
@@ -394,7 +396,10 @@ def heterogeneous(_: str) -> str:
         ]
         rows.append([HETERO_LABELS.get(mode, mode), *reach, f"{m['last_5s_accuracy']:.3f}", m["requests"]])
     header = ["mode", *[f"time to {t}" for t in targets], "final (mean of the last 5 s)", "requests"]
-    note = f" ({data['budget_seconds']:g} s budget, slowdown {data['slowdown']}, batches padded to {data['batch_seconds']:g} s)"
+    note = (
+        f" ({data['budget_seconds']:g} s budget, slowdown {data['slowdown']}, "
+        f"batches padded to {data['batch_seconds']:g} s)"
+    )
     return table(header, rows) + source_line(name, note=note)
 
 
