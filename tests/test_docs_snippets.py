@@ -171,3 +171,12 @@ def test_store_layout_page_lists_every_key_of_the_protocol() -> None:
     page = (DOCS / "protocol" / "layout.md").read_text(encoding="utf-8")
     for pattern, _ in layout.LAYOUT:
         assert pattern in page, pattern
+
+
+def test_readme_links_point_at_files_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 10, local
+    missing = [link for link in local if not (ROOT / link).is_file()]
+    assert not missing, missing
