@@ -14,9 +14,11 @@ those links like any other. A marker naming an unknown table, file or path fails
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
+import sys
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -34,10 +36,14 @@ CODE = re.compile(r"(```.*?```|`[^`\n]*`)", re.S)
 VALUE = re.compile(r"<!--\s*value:\s*([\w.-]+)\s+([\w.:+-]+)\s+(\S+)\s*-->")
 
 
+LOADED: set[str] = set()  # results files some marker read (the tests check every file is shown somewhere)
+
+
 @cache
 def load(name: str) -> Any:
     """One results file, parsed once per build."""
     path = RESULTS / (name if name.endswith(".json") else f"{name}.json")
+    LOADED.add(path.name)
     if not path.is_file():
         raise PluginError(f"benchmark results file not found: {path.relative_to(ROOT)}")
     with path.open(encoding="utf-8") as handle:
@@ -403,6 +409,38 @@ def heterogeneous(_: str) -> str:
     return table(header, rows) + source_line(name, note=note)
 
 
+# --- tables a benchmark script renders itself (its ``markdown_table(results)``) ------------------------------
+
+# marker name -> (script in benchmarks/, the results file it renders)
+SCRIPT_TABLES = {
+    "aggregate_mode_shaped": ("aggregate_mode", "aggregate_mode_shaped.json"),
+    "store_overhead_shaped": ("store_overhead", "store_overhead_boto3_shaped.json"),
+}
+
+
+def script_table(name: str) -> Callable[[str], str]:
+    """A renderer calling ``benchmarks/<script>.py``'s ``markdown_table`` on its results file."""
+
+    def render(_: str) -> str:
+        script, results = SCRIPT_TABLES[name]
+        path = ROOT / "benchmarks" / f"{script}.py"
+        spec = importlib.util.spec_from_file_location(f"_bench_{script}", path)
+        if spec is None or spec.loader is None or not path.is_file():
+            raise PluginError(f"table {name!r}: no benchmark script {path.relative_to(ROOT)}")
+        sys.path.insert(0, str(path.parent))  # the scripts import their helpers from benchmarks/
+        try:
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(path.parent))
+        if not callable(getattr(module, "markdown_table", None)):
+            raise PluginError(f"table {name!r}: {path.relative_to(ROOT)} has no markdown_table(results)")
+        data = load(results)
+        return module.markdown_table(data) + source_line(results, note=load_note(data))
+
+    return render
+
+
 RENDERERS: dict[str, Callable[[str], str]] = {
     "paper_table1": paper_table1,
     "paper_table2": paper_table2,
@@ -420,6 +458,7 @@ RENDERERS: dict[str, Callable[[str], str]] = {
     "store_overhead": store_overhead,
     "local_store": local_store,
     "heterogeneous": heterogeneous,
+    **{name: script_table(name) for name in SCRIPT_TABLES},
 }
 
 
