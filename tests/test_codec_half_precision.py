@@ -119,3 +119,22 @@ def test_torch_half_modules_federate_in_their_own_dtype() -> None:
     sizes = [info.size for key, info in store.list("").items() if key.rsplit("/", 1)[-1] == "a"]
     values = sum(p.numel() for p in a.parameters())
     assert sizes and max(sizes) < values * 2 + 2048  # 2 bytes a value plus the header, never 4
+
+
+def test_lightning_callback_sends_bf16_bits_and_loads_them_back() -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("lightning")
+    from fakes import RecordingNode
+
+    from flwr_serverless.callbacks.lightning import FlwrFederatedCallback
+
+    module = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    callback = FlwrFederatedCallback(RecordingNode())
+    callback._module = module
+    arrays = callback._get_arrays()
+    assert [a.dtype for a in arrays] == [BF16, BF16]
+    callback._set_arrays([float_to_bf16(bf16_to_float32(a) + 1) for a in arrays])
+    assert module.weight.dtype == torch.bfloat16
+    assert np.array_equal(
+        module.weight.detach().float().numpy(), bf16_to_float32(float_to_bf16(bf16_to_float32(arrays[0]) + 1))
+    )
