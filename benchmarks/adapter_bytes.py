@@ -61,17 +61,17 @@ def main() -> None:
     parameters = sum(p.numel() for p in full.parameters())
     cases: dict[str, Any] = {}
 
-    def record(name: str, model: torch.nn.Module) -> None:
+    def record(key: str, label: str, model: torch.nn.Module) -> None:
         travelling = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        cases[name] = {"bytes": published_bytes(model), "trainable_parameters": travelling}
+        cases[key] = {"label": label, "bytes": published_bytes(model), "trainable_parameters": travelling}
 
-    record("full model, float32", full)
-    record("full model, bfloat16", pythia_14m(torch.bfloat16))
-    record(
-        "LoRA r=8 on query_key_value", get_peft_model(pythia_14m(), LoraConfig(r=8, target_modules=["query_key_value"]))
-    )
-    record("LoRA r=8 on all linear layers", get_peft_model(pythia_14m(), LoraConfig(r=8, target_modules=ALL_LINEAR)))
-    base = cases["full model, float32"]["bytes"]
+    record("full_float32", "full model, float32", full)
+    record("full_bf16", "full model, bfloat16", pythia_14m(torch.bfloat16))
+    lora_qkv = get_peft_model(pythia_14m(), LoraConfig(r=8, target_modules=["query_key_value"]))
+    record("lora_qkv", "LoRA r=8 on query_key_value", lora_qkv)
+    lora_all = get_peft_model(pythia_14m(), LoraConfig(r=8, target_modules=ALL_LINEAR))
+    record("lora_all_linear", "LoRA r=8 on every linear layer", lora_all)
+    base = cases["full_float32"]["bytes"]
     for case in cases.values():
         case["fraction_of_full_float32"] = case["bytes"] / base
     out = {
@@ -87,8 +87,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "adapter_bytes.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"{parameters / 1e6:.1f}M parameters")
-    for name, case in cases.items():
-        print(f"{name:32s} {case['bytes']:>12,d} bytes  {100 * case['fraction_of_full_float32']:7.3f}% of full float32")
+    for case in cases.values():
+        share = 100 * case["fraction_of_full_float32"]
+        print(f"{case['label']:32s} {case['bytes']:>12,d} bytes  {share:7.3f}% of full float32")
 
 
 if __name__ == "__main__":
