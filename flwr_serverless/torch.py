@@ -27,7 +27,7 @@ import torch
 
 from flwr_serverless.callbacks.core import FederatedCallbackCore, Payload
 from flwr_serverless.callbacks.parts import check_positive
-from flwr_serverless.callbacks.torch_state import TorchTensors, on_main_process
+from flwr_serverless.callbacks.torch_state import TorchTensors, native_bf16, on_main_process
 
 __all__ = ["TorchFederation", "federate"]
 
@@ -74,7 +74,7 @@ class TorchFederation(FederatedCallbackCore):
         )
         if evaluate is not None and not callable(evaluate):
             raise TypeError(f"evaluate must be a callable taking the module, got {type(evaluate).__name__}")
-        self.tensors = TorchTensors(module, include_buffers, trainable_only)
+        self.tensors = TorchTensors(module, include_buffers, trainable_only, native_bf16(node))
         self.module = module
         self.evaluate = evaluate
         self._examples = 0

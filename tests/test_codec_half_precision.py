@@ -138,3 +138,24 @@ def test_lightning_callback_sends_bf16_bits_and_loads_them_back() -> None:
     assert np.array_equal(
         module.weight.detach().float().numpy(), bf16_to_float32(float_to_bf16(bf16_to_float32(arrays[0]) + 1))
     )
+
+
+@pytest.mark.parametrize("mode", ["aggregate", "fedasync-alpha"])
+def test_modes_with_their_own_arithmetic_get_bf16_widened_to_float32(mode: str) -> None:
+    torch = pytest.importorskip("torch")
+    from flwr_serverless.node import AggregateFederatedNode
+    from flwr_serverless.nodes import AsyncFederatedNode
+    from flwr_serverless.stores import open_store
+    from flwr_serverless.torch import TorchFederation
+
+    url = f"memory://half-{mode}-{uuid.uuid4().hex[:8]}"
+    for i in range(2):
+        torch.manual_seed(i)
+        module = torch.nn.Linear(4, 4).to(torch.bfloat16)
+        store = open_store(url)
+        node = AggregateFederatedNode(store, node_id=f"n{i}") if mode == "aggregate" else None
+        node = node or AsyncFederatedNode(store, node_id=f"n{i}", alpha=0.5)
+        federation = TorchFederation(node, module)
+        assert federation.tensors.get_arrays()[0].dtype == np.float32
+        federation(num_examples=1)
+        assert module.weight.dtype == torch.bfloat16

@@ -24,7 +24,7 @@ import torch
 
 from flwr_serverless.callbacks.core import FederatedCallbackCore, Payload
 from flwr_serverless.callbacks.parts import RunningMean, check_given_with, check_positive, leading_dim
-from flwr_serverless.callbacks.torch_state import to_numpy, to_torch
+from flwr_serverless.callbacks.torch_state import native_bf16, to_numpy, to_torch
 
 __all__ = ["FlwrFederatedCallback", "make_callback_class"]
 
@@ -207,7 +207,8 @@ class _LightningFederation(FederatedCallbackCore):
     def _get_arrays(self) -> list[np.ndarray]:
         state = self._module.state_dict()
         # bfloat16 travels as its raw bits (numpy has none), float16 as float16: nothing is upcast on the wire
-        return [to_numpy(state[name]) for name in self.federated_names(self._module)]
+        bits = native_bf16(self.node)
+        return [to_numpy(state[name], bits) for name in self.federated_names(self._module)]
 
     def _tensor_names(self) -> list[str]:
         return self.federated_names(self._module)

@@ -17,7 +17,15 @@ import torch
 
 from flwr_serverless.wire.dtypes import BF16, is_bf16
 
-__all__ = ["TorchTensors", "broadcast_from_main", "is_peft_model", "on_main_process", "to_numpy", "to_torch"]
+__all__ = [
+    "TorchTensors",
+    "broadcast_from_main",
+    "is_peft_model",
+    "native_bf16",
+    "on_main_process",
+    "to_numpy",
+    "to_torch",
+]
 
 T = TypeVar("T")
 
@@ -27,10 +35,24 @@ def is_peft_model(module: Any) -> bool:
     return isinstance(getattr(module, "peft_config", None), dict)
 
 
-def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU copy of ``tensor`` as numpy, bfloat16 as ``BF16`` bits (numpy has no bfloat16)."""
+def native_bf16(node: Any) -> bool:
+    """Whether ``node`` averages ``BF16`` tensors itself. Two paths do arithmetic of their own that does
+    not know the bits type yet: the aggregate mode (its running mean) and FedAsync mixing (``alpha``); for
+    those, bfloat16 travels widened to float32 (exact) and is rounded back on load, as before."""
+    from flwr_serverless.node.aggregate_node import AggregateFederatedNode
+
+    if isinstance(node, AggregateFederatedNode):
+        return False
+    return getattr(getattr(node, "policy", None), "alpha", None) is None
+
+
+def to_numpy(tensor: torch.Tensor, bf16_bits: bool = True) -> np.ndarray:
+    """A CPU copy of ``tensor`` as numpy, bfloat16 as ``BF16`` bits (numpy has no bfloat16), or widened to
+    float32 when not ``bf16_bits``."""
     tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:
+        if not bf16_bits:
+            return tensor.float().cpu().numpy()
         return tensor.view(torch.int16).cpu().numpy().copy().view(BF16)
     return tensor.cpu().numpy().copy()
 
@@ -52,10 +74,17 @@ class TorchTensors:
     Tied weights travel once (under the name ``named_parameters`` gives them).
     """
 
-    def __init__(self, module: torch.nn.Module, include_buffers: bool = True, trainable_only: bool | None = None):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        include_buffers: bool = True,
+        trainable_only: bool | None = None,
+        bf16_bits: bool = True,
+    ) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         self.module = module
+        self.bf16_bits = bf16_bits  # False: bfloat16 travels as float32 (see ``native_bf16``)
         self.include_buffers = bool(include_buffers)
         self.trainable_only = is_peft_model(module) if trainable_only is None else bool(trainable_only)
         self._names: list[str] | None = None
@@ -88,7 +117,7 @@ class TorchTensors:
 
     def get_arrays(self) -> list[np.ndarray]:
         tensors = self._tensors()
-        return [to_numpy(tensors[name]) for name in self.names()]
+        return [to_numpy(tensors[name], self.bf16_bits) for name in self.names()]
 
     def set_arrays(self, arrays: list[np.ndarray]) -> None:
         tensors, names = self._tensors(), self.names()
@@ -96,7 +125,7 @@ class TorchTensors:
             raise ValueError(f"got {len(arrays)} arrays for {len(names)} federated tensors")
         with torch.no_grad():
             for name, array in zip(names, arrays):
-                # copy_ keeps the tensor's dtype, device and identity (optimizers hold the parameters)
+                # copy_ keeps the tensor's dtype (float32 rounds back to bf16), device and identity
                 tensors[name].copy_(to_torch(array))
 
     def nbytes(self) -> int:

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from flwr_serverless.callbacks.core import FederatedCallbackCore, Payload
 from flwr_serverless.callbacks.parts import check_positive, numeric_metrics
-from flwr_serverless.callbacks.torch_state import TorchTensors, _broadcast_object, broadcast_from_main
+from flwr_serverless.callbacks.torch_state import TorchTensors, _broadcast_object, broadcast_from_main, native_bf16
 
 __all__ = ["FlwrFederatedCallback"]
 
@@ -120,7 +120,7 @@ class FlwrFederatedCallback(FederatedCallbackCore, TrainerCallback):
         if model is None:
             raise RuntimeError("FlwrFederatedCallback: the Trainer passed no model to on_train_begin")
         if self.tensors is None or self.tensors.module is not model:
-            self.tensors = TorchTensors(model, self.include_buffers, self.trainable_only)
+            self.tensors = TorchTensors(model, self.include_buffers, self.trainable_only, native_bf16(self.node))
         self._examples = 0
         self._last_step = state.global_step
         self._epoch = int(state.epoch or 0)
