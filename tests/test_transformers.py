@@ -343,3 +343,22 @@ def test_sync_trainers_through_s3(tmp_path: Path, moto_endpoint: str, s3_bucket:
     out = _train_pair(tmp_path, make, evaluate_federated_model=False)
     assert _same(out["a"][0], out["b"][0])
     assert not any("eval_loss_fed" in e for e in out["a"][1].state.log_history)
+
+
+def test_sharded_training_is_refused_by_name() -> None:
+    from types import SimpleNamespace
+
+    from flwr_serverless.callbacks.transformers import _refuse_sharded
+
+    def trainer(fsdp: bool, zero_stage: int | None) -> Any:
+        plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+        state = SimpleNamespace(deepspeed_plugin=plugin)
+        return SimpleNamespace(
+            accelerator=SimpleNamespace(state=state), is_deepspeed_enabled=plugin is not None, is_fsdp_enabled=fsdp
+        )
+
+    _refuse_sharded(trainer(False, None))
+    _refuse_sharded(trainer(False, 2))
+    for fsdp, stage in ((True, None), (False, 3)):
+        with pytest.raises(ValueError, match="FSDP and ZeRO-3"):
+            _refuse_sharded(trainer(fsdp, stage))

@@ -114,6 +114,7 @@ class FlwrFederatedCallback(FederatedCallbackCore, TrainerCallback):
         self._args, self._state = args, state
         if self.trainer is None:
             self.trainer = _calling_trainer(self)
+        _refuse_sharded(self.trainer)
         model = kwargs.get("model")
         if model is None and self.trainer is not None:
             model = self.trainer.model
@@ -282,6 +283,18 @@ def _calling_trainer(callback: TrainerCallback, depth: int = 12) -> Trainer | No
         return None
     finally:
         del frame
+
+
+def _refuse_sharded(trainer: Trainer | None) -> None:
+    """FSDP and DeepSpeed ZeRO-3 shard parameters across ranks: rank 0 does not hold the whole model."""
+    if trainer is None:
+        return
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(plugin, "zero_stage", 0) == 3:
+        raise ValueError(
+            "FlwrFederatedCallback federates replicated parameters (DDP, DeepSpeed ZeRO-1/2); FSDP and ZeRO-3 "
+            "shard them across processes, which it does not support"
+        )
 
 
 def _dataset_size(dataloader: Any) -> int | None:
