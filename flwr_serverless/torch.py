@@ -79,6 +79,7 @@ class TorchFederation(FederatedCallbackCore):
         self.evaluate = evaluate
         self._examples = 0
         self._steps: int | None = None
+        self._fixed_options: dict[str, Any] = {}  # what ``federate()`` was first called with
 
     def __call__(
         self,
@@ -158,10 +159,26 @@ def federate(
     ``num_examples`` weighs this node; ``metrics`` (scalars) are averaged over the peers and come back
     as ``<name>_fed``; ``num_steps`` (optimizer steps since the last call) feeds step-based staleness.
     ``options`` are ``TorchFederation``'s (``trainable_only``, ``include_buffers``, ``evaluate``, ...),
-    fixed at the first call for a (node, module) pair. Returns the federated figures.
+    set at the first call for a (node, module) pair; later calls may pass a new ``evaluate`` (a fresh
+    lambda each epoch is fine) but not change another option. Returns the federated figures.
     """
     per_node = _FEDERATIONS.setdefault(module, {})
     federation = per_node.get(id(node))
+    fixed = {name: value for name, value in options.items() if name != "evaluate"}
     if federation is None or federation.node is not node:
         federation = per_node[id(node)] = TorchFederation(node, module, **options)
+        federation._fixed_options = fixed
+    else:
+        changed = sorted(
+            k
+            for k in fixed.keys() | federation._fixed_options.keys()
+            if fixed.get(k) != federation._fixed_options.get(k)
+        )
+        if changed:
+            raise ValueError(
+                f"federate(): {', '.join(changed)} changed since the first call for this node and module; "
+                "options are fixed then (use TorchFederation for another configuration)"
+            )
+        if "evaluate" in options:
+            federation.evaluate = options["evaluate"]
     return federation(num_examples, metrics, epoch, num_steps)

@@ -88,8 +88,12 @@ def test_one_federation_per_node_and_module_and_what_travels() -> None:
     assert call["num_examples"] == 10 and call["num_steps"] == 4 and call["metrics"] == {"loss": 0.7}
     assert torch.equal(model[0].weight, frozen)  # never sent, never written
     assert np.allclose(model[3].bias.detach().numpy(), call["weights"][-1] + 1.0)
-    federate(node, model, num_examples=10)  # the same TorchFederation: epoch counts on, options kept
+    federate(node, model, num_examples=10, trainable_only=True)  # the same TorchFederation, same options
     assert node.calls[1]["tensor_names"] == call["tensor_names"]
+    with pytest.raises(ValueError, match="trainable_only changed"):
+        federate(node, model, num_examples=10)
+    figures = federate(node, model, num_examples=10, trainable_only=True, evaluate=lambda m: {"acc": 0.25})
+    assert figures == {"loss_fed": 0.5, "acc_fed": 0.25}  # a new evaluate is taken
 
 
 def test_bad_arguments_are_refused_by_name() -> None:
