@@ -126,7 +126,7 @@ class FlwrFederatedCallback(FederatedCallbackCore, TrainerCallback):
         self._last_step = state.global_step
         self._epoch = int(state.epoch or 0)
         if state.global_step > 0:  # resumed from a checkpoint: rejoin as the node that wrote it
-            self._load_state_file(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
+            self._load_state_file(Path(args.output_dir or ".") / f"checkpoint-{state.global_step}" / STATE_FILE)
         self._start_training()
 
     def on_epoch_begin(
@@ -168,7 +168,7 @@ class FlwrFederatedCallback(FederatedCallbackCore, TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._is_rank_zero():
-            self._save_state_file(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
+            self._save_state_file(Path(args.output_dir or ".") / f"checkpoint-{state.global_step}" / STATE_FILE)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._finish_training(self._epoch, self._logs)

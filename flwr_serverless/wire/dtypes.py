@@ -28,7 +28,7 @@ DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("bool"),
 }
-_NAMES = {(dt.kind, dt.itemsize): name for name, dt in DTYPES.items() if dt.kind != "V"}
+_NAMES: dict[tuple[str, int], str] = {(dt.kind, dt.itemsize): name for name, dt in DTYPES.items() if dt.kind != "V"}
 
 
 def dtype_name(dtype: np.dtype) -> str:
