@@ -97,7 +97,10 @@ def plays(names: tuple[str, ...] = PLAYS, cache: Path | None = None) -> dict[str
     texts: dict[str, str] = {}
     with tarfile.open(download(cache), "r:gz") as archive:
         for name in names:
-            member = archive.extractfile(f"{TEXTS}{name}_gut.txt")
+            try:
+                member = archive.extractfile(f"{TEXTS}{name}_gut.txt")
+            except KeyError:
+                member = None
             if member is None:
                 raise RuntimeError(f"{TARBALL} has no text for {name!r}")
             raw = member.read()
