@@ -362,3 +362,66 @@ def test_sharded_training_is_refused_by_name() -> None:
     for fsdp, stage in ((True, None), (False, 3)):
         with pytest.raises(ValueError, match="FSDP and ZeRO-3"):
             _refuse_sharded(trainer(fsdp, stage))
+
+
+_DDP_WORKER = """
+import json, os, sys
+
+def main(rank, root, port):
+    os.environ.update(HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Trainer, TrainingArguments
+    from fakes import RecordingNode
+    from flwr_serverless.transformers import FlwrFederatedCallback
+
+    class Rows(torch.utils.data.Dataset):
+        ids = torch.randint(0, 64, (16, 8), generator=torch.Generator().manual_seed(0))
+        def __len__(self): return len(self.ids)
+        def __getitem__(self, i): return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=16)
+    model = GPTNeoXForCausalLM(config)
+    node = RecordingNode(shift=0.5, metrics={"loss": 1.0}, node_id=f"r{rank}")  # shifts what it returns
+    args = TrainingArguments(os.path.join(root, "out"), num_train_epochs=2, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1,
+                             ddp_backend="gloo")
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[FlwrFederatedCallback(node)])
+    trainer.train()
+    total = float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().sum())
+    out = {"events": node.events, "examples": [c["num_examples"] for c in node.calls], "sum": total,
+           "world": args.world_size, "fed": [e["loss_fed"] for e in trainer.state.log_history if "loss_fed" in e]}
+    with open(os.path.join(root, f"rank{rank}.json"), "w") as handle:
+        json.dump(out, handle)
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+    mp.spawn(main, args=(sys.argv[1], int(sys.argv[2])), nprocs=2, join=True)
+"""
+
+
+@pytest.mark.slow  # two processes importing transformers: ~30-60 s on 2 cores
+def test_real_ddp_only_rank_zero_federates_and_every_rank_loads_the_result(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from s3_servers import free_port
+
+    script = tmp_path / "worker.py"
+    script.write_text(_DDP_WORKER)
+    tests, root = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(tests), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(script), str(tmp_path), str(free_port())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["world"] == rank1["world"] == 2
+    assert rank0["events"] == ["update", "update", "leave"] and rank1["events"] == []
+    assert rank0["examples"] == [16, 16]  # 2 steps x 4 rows x 2 processes per epoch
+    # Rank 1 carries the node's +0.5 shifts it never computed: it loaded rank 0's broadcast.
+    assert rank0["sum"] == rank1["sum"]
+    assert rank0["fed"] == rank1["fed"] == [1.0, 1.0]
