@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import sys
@@ -47,11 +46,11 @@ from torch.nn import functional as F
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from shakespeare_data import PLAYS, VOCAB_SIZE, plays, to_tokens  # noqa: E402
+from shakespeare_data import VOCAB_SIZE, plays, to_tokens
 
-from flwr_serverless import AsyncFederatedNode, SyncFederatedNode  # noqa: E402
-from flwr_serverless.simulation.sweep import mean_ci  # noqa: E402
-from flwr_serverless.torch import federate  # noqa: E402
+from flwr_serverless import AsyncFederatedNode, SyncFederatedNode
+from flwr_serverless.simulation.sweep import mean_ci
+from flwr_serverless.torch import federate
 
 RESULTS = Path(__file__).parent / "results"
 HELD_OUT = ("hamlet", "tempest", "twelfth_night")
@@ -173,7 +172,7 @@ def in_threads(work: Sequence[Callable[[], None]]) -> None:
     def guarded(job: Callable[[], None]) -> None:
         try:
             job()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=guarded, args=(job,)) for job in work]
@@ -260,7 +259,9 @@ def run_grid(grid: Grid, progress: Callable[[Run], None] = lambda run: None) -> 
                 runs.append(run_alone(parts, held_out, grid, Run("standalone", partition, seed, nodes)))
                 progress(runs[-1])
                 for mode in grid.modes:
-                    runs.append(run_federated(parts, held_out, grid, mode, Run("federated", partition, seed, nodes, mode)))
+                    runs.append(
+                        run_federated(parts, held_out, grid, mode, Run("federated", partition, seed, nodes, mode))
+                    )
                     progress(runs[-1])
     return runs
 
