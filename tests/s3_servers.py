@@ -105,14 +105,19 @@ def stop_process(process: subprocess.Popen, grace_s: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def seaweedfs(data_dir: str | Path | None = None, log_path: str | Path | None = None) -> Iterator[S3Server]:
-    """A single-process SeaweedFS (``weed mini``) serving S3 on 127.0.0.1; stopped on exit."""
+def seaweedfs(
+    data_dir: str | Path | None = None, log_path: str | Path | None = None, port: int | None = None
+) -> Iterator[S3Server]:
+    """A single-process SeaweedFS (``weed mini``) serving S3 on 127.0.0.1; stopped on exit.
+
+    The same ``data_dir`` and ``port`` again start it where it stopped (an outage, then a restart).
+    """
     with contextlib.ExitStack() as stack:
         if data_dir is None:
             data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="weed-"))
         folder = Path(data_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        port = free_port()
+        port = port or free_port()
         log = open(log_path or folder / "weed.log", "ab")  # noqa: SIM115 - closed by the stack
         stack.callback(log.close)
         command = [
