@@ -97,18 +97,17 @@ class BufferChain:
         self.starts = [0, *itertools.accumulate(v.nbytes for v in self.views)]
         self.size = self.starts[-1]
 
-    def read(self, begin: int, end: int) -> bytearray:
+    def read(self, begin: int, end: int) -> bytes:
         """Bytes ``[begin, end)``: the one copy a part costs, made only while it is in flight."""
-        out = bytearray(end - begin)
+        pieces = []
         index = bisect.bisect_right(self.starts, begin) - 1
-        filled = 0
-        while filled < len(out):
-            view, offset = self.views[index], begin + filled - self.starts[index]
-            take = min(view.nbytes - offset, len(out) - filled)
-            out[filled : filled + take] = view[offset : offset + take]
-            filled += take
+        while begin < end:
+            view, offset = self.views[index], begin - self.starts[index]
+            take = min(view.nbytes - offset, end - begin)
+            pieces.append(view[offset : offset + take])
+            begin += take
             index += 1
-        return out
+        return b"".join(pieces)
 
 
 def parse_content_range(value: str | None, key: str) -> tuple[int, int, int]:
