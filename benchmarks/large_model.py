@@ -91,6 +91,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         "multipart_chunksize": spec["chunksize"],
         "max_concurrency": spec["concurrency"],
     }
+    split: dict[str, float] = {}
     if case in OURS:
         from flwr_serverless.node.spool import PeerSpool
         from flwr_serverless.stores import open_store
@@ -110,11 +111,16 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             arrays = _model(nbytes)
             _reset_peak()
             start = time.perf_counter()
-            store.put(key, encode_parts(arrays, UpdateHeader(node_id="n0", epoch=1, num_examples=1)))
+            parts = encode_parts(arrays, UpdateHeader(node_id="n0", epoch=1, num_examples=1))
+            split["codec_s"] = time.perf_counter() - start  # the payload hash, mostly
+            store.put(key, parts)
         else:
             _reset_peak()
             start = time.perf_counter()
-            decoded = decode(PeerSpool().fetch(store, key), key)
+            fetched = PeerSpool().fetch(store, key)
+            mark = time.perf_counter()
+            decoded = decode(fetched, key)  # hash and finiteness over the whole payload
+            split["codec_s"] = time.perf_counter() - mark
             assert sum(a.nbytes for a in decoded.arrays) == nbytes
     else:
         from boto3.s3.transfer import TransferConfig
@@ -145,7 +151,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
                     client.download_fileobj(BUCKET, f"{case}/{key}", sink, Config=config)
                     assert sink.tell() == nbytes
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss": _status("VmHWM"), "base_rss": base}
+    return {"seconds": seconds, "peak_rss": _status("VmHWM"), "base_rss": base, **split}
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -191,6 +197,7 @@ def compare(endpoint: str, nbytes: int, transfer: dict[str, int], repeats: int) 
                 "seconds_all": [round(r["seconds"], 3) for r in runs],
                 "extra_over_model_mib": max(r["extra_over_model"] for r in runs) / MIB,
                 "peak_rss_mib": max(r["peak_rss"] for r in runs) / MIB,
+                **({"codec_s": statistics.median(r["codec_s"] for r in runs)} if "codec_s" in runs[0] else {}),
             }
             for direction, runs in by_direction.items()
         }
@@ -279,15 +286,16 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"{results['load_after'][0]} after.",
         "",
         "| case | publish s | fetch s | publish vs faster floor | fetch vs faster floor "
-        "| publish MiB over model | fetch MiB over model |",
-        "|---|---|---|---|---|---|---|",
+        "| publish MiB over model | fetch MiB over model | of which codec s (publish / fetch) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for case in (*FLOORS, *OURS):
         put, get = results["cases"][case]["put"], results["cases"][case]["get"]
         ratios = [f"{d['ratio_vs_faster_floor']:.2f}x" if "ratio_vs_faster_floor" in d else "-" for d in (put, get)]
+        codec = f"{put['codec_s']:.2f} / {get['codec_s']:.2f}" if "codec_s" in put else "-"
         lines.append(
             f"| {case} | {put['seconds']:.2f} | {get['seconds']:.2f} | {ratios[0]} | {ratios[1]} "
-            f"| {put['extra_over_model_mib']:.0f} | {get['extra_over_model_mib']:.0f} |"
+            f"| {put['extra_over_model_mib']:.0f} | {get['extra_over_model_mib']:.0f} | {codec} |"
         )
     return "\n".join(lines)
 

@@ -25,7 +25,7 @@ from flwr_serverless.stores.s3_common import (
     botocore_attempts,
     split_s3_url,
 )
-from flwr_serverless.stores.s3_multipart import DEFAULT_CONCURRENCY, TransferOptions
+from flwr_serverless.stores.s3_multipart import TransferOptions
 
 # s3fs options that mean nothing to a boto3 client; dropped so one option dict fits both backends.
 _FSSPEC_ONLY = {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths", "default_block_size"}
@@ -92,7 +92,7 @@ class S3Store(S3ObjectStore):
         self._client = (
             client
             if client is not None
-            else self._make_client(session, endpoint_url, region_name, max_attempts, client_kwargs)
+            else self._make_client(session, endpoint_url, region_name, max_attempts, client_kwargs, self.transfer)
         )
         self._close_lock = threading.Lock()
         self._check_bucket()
@@ -108,12 +108,17 @@ class S3Store(S3ObjectStore):
 
     @staticmethod
     def _make_client(
-        session: Any, endpoint_url: str | None, region_name: str | None, max_attempts: int, kwargs: dict[str, Any]
+        session: Any,
+        endpoint_url: str | None,
+        region_name: str | None,
+        max_attempts: int,
+        kwargs: dict[str, Any],
+        transfer: TransferOptions,
     ) -> Any:
         import boto3
         from botocore.config import Config
 
-        pool = max(32, 2 * DEFAULT_CONCURRENCY)  # room for parallel parts beside the node's own threads
+        pool = max(32, 2 * transfer.max_concurrency)  # room for parallel parts beside the node's own threads
         config = Config(retries={"total_max_attempts": max_attempts, "mode": "standard"}, max_pool_connections=pool)
         user_config = kwargs.pop("config", None)
         if user_config is not None:

@@ -46,6 +46,9 @@ class S3FsStore(S3ObjectStore):
         options = dict(storage_options)
         self.transfer = TransferOptions.pop_from(url, options)
         options = s3fs_options(options)
+        config_kwargs = dict(options.get("config_kwargs") or {})
+        config_kwargs.setdefault("max_pool_connections", max(10, 2 * self.transfer.max_concurrency))
+        options["config_kwargs"] = config_kwargs
         retries = options.pop("retries", 1)
         if not isinstance(retries, int) or retries < 1:
             raise StoreConfigurationError(f"store {url!r}: option retries must be an int >= 1, not {retries!r}")
