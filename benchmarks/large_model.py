@@ -300,6 +300,25 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(found: dict[str, Any]) -> str:
+    """The sweep's two tables (part size x concurrency; single PUT vs parts), rendered from its JSON."""
+    lines = [
+        f"Our boto3 store, {found['object_mib']} MiB model, SeaweedFS on loopback, load average {found['load'][0]}.",
+        "",
+        "| part size MiB | concurrency | publish s | fetch s | MiB over model |",
+        "|---|---|---|---|---|",
+    ]
+    for row in found["grid"]:
+        lines.append(
+            f"| {row['chunksize_mib']} | {row['max_concurrency']} | {row['put_s']:.2f} | {row['get_s']:.2f} "
+            f"| {row['extra_over_model_mib']:.0f} |"
+        )
+    lines += ["", "| object MiB | one PUT s | parts s |", "|---|---|---|"]
+    for row in found["single_vs_parts"]:
+        lines.append(f"| {row['object_mib']} | {row['single_put_s']:.2f} | {row['parts_put_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=1024, help="model size in MiB of float32 parameters")
@@ -314,7 +333,8 @@ def main() -> None:
         print(json.dumps(run_case(json.loads(args.child))))
         return
     if args.table:
-        print(markdown_table(json.loads(Path(args.table).read_text())))
+        found = json.loads(Path(args.table).read_text())
+        print(sweep_table(found) if "grid" in found else markdown_table(found))
         return
 
     from s3_servers import create_bucket, seaweedfs

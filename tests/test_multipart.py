@@ -6,6 +6,7 @@ Objects are a few parts of S3's smallest part size (5 MiB); the limits that need
 
 from __future__ import annotations
 
+import threading
 import time
 import tracemalloc
 import uuid
@@ -56,8 +57,9 @@ Opener = Callable[..., S3ObjectStore]
 
 
 @pytest.fixture(params=BACKENDS)
-def opener(request: pytest.FixtureRequest, server: S3Server, bucket: str) -> Opener:
+def opener(request: pytest.FixtureRequest, server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch) -> Opener:
     """``open(prefix="exp", **options)``: a store on the server's bucket through the backend under test."""
+    monkeypatch.setattr(s3_multipart, "IN_FLIGHT_SHARE", 1)  # a few-part test object still goes up in parallel
 
     def open_(prefix: str = "exp", **options: Any) -> S3ObjectStore:
         options = {"multipart_threshold": 2 * PART, "multipart_chunksize": PART, "max_concurrency": 3, **options}
@@ -75,14 +77,26 @@ def opener(request: pytest.FixtureRequest, server: S3Server, bucket: str) -> Ope
     return open_
 
 
-def _counting(store: S3ObjectStore) -> list[tuple[str, dict[str, Any]]]:
-    """Record every S3 request the store makes (name, parameters without the body)."""
+def _counting(store: S3ObjectStore, in_flight: list[int] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Record every S3 request the store makes (name, parameters without the body); ``in_flight`` gets
+    ``[now, most]`` of ``upload_part`` requests running at once."""
     seen: list[tuple[str, dict[str, Any]]] = []
     original = store._call
+    lock = threading.Lock()
 
     def call(name: str, **params: Any) -> Any:
         seen.append((name, {k: v for k, v in params.items() if k != "Body"}))
-        return original(name, **params)
+        if name != "upload_part" or in_flight is None:
+            return original(name, **params)
+        with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight)
+        try:
+            time.sleep(0.05)  # let the other parts start before this one can end
+            return original(name, **params)
+        finally:
+            with lock:
+                in_flight[0] -= 1
 
     store._call = call  # type: ignore[method-assign]
     return seen
@@ -101,7 +115,8 @@ def test_a_model_over_the_threshold_goes_up_in_parts_and_comes_back_intact_to_a_
     opener: Opener, server: S3Server, bucket: str
 ) -> None:
     writer, reader = opener(), opener()
-    sent = _counting(writer)
+    in_flight = [0, 0]
+    sent = _counting(writer, in_flight)
     ranges: list[tuple[int, int]] = []
     read_range = reader._read_range
 
@@ -119,6 +134,7 @@ def test_a_model_over_the_threshold_goes_up_in_parts_and_comes_back_intact_to_a_
     assert len(big) == 1, big
     assert _etag(server, bucket, f"exp/{big[0].key}").endswith("-3")  # S3's mark of a 3-part upload
     assert [name for name, _ in sent].count("upload_part") == 3
+    assert in_flight[1] == 2  # in parallel, as many as max_concurrency and the in-flight share allow
     assert "put_object" not in [name for name, params in sent if params.get("Key", "").endswith(big[0].key)]
 
     fetched = PeerSpool().fetch(reader, big[0].key)
@@ -299,6 +315,9 @@ def test_part_planning() -> None:
     assert options.part_size(huge) * 10_000 >= huge and options.part_size(huge) < huge // 9_999
     with pytest.raises(ValueError, match="largest object"):
         options.part_size(10_000 * (5 << 30) + 1)
+    assert options.upload_concurrency(1 << 30, 8 * MIB) == TransferOptions().max_concurrency  # 1 GiB: all 8
+    assert options.upload_concurrency(96 * MIB, 8 * MIB) == 3  # never more than a quarter of the object
+    assert options.upload_concurrency(10 * MIB, 8 * MIB) == 1
     assert part_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert part_ranges(10, 4, start=4) == [(4, 8), (8, 10)]
     chain = BufferChain([b"ab", b"", memoryview(b"cdef"), bytearray(b"g")])

@@ -197,7 +197,8 @@ class S3ObjectStore(Store):
                     )
                 return {"PartNumber": index + 1, "ETag": sent["ETag"]}
 
-            done = run_parallel(send, len(ranges), self.transfer.max_concurrency)
+            in_flight = self.transfer.upload_concurrency(chain.size, ranges[0][1])
+            done = run_parallel(send, len(ranges), in_flight)
             with translated(operation, key):
                 try:
                     parts = {"UploadId": upload_id, "MultipartUpload": {"Parts": done}}

@@ -4,8 +4,9 @@ S3 takes at most 5 GiB in one PUT and at most 10,000 parts of 5 MiB to 5 GiB in 
 multipart upload, and one HTTP stream per object leaves most of a real link idle.
 So an object of ``multipart_threshold`` bytes or more (or over the single-PUT limit,
 whatever the threshold) is uploaded in parts of ``multipart_chunksize`` bytes (grown
-when the object would need more than 10,000), ``max_concurrency`` at a time, each
-part copied out of the encoded buffers only while it is in flight. A download fetches
+when the object would need more than 10,000), ``max_concurrency`` at a time (but no
+more than a quarter of the object), each part copied out of the encoded buffers only
+while it is in flight. A download fetches
 the first ``multipart_chunksize`` bytes, learns the size from ``Content-Range``, and
 fetches the rest by ranges in parallel, straight to the caller's file at their offsets.
 
@@ -36,9 +37,11 @@ MAX_PART_BYTES = 5 * GIB
 MAX_SINGLE_PUT_BYTES = 5 * GIB
 MAX_PARTS = 10_000
 #: Defaults chosen by measurement on SeaweedFS over loopback (benchmarks/results/large_model.json, "sweep").
-DEFAULT_THRESHOLD = 64 * MIB
+DEFAULT_THRESHOLD = 32 * MIB
 DEFAULT_CHUNKSIZE = 16 * MIB
 DEFAULT_CONCURRENCY = 8
+#: An upload keeps at most 1/IN_FLIGHT_SHARE of the object in flight (clients may copy a part once more).
+IN_FLIGHT_SHARE = 4
 TRANSFER_OPTIONS = ("multipart_threshold", "multipart_chunksize", "max_concurrency")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
@@ -82,6 +85,11 @@ class TransferOptions:
         if part > MAX_PART_BYTES:
             raise ValueError(f"{size} bytes exceed S3's largest object ({MAX_PARTS} parts of {MAX_PART_BYTES})")
         return part
+
+    def upload_concurrency(self, size: int, part: int) -> int:
+        """Parts in flight for an upload: ``max_concurrency``, but never more than a quarter of the object
+        (each part in flight is a copy), so a publish adds well under half the model's size."""
+        return max(1, min(self.max_concurrency, size // (IN_FLIGHT_SHARE * part)))
 
 
 def part_ranges(size: int, part: int, start: int = 0) -> list[tuple[int, int]]:
