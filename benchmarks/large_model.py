@@ -149,7 +149,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             else:
                 with tempfile.TemporaryFile() as sink:
                     client.download_fileobj(BUCKET, f"{case}/{key}", sink, Config=config)
-                    assert sink.tell() == nbytes
+                    assert sink.seek(0, os.SEEK_END) == nbytes
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_rss": _status("VmHWM"), "base_rss": base, **split}
 
