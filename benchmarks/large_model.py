@@ -15,7 +15,7 @@ Ratios are against the faster floor (raw or managed) of the same run; memory is 
 beyond the process before the model existed, minus the model (the target is <= 0.5 GiB).
 ``--sweep`` also times our boto3 store over part sizes x concurrency and single PUT vs
 multipart over object sizes (how the defaults in ``stores/s3_multipart.py`` were chosen).
-JSON and PNG go to benchmarks/results/ (``--quick``: 64 MiB, ``large_model_quick.*``).
+JSON, PNG and the markdown table go to benchmarks/results/ (``--quick``: 64 MiB, ``large_model_quick.*``).
 
     flock /work/bench.lock python benchmarks/large_model.py [--quick] [--sweep] [--repeats 3]
     python benchmarks/large_model.py --table benchmarks/results/large_model.json   # markdown for the docs
@@ -353,6 +353,7 @@ def main() -> None:
             found["load"] = load_average()
             found["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
             (RESULTS / "large_model_sweep.json").write_text(json.dumps(found, indent=2) + "\n")
+            (RESULTS / "large_model_sweep.md").write_text(sweep_table(found) + "\n")
             if args.sweep_only:
                 return
         uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -374,6 +375,7 @@ def main() -> None:
     name = "large_model_quick" if args.quick else "large_model"
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, RESULTS / f"{name}.png")
+    (RESULTS / f"{name}.md").write_text(markdown_table(results) + "\n")
     print(markdown_table(results))
     for case in OURS:
         for direction in ("put", "get"):
