@@ -278,7 +278,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The docs' table, rendered from a results JSON (figures are never typed by hand)."""
+    """The docs' table, rendered from a results JSON (figures are never typed by hand); a sweep's JSON
+    gets the sweep's tables (``sweep_table``)."""
+    if "grid" in results:
+        return sweep_table(results)
     lines = [
         f"{results['model_mib']} MiB of float32 parameters, SeaweedFS on loopback, parts of "
         f"{results['transfer']['chunksize'] // MIB} MiB x {results['transfer']['concurrency']} in flight, "
@@ -333,8 +336,7 @@ def main() -> None:
         print(json.dumps(run_case(json.loads(args.child))))
         return
     if args.table:
-        found = json.loads(Path(args.table).read_text())
-        print(sweep_table(found) if "grid" in found else markdown_table(found))
+        print(markdown_table(json.loads(Path(args.table).read_text())))
         return
 
     from s3_servers import create_bucket, seaweedfs
