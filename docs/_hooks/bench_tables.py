@@ -415,6 +415,8 @@ def heterogeneous(_: str) -> str:
 SCRIPT_TABLES = {
     "aggregate_mode_shaped": ("aggregate_mode", "aggregate_mode_shaped.json"),
     "store_overhead_shaped": ("store_overhead", "store_overhead_boto3_shaped.json"),
+    "large_model": ("large_model", "large_model.json"),
+    "large_model_sweep": ("large_model", "large_model_sweep.json"),
     "language_model_quick": ("language_model_report", "language_model_quick.json"),
     "language_model": ("language_model_report", "language_model.json"),
 }

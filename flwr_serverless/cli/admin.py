@@ -15,6 +15,8 @@ from flwr_serverless.stores import ObjectInfo, Store
 from flwr_serverless.wire import layout
 from flwr_serverless.wire.codec import read_header
 
+#: A multipart upload still open this long is stale: a GiB-scale upload takes seconds to minutes.
+STALE_UPLOAD_S = 3600.0
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -231,12 +233,15 @@ def clean_experiment(
 ) -> list[str]:
     """Delete every key of members that are no longer live (left, expired, gone, or unknown without objects
     newer than ``older_than``): record, weights, rounds, profile, keyframe, delta log, contributions.
-    ``everything`` empties the prefix (the aggregate and Keras checkpoints too). Returns the deleted keys.
+    ``everything`` empties the prefix (the aggregate and Keras checkpoints too). Unfinished multipart uploads
+    under the prefix older than ``older_than`` (default ``STALE_UPLOAD_S``; all with ``everything``) are
+    aborted. Returns the deleted keys, then one line per aborted upload.
 
     The aggregate is shared and stays: like a left member's ``nodes/<id>`` in FedAvgAsync, a cleaned member's
     last contribution stays in its mean until a repair rebuilds it from the contributions left (without that
     member) or ``clean --all`` deletes it.
     """
+    upload_age = 0.0 if everything else (older_than if older_than is not None else STALE_UPLOAD_S)
     if not everything and older_than is None:
         older_than = 0.0
     view = inspect_experiment(store, now)
@@ -253,7 +258,22 @@ def clean_experiment(
     if not dry_run:
         for key in doomed:
             store.delete(key)
-    return sorted(doomed)
+    return sorted(doomed) + abort_stale_uploads(store, upload_age, now, dry_run)
+
+
+def abort_stale_uploads(store: Store, older_than: float, now: float | None = None, dry_run: bool = False) -> list[str]:
+    """Abort multipart uploads under the prefix started at least ``older_than`` seconds ago (a crashed
+    writer's parts, which S3 keeps and bills until aborted); one line per upload. Stores without
+    multipart uploads (no ``list_uploads``) have none."""
+    list_uploads = getattr(store, "list_uploads", None)
+    if list_uploads is None:
+        return []
+    now = time.time() if now is None else now
+    stale = [upload for upload in list_uploads() if now - upload.initiated >= older_than]
+    if not dry_run:
+        for upload in stale:
+            store.abort_upload(upload.key, upload.upload_id)  # type: ignore[attr-defined]
+    return [f"{upload.key} (unfinished upload {upload.upload_id})" for upload in stale]
 
 
 def summary(deleted: list[str], dry_run: bool) -> dict[str, Any]:

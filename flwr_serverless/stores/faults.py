@@ -4,8 +4,9 @@
 settings, fails the n-th calls or a random fraction of them with the kind of
 error a real backend raises (connection reset/refused, timeout, S3 503
 SlowDown, 500, 403...), returns truncated bytes from GETs, adds latency, or is
-entirely "down" for a while. Injected errors are shaped like a backend's: a
-``StoreError`` whose cause is the low-level exception, so the retry logic
+entirely "down" for a while. ``failing_requests`` goes one level down, into an S3
+store's individual API requests (the 2nd ``upload_part`` of a multipart upload...).
+Injected errors are shaped like a backend's: a ``StoreError`` whose cause is the low-level exception, so the retry logic
 classifies them exactly as it would classify real ones.
 """
 
@@ -151,3 +152,28 @@ class FaultyStore(Store):
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+@contextmanager
+def failing_requests(store: Any, method: str, calls: Collection[int], kind: str = "reset") -> Iterator[list[int]]:
+    """Inside the block, the ``calls``-th (1-based) S3 API requests named ``method`` of an S3 store fail with
+    ``kind``; yields a one-item list counting the requests of that name seen so far (thread-safe)."""
+    _low_level(kind)  # validate early
+    original = store._call
+    seen = [0]
+    lock = threading.Lock()
+
+    def call(name: str, **params: Any) -> Any:
+        if name == method:
+            with lock:
+                seen[0] += 1
+                number = seen[0]
+            if number in calls:
+                raise _low_level(kind)
+        return original(name, **params)
+
+    store._call = call
+    try:
+        yield seen
+    finally:
+        del store._call  # the class's own method again

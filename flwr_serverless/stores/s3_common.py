@@ -1,11 +1,14 @@
 """What the two S3 backends (boto3 and s3fs) share: one class that speaks the S3 API.
 
-Both backends issue the same requests (a single ``put_object`` per write, with
-``If-None-Match: *`` / ``If-Match`` for conditional writes, ``list_objects_v2``
-pages, ``delete_object``, ``head_bucket`` once at construction), so all of that
-lives in :class:`S3ObjectStore`. A backend only says how to make a request
-(``_call``) and how to read an object's body (``_read_object``/``_stream_object``);
-errors are read by :mod:`~flwr_serverless.stores.backend_errors`.
+Both backends issue the same requests (``put_object`` for a write below the
+multipart threshold and a multipart upload above it, ``If-None-Match: *`` /
+``If-Match`` for conditional writes, ranged ``get_object`` for downloads,
+``list_objects_v2`` pages, ``delete_object``, ``head_bucket`` once at
+construction), so all of that lives in :class:`S3ObjectStore`; when to split an
+object and how is :mod:`~flwr_serverless.stores.s3_multipart`. A backend only
+says how to make a request (``_call``) and how to read an object's body
+(``_read_object``/``_stream_object``/``_read_range``); errors are read by
+:mod:`~flwr_serverless.stores.backend_errors`.
 
 Retry layers: botocore retries each request (``max_attempts``) and s3fs loops
 on top of that. While our own bounded ``RetryPolicy`` is on, botocore gets
@@ -14,20 +17,32 @@ on top of that. While our own bounded ``RetryPolicy`` is on, botocore gets
 
 from __future__ import annotations
 
+import contextlib
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from flwr_serverless.errors import PreconditionFailedError, StoreConfigurationError, StoreError
+from flwr_serverless.stores import s3_multipart as limits
 from flwr_serverless.stores.backend_errors import (
     backend_error_types,
+    error_info,
     explain_bucket_error,
     is_lost_race,
     is_not_found,
     translated,
 )
-from flwr_serverless.stores.base import ObjectInfo, Store, check_key, check_prefix
+from flwr_serverless.stores.base import Buffer, ObjectInfo, Store, check_key, check_prefix, payload_size
 from flwr_serverless.stores.retry import RetryPolicy
+from flwr_serverless.stores.s3_multipart import (
+    BufferChain,
+    OffsetWriter,
+    TransferOptions,
+    parse_content_range,
+    part_ranges,
+    run_parallel,
+)
 
 S3_SCHEMES = ("s3", "s3a")
 #: botocore attempts per request while our retries are on (one quick retry) and while they are off.
@@ -36,6 +51,19 @@ ATTEMPTS_ALONE = 5
 STREAM_CHUNK_BYTES = 1 << 20  # a streamed GET holds at most this much in memory at a time
 #: Credential option names: s3fs's -> boto3's (each backend accepts both spellings).
 S3FS_TO_BOTO3 = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token"}
+#: Times a download restarts because the object was replaced between its ranged GETs.
+MAX_VERSION_CHANGES = 5
+#: What one ranged GET reports: (Content-Range, ETag, bytes written).
+RangeRead = tuple[str | None, str, int]
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    """An unfinished multipart upload under the store's prefix (``list_uploads``)."""
+
+    key: str
+    upload_id: str
+    initiated: float  # seconds since the epoch (0.0 when the server does not say)
 
 
 def botocore_attempts(retry_policy: RetryPolicy) -> int:
@@ -79,9 +107,16 @@ def listing_objects(contents: list[dict[str, Any]], base: str) -> Iterator[Objec
 
 
 class S3ObjectStore(Store):
-    """Objects under ``s3://bucket/prefix/``, spoken through an S3 API client (see the subclasses)."""
+    """Objects under ``s3://bucket/prefix/``, spoken through an S3 API client (see the subclasses).
+
+    Large objects go in parallel parts both ways (``transfer``, see ``s3_multipart``). Conditional
+    writes stay one ``put_object`` up to S3's 5 GiB single-PUT limit, since that is atomic on every
+    server (moto ignores ``If-Match`` on ``CompleteMultipartUpload``); above it they complete a
+    multipart upload with the condition, which AWS S3 and SeaweedFS honour.
+    """
 
     supports_conditional_writes = True
+    transfer: TransferOptions = TransferOptions()
     bucket: str
     prefix: str
 
@@ -109,6 +144,13 @@ class S3ObjectStore(Store):
     def _read_object_tagged(self, key: str) -> tuple[bytes, str]:
         """One GET: the whole body and the ETag of exactly those bytes (S3 returns it with the body)."""
 
+    @abstractmethod
+    def _read_range(
+        self, key: str, begin: int, end: int, if_match: str | None, write: Callable[[int, bytes], None]
+    ) -> RangeRead:
+        """One GET of bytes ``[begin, end)`` (of version ``if_match`` only), each chunk given to
+        ``write(offset, chunk)``; returns the response's Content-Range and ETag and the bytes written."""
+
     # -- shared ------------------------------------------------------------------------
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -127,16 +169,127 @@ class S3ObjectStore(Store):
         return unquote_etag(etag)
 
     def _put(self, key: str, data: bytes) -> str:
+        if self.transfer.use_multipart(payload_size(data)):
+            return self._put_multipart(key, [data], {}, "put")
         with translated("put", key):
             return self._tag_of(self._call("put_object", Bucket=self.bucket, Key=self._key(key), Body=data), key)
+
+    def _put_parts(self, key: str, parts: Sequence[Buffer]) -> str:
+        """Below the threshold one joined PUT; above it the parts are sliced out of the buffers as they go."""
+        if self.transfer.use_multipart(payload_size(parts)):
+            return self._put_multipart(key, parts, {}, "put")
+        return self._put(key, b"".join(parts))
+
+    def _put_multipart(self, key: str, buffers: Sequence[Buffer], condition: dict[str, str], operation: str) -> str:
+        """Create, upload parts (``max_concurrency`` at a time), complete; abort whatever fails."""
+        chain = BufferChain(buffers)
+        ranges = part_ranges(chain.size, self.transfer.part_size(chain.size))
+        target = {"Bucket": self.bucket, "Key": self._key(key)}
+        with translated(operation, key):
+            upload_id = self._call("create_multipart_upload", **target)["UploadId"]
+        try:
+
+            def send(index: int) -> dict[str, Any]:
+                begin, end = ranges[index]
+                with translated(operation, key):
+                    sent = self._call(
+                        "upload_part", **target, UploadId=upload_id, PartNumber=index + 1, Body=chain.read(begin, end)
+                    )
+                return {"PartNumber": index + 1, "ETag": sent["ETag"]}
+
+            in_flight = self.transfer.upload_concurrency(chain.size, ranges[0][1])
+            done = run_parallel(send, len(ranges), in_flight)
+            with translated(operation, key):
+                try:
+                    parts = {"UploadId": upload_id, "MultipartUpload": {"Parts": done}}
+                    response = self._call("complete_multipart_upload", **target, **parts, **condition)
+                except backend_error_types() as exc:
+                    if condition and is_lost_race(exc, compare_and_swap="IfMatch" in condition):
+                        raise PreconditionFailedError(operation, key) from exc
+                    raise
+        except BaseException:
+            self._abort_quietly(key, upload_id)
+            raise
+        return self._tag_of(response, key)
+
+    def _abort_quietly(self, key: str, upload_id: str) -> None:
+        """Best effort: the upload failed already, and ``clean`` removes what an abort could not."""
+        with contextlib.suppress(StoreError):
+            self.abort_upload(key, upload_id)
 
     def _get(self, key: str) -> bytes:
         with translated("get", key):
             return self._read_object(key)
 
     def _get_into(self, key: str, sink: BinaryIO) -> int:
+        """Ranged GETs in parallel into ``sink``; restarted if the object is replaced between them."""
         with translated("get", key):
-            return self._stream_object(key, sink)
+            for _ in range(MAX_VERSION_CHANGES):
+                sink.seek(0)
+                sink.truncate()
+                try:
+                    return self._download(key, sink)
+                except backend_error_types() as exc:
+                    code, status = error_info(exc)
+                    if status == 416 or code == "InvalidRange":  # an empty object has no byte 0
+                        sink.seek(0)
+                        sink.truncate()
+                        return self._stream_object(key, sink)
+                    if status != 412:
+                        raise
+            raise StoreError("get", key, f"object replaced {MAX_VERSION_CHANGES} times while being read")
+
+    def _download(self, key: str, sink: BinaryIO) -> int:
+        chunk = self.transfer.multipart_chunksize
+        writer = OffsetWriter(sink)
+        content_range, etag, got = self._read_range(key, 0, chunk, None, writer.write)
+        if content_range is None:  # a server that ignores Range sent the whole object
+            sink.seek(got)
+            return got
+        _, last, total = parse_content_range(content_range, key)
+        rest = part_ranges(total, chunk, start=last + 1)
+        if rest and total < self.transfer.multipart_threshold:
+            rest = [(last + 1, total)]  # below the threshold: the remainder in one GET
+
+        def fetch(index: int) -> None:
+            begin, end = rest[index]
+            _, _, size = self._read_range(key, begin, end, quote_etag(etag), writer.write)
+            if size != end - begin:
+                raise StoreError("get", key, f"range {begin}-{end - 1}: {size} bytes instead of {end - begin}")
+
+        run_parallel(fetch, len(rest), self.transfer.max_concurrency)
+        sink.seek(total)
+        return total
+
+    def list_uploads(self, prefix: str = "") -> list[UploadInfo]:
+        """Multipart uploads under the store's prefix that were never completed nor aborted."""
+        check_prefix(prefix)
+        base = f"{self.prefix}/" if self.prefix else ""
+        request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + prefix}
+        found: list[UploadInfo] = []
+        with translated("list", prefix):
+            while True:
+                page = self._call("list_multipart_uploads", **request)
+                self.stats.add(lists=1)
+                for item in page.get("Uploads") or []:
+                    if item["Key"].startswith(base):
+                        initiated = item.get("Initiated")
+                        stamp = initiated.timestamp() if hasattr(initiated, "timestamp") else 0.0
+                        found.append(UploadInfo(item["Key"][len(base) :], item["UploadId"], stamp))
+                markers = {"KeyMarker": page.get("NextKeyMarker"), "UploadIdMarker": page.get("NextUploadIdMarker")}
+                if not page.get("IsTruncated") or not markers["KeyMarker"]:
+                    return found
+                request.update({name: value for name, value in markers.items() if value})
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort one multipart upload, dropping its parts; one already gone is not an error."""
+        with translated("delete", key):
+            try:
+                self._call("abort_multipart_upload", Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
+            except backend_error_types() as exc:
+                if not is_not_found(exc):
+                    raise
+        self.stats.add(deletes=1)
 
     def _copy(self, source: str, destination: str) -> str:
         with translated("copy", source):  # a missing source is a 404 naming it
@@ -197,6 +350,8 @@ class S3ObjectStore(Store):
     def _put_conditional(self, key: str, data: bytes, if_match: str | None) -> str:
         operation = "put_if_absent" if if_match is None else "put_if_match"
         condition = {"IfNoneMatch": "*"} if if_match is None else {"IfMatch": quote_etag(if_match)}
+        if payload_size(data) > limits.MAX_SINGLE_PUT_BYTES:  # see the class docstring
+            return self._put_multipart(key, [data], condition, operation)
         with translated(operation, key):
             try:
                 response = self._call("put_object", Bucket=self.bucket, Key=self._key(key), Body=data, **condition)

@@ -1,6 +1,7 @@
 """A store on S3 (or any S3-compatible service) through plain boto3.
 
-Each write is a single ``put_object``, which S3 makes visible atomically, and
+Each write is a single ``put_object`` (a multipart upload for large objects,
+see ``s3_multipart``), which S3 makes visible atomically, and
 conditional writes use S3's ``If-None-Match: *`` / ``If-Match: <etag>`` (the
 requests themselves are shared with the s3fs backend, see ``s3_common``). The
 bucket is checked once at construction so that a typo, a missing bucket or
@@ -10,6 +11,7 @@ missing credentials fail before any training starts, saying which one it is.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from flwr_serverless.errors import StoreConfigurationError
@@ -18,10 +20,12 @@ from flwr_serverless.stores.s3_common import (
     ATTEMPTS_UNDER_OUR_RETRIES,
     S3FS_TO_BOTO3,
     STREAM_CHUNK_BYTES,
+    RangeRead,
     S3ObjectStore,
     botocore_attempts,
     split_s3_url,
 )
+from flwr_serverless.stores.s3_multipart import TransferOptions
 
 # s3fs options that mean nothing to a boto3 client; dropped so one option dict fits both backends.
 _FSSPEC_ONLY = {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths", "default_block_size"}
@@ -46,7 +50,8 @@ class S3Store(S3ObjectStore):
 
     ``max_attempts`` is botocore's total attempts per request (its ``total_max_attempts``;
     botocore's own ``max_attempts`` counts retries). The default (2) assumes our own
-    retries are on, as they are for every store unless turned off.
+    retries are on, as they are for every store unless turned off. ``multipart_threshold``,
+    ``multipart_chunksize`` and ``max_concurrency`` size large transfers (``s3_multipart``).
     """
 
     def __init__(
@@ -59,9 +64,20 @@ class S3Store(S3ObjectStore):
         client: Any = None,
         max_attempts: int = ATTEMPTS_UNDER_OUR_RETRIES,
         session: Any = None,
+        multipart_threshold: int | None = None,
+        multipart_chunksize: int | None = None,
+        max_concurrency: int | None = None,
         **client_kwargs: Any,
     ) -> None:
         super().__init__()
+        self.transfer = TransferOptions.pop_from(
+            f"s3://{bucket}/{prefix}".rstrip("/"),
+            {
+                "multipart_threshold": multipart_threshold,
+                "multipart_chunksize": multipart_chunksize,
+                "max_concurrency": max_concurrency,
+            },
+        )
         try:
             import botocore  # noqa: F401
         except ImportError as exc:
@@ -76,7 +92,7 @@ class S3Store(S3ObjectStore):
         self._client = (
             client
             if client is not None
-            else self._make_client(session, endpoint_url, region_name, max_attempts, client_kwargs)
+            else self._make_client(session, endpoint_url, region_name, max_attempts, client_kwargs, self.transfer)
         )
         self._close_lock = threading.Lock()
         self._check_bucket()
@@ -85,18 +101,25 @@ class S3Store(S3ObjectStore):
     def from_url(cls, url: str, *, retry_policy: RetryPolicy = DEFAULT_POLICY, **options: Any) -> S3Store:
         """``s3://bucket/prefix`` with s3fs-style or boto3-style options (``open_store``'s entry)."""
         bucket, prefix = split_s3_url(url)
-        options = boto3_options(url, options)
+        transfer = TransferOptions.pop_from(url, options)
+        options = {**boto3_options(url, options), **vars(transfer)}
         options.setdefault("max_attempts", botocore_attempts(retry_policy))
         return cls(bucket, prefix, **options)
 
     @staticmethod
     def _make_client(
-        session: Any, endpoint_url: str | None, region_name: str | None, max_attempts: int, kwargs: dict[str, Any]
+        session: Any,
+        endpoint_url: str | None,
+        region_name: str | None,
+        max_attempts: int,
+        kwargs: dict[str, Any],
+        transfer: TransferOptions,
     ) -> Any:
         import boto3
         from botocore.config import Config
 
-        config = Config(retries={"total_max_attempts": max_attempts, "mode": "standard"}, max_pool_connections=32)
+        pool = max(32, 2 * transfer.max_concurrency)  # room for parallel parts beside the node's own threads
+        config = Config(retries={"total_max_attempts": max_attempts, "mode": "standard"}, max_pool_connections=pool)
         user_config = kwargs.pop("config", None)
         if user_config is not None:
             config = config.merge(user_config)
@@ -133,6 +156,22 @@ class S3Store(S3ObjectStore):
         finally:
             body.close()
         return size
+
+    def _read_range(
+        self, key: str, begin: int, end: int, if_match: str | None, write: Callable[[int, bytes], None]
+    ) -> RangeRead:
+        condition = {"IfMatch": if_match} if if_match else {}
+        response = self._call(
+            "get_object", Bucket=self.bucket, Key=self._key(key), Range=f"bytes={begin}-{end - 1}", **condition
+        )
+        body, offset = response["Body"], begin
+        try:
+            for chunk in body.iter_chunks(STREAM_CHUNK_BYTES):
+                write(offset, chunk)
+                offset += len(chunk)
+        finally:
+            body.close()
+        return response.get("ContentRange"), str(response.get("ETag", "")), offset - begin
 
     def close(self) -> None:
         """Close the HTTP connection pool if this store created the client."""

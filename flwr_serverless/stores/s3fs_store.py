@@ -1,7 +1,8 @@
 """s3:// through s3fs: ``open_store(url, backend="fsspec")``, or any s3:// URL when boto3 is missing.
 
 The requests are the ones the boto3 backend makes (``s3_common``), sent
-through s3fs's aiobotocore client: one PUT per write, ``If-None-Match`` /
+through s3fs's aiobotocore client: one PUT per write (parts in parallel for
+large objects, ranged GETs in parallel to read them back), ``If-None-Match`` /
 ``If-Match`` for conditional writes, and a GET whose body is streamed in
 chunks. s3fs retries each request in a loop of its own on top of botocore's;
 while our ``RetryPolicy`` is on, that loop gets one pass (``retries=1``) and
@@ -19,10 +20,12 @@ from flwr_serverless.stores.s3_common import (
     ATTEMPTS_UNDER_OUR_RETRIES,
     S3FS_TO_BOTO3,
     STREAM_CHUNK_BYTES,
+    RangeRead,
     S3ObjectStore,
     botocore_attempts,
     split_s3_url,
 )
+from flwr_serverless.stores.s3_multipart import TransferOptions
 
 #: s3fs's own default for its request loop (``S3FileSystem.retries``), used while our retries are off.
 S3FS_DEFAULT_RETRIES = 5
@@ -33,13 +36,19 @@ class S3FsStore(S3ObjectStore):
 
     Options are s3fs's (boto3 spellings are accepted too), plus ``retries``: passes of
     s3fs's own retry loop (default 1), and ``max_attempts``: botocore's total attempts per
-    request (default 2). Both defaults assume our own retries are on.
+    request (default 2). Both defaults assume our own retries are on. ``multipart_threshold``,
+    ``multipart_chunksize`` and ``max_concurrency`` size large transfers (``s3_multipart``).
     """
 
     def __init__(self, url: str, **storage_options: Any) -> None:
         super().__init__()
         self.bucket, self.prefix = split_s3_url(url)
-        options = s3fs_options(storage_options)
+        options = dict(storage_options)
+        self.transfer = TransferOptions.pop_from(url, options)
+        options = s3fs_options(options)
+        config_kwargs = dict(options.get("config_kwargs") or {})
+        config_kwargs.setdefault("max_pool_connections", max(10, 2 * self.transfer.max_concurrency))
+        options["config_kwargs"] = config_kwargs
         retries = options.pop("retries", 1)
         if not isinstance(retries, int) or retries < 1:
             raise StoreConfigurationError(f"store {url!r}: option retries must be an int >= 1, not {retries!r}")
@@ -82,12 +91,29 @@ class S3FsStore(S3ObjectStore):
         _, etag = self._consume(key, chunks.append)
         return b"".join(chunks), etag
 
+    def _read_range(
+        self, key: str, begin: int, end: int, if_match: str | None, write: Callable[[int, bytes], None]
+    ) -> RangeRead:
+        offset = [begin]
+
+        def at_offset(chunk: bytes) -> None:
+            write(offset[0], chunk)
+            offset[0] += len(chunk)
+
+        condition = {"IfMatch": if_match} if if_match else {}
+        size, etag, content_range = self._get_object(key, at_offset, Range=f"bytes={begin}-{end - 1}", **condition)
+        return content_range, etag, size
+
     def _consume(self, key: str, write: Callable[[bytes], Any]) -> tuple[int, str]:
         """One GET, its body read in chunks by one coroutine on s3fs's event loop; the size and ETag."""
+        return self._get_object(key, write)[:2]
+
+    def _get_object(self, key: str, write: Callable[[bytes], Any], **params: Any) -> tuple[int, str, str | None]:
+        """One GET (ranged or conditional by ``params``) streamed to ``write``; size, ETag and Content-Range."""
         from fsspec.asyn import sync
 
-        async def stream() -> tuple[int, str]:
-            response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(key))
+        async def stream() -> tuple[int, str, str | None]:
+            response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(key), **params)
             body = response["Body"]
             size = 0
             try:
@@ -96,7 +122,7 @@ class S3FsStore(S3ObjectStore):
                     size += len(chunk)
             finally:
                 body.close()
-            return size, str(response.get("ETag", ""))
+            return size, str(response.get("ETag", "")), response.get("ContentRange")
 
         return sync(self.fs.loop, stream)
 
