@@ -109,7 +109,7 @@ class SyncFederatedNode(FederatedNode):
         records = self.roster.read(deadline)
         rounds = layout.rounds_by_number(listing)
         # Members of this run, and publishers without a record (a store or peer without membership).
-        current = set(current_members(records, self.wall_clock(), self._joined_at()))
+        current = set(current_members(records, self.roster.now(), self.run))
         current |= {node for nodes in rounds.values() for node in nodes if node not in records}
         target, under_way = entry_round(self.node_id, rounds, current, self.round)
         self._round_checked = True
@@ -120,12 +120,6 @@ class SyncFederatedNode(FederatedNode):
         for number, nodes in rounds.items():
             if number < target - 1 and self.node_id in nodes:
                 exchange.delete_quietly(layout.round_key(number, self.node_id), deadline)
-
-    def _joined_at(self) -> float:
-        membership = self.membership
-        return (
-            membership.joined_at if membership is not None and membership.joined_at is not None else self.wall_clock()
-        )
 
     # -- a round -------------------------------------------------------------------------
     def _weight(self, header: UpdateHeader) -> float:
@@ -213,6 +207,16 @@ class SyncFederatedNode(FederatedNode):
         for info, outcome in zip(others, self.exchange.fetch_many(others, deadline)):
             if isinstance(outcome, StoreError):
                 self.exchange.store_failure(info.key, outcome, f"in round {self.round}")
+            elif outcome is not None and self.run is not None and outcome.header.run not in (None, self.run):
+                self.stats.leftovers_skipped += 1  # the same id in another run: its object is not this run's
+                logger.warning(
+                    "node %s skips %s in round %d: it belongs to run %s, not %s",
+                    self.node_id,
+                    info.key,
+                    self.round,
+                    outcome.header.run,
+                    self.run,
+                )
             elif outcome is not None:
                 h = outcome.header
                 peers.append(Contribution(h.node_id, outcome.arrays, self._weight(h), h.num_examples, h.metrics))
@@ -264,8 +268,8 @@ class SyncFederatedNode(FederatedNode):
             self.node_id,
             published,
             records,
-            now=self.wall_clock(),
-            joined_at=self._joined_at(),
+            now=self.roster.now(),
+            run=self.run,
             num_nodes=self.num_nodes,
             min_nodes=self.min_nodes,
             started=self.started,
