@@ -20,6 +20,7 @@ at the largest N with shorter epochs. JSON and a PNG go to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -31,6 +32,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,55 @@ def start_server() -> tuple[subprocess.Popen[bytes], str, Any]:
             time.sleep(0.05)
     server.kill()
     raise RuntimeError("the moto server did not start")
+
+
+@contextlib.contextmanager
+def s3_endpoint(args: argparse.Namespace) -> Iterator[tuple[str, Any, str]]:
+    """(endpoint the nodes use, a setup client, a description): moto or SeaweedFS, shaped by the proxy if asked.
+
+    With ``--latency-ms``/``--bandwidth-mbps`` the nodes talk to the server through
+    benchmarks/shaping_proxy.py (a delay per HTTP request, a cap per TCP stream);
+    the setup client (bucket creation) goes to the server directly.
+    """
+    with contextlib.ExitStack() as stack:
+        if args.server == "seaweedfs":
+            sys.path.insert(0, str(ROOT / "tests"))
+            from s3_servers import boto3_client, create_bucket, seaweedfs
+
+            server = stack.enter_context(seaweedfs())
+            for name, value in (
+                ("AWS_ACCESS_KEY_ID", server.access_key),
+                ("AWS_SECRET_ACCESS_KEY", server.secret_key),
+                ("AWS_DEFAULT_REGION", "us-east-1"),
+            ):
+                os.environ[name] = value
+            create_bucket(server, "warm-up")  # a fresh SeaweedFS refuses buckets until its volumes are up
+            endpoint, client, store = server.endpoint, boto3_client(server), "SeaweedFS (weed mini) process, boto3"
+        else:
+            process, endpoint, client = start_server()
+            stack.callback(process.wait)
+            stack.callback(process.kill)
+            store = "moto S3 server process, boto3"
+        if args.latency_ms > 0 or args.bandwidth_mbps > 0:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from shaping_proxy import ShapingProxy
+
+            proxy = ShapingProxy(
+                upstream=endpoint,
+                latency_s=args.latency_ms / 1000,
+                bandwidth_bps=args.bandwidth_mbps * 1e6 if args.bandwidth_mbps > 0 else None,
+            )
+            stack.enter_context(proxy)
+            endpoint = proxy.endpoint
+            store += (
+                f", through shaping_proxy ({args.latency_ms:g} ms per request, {args.bandwidth_mbps:g} MB/s per stream)"
+            )
+        yield endpoint, client, store
+
+
+def load_average() -> list[float]:
+    """``uptime``'s 1, 5 and 15 minute load averages (2 cores shared with other jobs here)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def run(
@@ -144,6 +195,7 @@ def run(
         except BaseException as exc:  # reported below
             errors.append(exc)
 
+    load_before = load_average()
     started = time.monotonic()
     threads = [threading.Thread(target=work, args=(i, node), daemon=True) for i, node in enumerate(nodes)]
     for thread in threads:
@@ -158,7 +210,9 @@ def run(
         "mode": mode,
         "nodes": n,
         "epoch_seconds": epoch_seconds,
+        "epochs": args.epochs,
         "model_bytes": model_bytes,
+        "load_average_before": load_before,
         "wall_time": time.monotonic() - started,
         # HTTP requests: the store counts those that succeeded; each lost compare-and-swap (412) is one more.
         "requests_mean": statistics.fmean(r["requests"] + r["cas_conflicts"] for r in steady),
@@ -169,6 +223,7 @@ def run(
         "seconds_median": statistics.median(r["seconds"] for r in steady),
         "seconds_p95": float(np.percentile([r["seconds"] for r in steady], 95)),
         "node_epochs": len(steady),
+        "load_average_after": load_average(),
     }
     if mode == "aggregate":
         conflicts = sum(r["cas_conflicts"] for r in rows)
@@ -256,10 +311,48 @@ def plot(out: dict[str, Any], path: Path) -> None:
         axis.legend(fontsize=8)
     fig.suptitle(
         f"Aggregate mode vs all-peers FedAvgAsync: {out['setup']['params']} params, "
-        f"{out['setup']['epoch_seconds']} s epochs, moto S3, threads"
+        f"{out['setup']['epoch_seconds']} s epochs, {out['setup'].get('store', 'moto S3')}, threads",
+        fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results file as a Markdown table (docs pages are generated from this, never typed)."""
+    lines = [
+        "| mode | N | epochs | requests / node-epoch (max) | models down / node-epoch (max) | s per federation "
+        "(median, p95) | conflict rate | lost all attempts | folded by a helper | deferred |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in [*results["sweep"], *results.get("contention", [])]:
+        lines.append(
+            f"| {r['mode']} ({r['epoch_seconds']:g} s epochs) | {r['nodes']} | "
+            f"{r.get('epochs', results['setup']['epochs'])} | {r['requests_mean']:.2f} ({r['requests_max']}) | "
+            f"{r['models_down_mean']:.2f} ({r['models_down_max']:.2f}) | "
+            f"{r['seconds_median']:.3f}, {r['seconds_p95']:.3f} | {r.get('conflict_rate', 0):.2f} | "
+            f"{r.get('lost_all_attempts', '-')} | {r.get('folded_by_helper', '-')} | {r.get('deferred_epochs', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def _merge(path: Path, out: dict[str, Any]) -> dict[str, Any]:
+    """``--append``: keep the rows of an earlier run in ``path`` that this run did not redo (same mode, N, epochs)."""
+    if not path.exists():
+        return out
+    earlier = json.loads(path.read_text())
+
+    def key(row: dict[str, Any]) -> tuple[Any, ...]:
+        return row["mode"], row["nodes"], row["epoch_seconds"]
+
+    for part in ("sweep", "contention"):
+        redone = {key(r) for r in out[part]}
+        kept = [r for r in earlier.get(part, []) if key(r) not in redone]
+        out[part] = sorted(
+            [*kept, *out[part]], key=lambda r: (r["nodes"], r["mode"] != "all-peers", -r["epoch_seconds"])
+        )
+    out["runs"] = [*earlier.get("runs", [earlier["setup"]]), out["setup"]]
+    return out
 
 
 def main() -> None:
@@ -276,24 +369,43 @@ def main() -> None:
         default="on",
         help="aggregate mode: fold one pending change of another member into each write",
     )
+    parser.add_argument("--server", choices=("moto", "seaweedfs"), default="moto")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="shaping proxy: added per HTTP request")
+    parser.add_argument(
+        "--bandwidth-mbps", type=float, default=0.0, help="shaping proxy: MB/s per TCP stream (0: none)"
+    )
+    parser.add_argument("--out", default=None, help="results name (default aggregate_mode, _shaped when shaped)")
+    parser.add_argument("--append", action="store_true", help="merge into the results file (rows redone replace)")
+    parser.add_argument("--note", default="", help="recorded in the setup (e.g. why epochs are short)")
     args = parser.parse_args()
+    for name in ("latency_ms", "bandwidth_mbps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    shaped = args.latency_ms > 0 or args.bandwidth_mbps > 0
+    name = args.out or ("aggregate_mode_shaped" if shaped else "aggregate_mode")
     sizes = [int(x) for x in args.nodes.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped on kill too
-    server, endpoint, client = start_server()
     out: dict[str, Any] = {
         "setup": {
             "params": args.params,
             "epochs": args.epochs,
             "helping": args.helping,
             "epoch_seconds": args.epoch_seconds,
-            "store": "moto S3 server process, boto3",
+            "server": args.server,
+            "latency_ms": args.latency_ms,
+            "bandwidth_mbps_per_stream": args.bandwidth_mbps,
             "steady_state": "epochs after the first",
+            "cpu": f"{os.cpu_count()} cores shared with other jobs; load averages recorded per row",
+            "load_average_start": load_average(),
+            **({"note": args.note} if args.note else {}),
         },
         "sweep": [],
         "contention": [],
     }
-    try:
+    path = RESULTS / f"{name}.json"
+    with s3_endpoint(args) as (endpoint, client, store):
+        out["setup"]["store"] = store
         for n in sizes:
             for mode in modes:
                 row = run(mode, n, args, args.epoch_seconds, endpoint, client)
@@ -304,23 +416,14 @@ def main() -> None:
                 row = run("aggregate", max(sizes), args, seconds, endpoint, client)
                 out["contention"].append(row)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    finally:
-        server.kill()
-        server.wait()
+    out["setup"]["load_average_end"] = load_average()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "aggregate_mode.json").write_text(json.dumps(out, indent=2))
-    plot(out, RESULTS / "aggregate_mode.png")
-    print(
-        "\n| mode | N | requests / node-epoch (max) | models down / node-epoch (max) | s per federation | "
-        "conflict rate | lost all attempts | folded by a helper | deferred |"
-    )
-    for r in [*out["sweep"], *out["contention"]]:
-        print(
-            f"| {r['mode']} ({r['epoch_seconds']:g} s epochs) | {r['nodes']} | {r['requests_mean']:.2f} "
-            f"({r['requests_max']}) | {r['models_down_mean']:.2f} ({r['models_down_max']:.2f}) | "
-            f"{r['seconds_median']:.3f} | {r.get('conflict_rate', 0):.2f} | {r.get('lost_all_attempts', '-')} | "
-            f"{r.get('folded_by_helper', '-')} | {r.get('deferred_epochs', '-')} |"
-        )
+    if args.append:
+        out = _merge(path, out)
+    path.write_text(json.dumps(out, indent=2))
+    plot(out, RESULTS / f"{name}.png")
+    print()
+    print(markdown_table(out))
 
 
 if __name__ == "__main__":
