@@ -20,114 +20,24 @@ at the largest N with shorter epochs. JSON and a PNG go to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
-# moto decides If-Match in two steps on a threaded server; the test suite's patch serialises its PUTs
-# (see tests/conftest.py) so that, as on S3, exactly one of two racing conditional writes wins.
-SERVER = (
-    "import sys; sys.path.insert(0, {root!r}); from tests.conftest import _make_moto_writes_atomic; "
-    "_make_moto_writes_atomic(); from moto.server import main; main(['-H', '127.0.0.1', '-p', '{port}'])"
-)
+sys.path.insert(0, str(Path(__file__).parent))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server() -> tuple[subprocess.Popen[bytes], str, Any]:
-    import boto3
-
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        os.environ.setdefault(name, value)
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-c", SERVER.format(root=str(ROOT), port=port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint)
-    for _ in range(400):  # until the server answers
-        try:
-            client.list_buckets()
-            return server, endpoint, client
-        except Exception:
-            time.sleep(0.05)
-    server.kill()
-    raise RuntimeError("the moto server did not start")
-
-
-@contextlib.contextmanager
-def s3_endpoint(args: argparse.Namespace) -> Iterator[tuple[str, Any, str]]:
-    """(endpoint the nodes use, a setup client, a description): moto or SeaweedFS, shaped by the proxy if asked.
-
-    With ``--latency-ms``/``--bandwidth-mbps`` the nodes talk to the server through
-    benchmarks/shaping_proxy.py (a delay per HTTP request, a cap per TCP stream);
-    the setup client (bucket creation) goes to the server directly.
-    """
-    with contextlib.ExitStack() as stack:
-        if args.server == "seaweedfs":
-            sys.path.insert(0, str(ROOT / "tests"))
-            from s3_servers import boto3_client, create_bucket, seaweedfs
-
-            server = stack.enter_context(seaweedfs())
-            for name, value in (
-                ("AWS_ACCESS_KEY_ID", server.access_key),
-                ("AWS_SECRET_ACCESS_KEY", server.secret_key),
-                ("AWS_DEFAULT_REGION", "us-east-1"),
-            ):
-                os.environ[name] = value
-            create_bucket(server, "warm-up")  # a fresh SeaweedFS refuses buckets until its volumes are up
-            endpoint, client, store = server.endpoint, boto3_client(server), "SeaweedFS (weed mini) process, boto3"
-        else:
-            process, endpoint, client = start_server()
-            stack.callback(process.wait)
-            stack.callback(process.kill)
-            store = "moto S3 server process, boto3"
-        if args.latency_ms > 0 or args.bandwidth_mbps > 0:
-            sys.path.insert(0, str(Path(__file__).parent))
-            from shaping_proxy import ShapingProxy
-
-            proxy = ShapingProxy(
-                upstream=endpoint,
-                latency_s=args.latency_ms / 1000,
-                bandwidth_bps=args.bandwidth_mbps * 1e6 if args.bandwidth_mbps > 0 else None,
-            )
-            stack.enter_context(proxy)
-            endpoint = proxy.endpoint
-            store += (
-                f", through shaping_proxy ({args.latency_ms:g} ms per request, {args.bandwidth_mbps:g} MB/s per stream)"
-            )
-        yield endpoint, client, store
-
-
-def load_average() -> list[float]:
-    """``uptime``'s 1, 5 and 15 minute load averages (2 cores shared with other jobs here)."""
-    return [round(x, 2) for x in os.getloadavg()]
+from s3_setup import add_server_arguments, load_average, s3_endpoint, shaped  # noqa: E402
 
 
 def run(
@@ -369,20 +279,12 @@ def main() -> None:
         default="on",
         help="aggregate mode: fold one pending change of another member into each write",
     )
-    parser.add_argument("--server", choices=("moto", "seaweedfs"), default="moto")
-    parser.add_argument("--latency-ms", type=float, default=0.0, help="shaping proxy: added per HTTP request")
-    parser.add_argument(
-        "--bandwidth-mbps", type=float, default=0.0, help="shaping proxy: MB/s per TCP stream (0: none)"
-    )
+    add_server_arguments(parser)
     parser.add_argument("--out", default=None, help="results name (default aggregate_mode, _shaped when shaped)")
     parser.add_argument("--append", action="store_true", help="merge into the results file (rows redone replace)")
     parser.add_argument("--note", default="", help="recorded in the setup (e.g. why epochs are short)")
     args = parser.parse_args()
-    for name in ("latency_ms", "bandwidth_mbps"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0")
-    shaped = args.latency_ms > 0 or args.bandwidth_mbps > 0
-    name = args.out or ("aggregate_mode_shaped" if shaped else "aggregate_mode")
+    name = args.out or ("aggregate_mode_shaped" if shaped(args) else "aggregate_mode")
     sizes = [int(x) for x in args.nodes.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped on kill too

@@ -243,6 +243,12 @@ class ShapingProxy:
             _reset(connection.upstream)
         for writer in list(self._held):
             _reset(writer)
+        # The resets end every connection task; wait for them so none is destroyed pending when the loop stops.
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=CONTROL_TIMEOUT_S / 2)
+            for task in stuck:
+                task.cancel()
 
     # -- data path (event-loop thread) -----------------------------------------------------------------------------
 
@@ -270,6 +276,8 @@ class ShapingProxy:
             )
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:  # shutdown; not re-raised: Python 3.11's stream callback chokes on it
+            pass
         finally:
             self._connections.discard(connection)
             for side in (writer, connection.upstream):
@@ -283,7 +291,7 @@ class ShapingProxy:
         try:
             while await reader.read(CHUNK):
                 pass
-        except OSError:
+        except (OSError, asyncio.CancelledError):
             pass
         finally:
             self._held.discard(writer)
