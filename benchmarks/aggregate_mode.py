@@ -306,7 +306,7 @@ def main() -> None:
         "contention": [],
     }
     path = RESULTS / f"{name}.json"
-    with s3_endpoint(args) as (endpoint, client, store):
+    with s3_endpoint(args) as (endpoint, client, store, proxy):
         out["setup"]["store"] = store
         for n in sizes:
             for mode in modes:
@@ -318,6 +318,8 @@ def main() -> None:
                 row = run("aggregate", max(sizes), args, seconds, endpoint, client)
                 out["contention"].append(row)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        if proxy is not None:
+            out["setup"]["proxy_stats"] = proxy.stats()
     out["setup"]["load_average_end"] = load_average()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.append:

@@ -75,11 +75,12 @@ def start_server() -> tuple[subprocess.Popen[bytes], str, Any]:
 
 
 @contextlib.contextmanager
-def s3_endpoint(args: argparse.Namespace) -> Iterator[tuple[str, Any, str]]:
-    """(endpoint the nodes use, a setup client, a description): moto or SeaweedFS, shaped by the proxy if asked.
+def s3_endpoint(args: argparse.Namespace) -> Iterator[tuple[str, Any, str, Any]]:
+    """(endpoint the nodes use, a setup client, a description, the proxy or None): moto or SeaweedFS, maybe shaped.
 
     With ``--latency-ms``/``--bandwidth-mbps`` the nodes talk to the server through
-    benchmarks/shaping_proxy.py (a delay per HTTP request, a cap per TCP stream);
+    benchmarks/shaping_proxy.py (a delay per HTTP request, a cap per TCP stream), run as
+    a child process so it never waits for the GIL of the node threads;
     the setup client (bucket creation) goes to the server directly.
     """
     with contextlib.ExitStack() as stack:
@@ -101,10 +102,11 @@ def s3_endpoint(args: argparse.Namespace) -> Iterator[tuple[str, Any, str]]:
             stack.callback(process.wait)
             stack.callback(process.kill)
             store = "moto S3 server process, boto3"
+        proxy = None
         if shaped(args):
-            from shaping_proxy import ShapingProxy
+            from shaping_proxy import ProxyProcess
 
-            proxy = ShapingProxy(
+            proxy = ProxyProcess(
                 upstream=endpoint,
                 latency_s=args.latency_ms / 1000,
                 bandwidth_bps=args.bandwidth_mbps * 1e6 if args.bandwidth_mbps > 0 else None,
@@ -114,7 +116,7 @@ def s3_endpoint(args: argparse.Namespace) -> Iterator[tuple[str, Any, str]]:
             store += (
                 f", through shaping_proxy ({args.latency_ms:g} ms per request, {args.bandwidth_mbps:g} MB/s per stream)"
             )
-        yield endpoint, client, store
+        yield endpoint, client, store, proxy
 
 
 def load_average() -> list[float]:

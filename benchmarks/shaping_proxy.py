@@ -41,9 +41,11 @@ import asyncio
 import contextlib
 import json
 import re
+import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -338,6 +340,81 @@ class ShapingProxy:
         free_at = max(connection.free_at[direction], now) + seconds
         connection.free_at[direction] = free_at
         await self._sleep(free_at - now)
+
+
+class ProxyProcess:
+    """The same proxy in a child process, so it never competes for the GIL with the clients it shapes.
+
+    Benchmarks with many node threads use this; the controls go over the command line's stdin.
+    """
+
+    def __init__(self, upstream: tuple[str, int] | str, latency_s: float = 0.0, bandwidth_bps: float | None = None):
+        if isinstance(upstream, str):
+            upstream = _parse_address(upstream.removeprefix("http://").rstrip("/"))
+        ShapingProxy(upstream, latency_s, bandwidth_bps)  # validates the options here, in the caller
+        self.upstream = upstream
+        self.latency_s = latency_s
+        self.bandwidth_bps = bandwidth_bps
+        self._process: subprocess.Popen[str] | None = None
+        self.endpoint = ""
+
+    def start(self) -> ProxyProcess:
+        command = [
+            sys.executable,
+            __file__,
+            f"--upstream={self.upstream[0]}:{self.upstream[1]}",
+            f"--latency-ms={self.latency_s * 1000}",
+            f"--bandwidth-mbps={(self.bandwidth_bps or 0) / 1e6}",
+        ]
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.endpoint = self._answer()["endpoint"]
+        return self
+
+    def _answer(self) -> dict[str, Any]:
+        assert self._process is not None and self._process.stdout is not None
+        ready, _, _ = select.select([self._process.stdout], [], [], CONTROL_TIMEOUT_S)
+        if not ready:
+            raise RuntimeError("the shaping proxy process did not answer within 10 s")
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the shaping proxy process exited (code {self._process.poll()})")
+        return dict(json.loads(line))
+
+    def _command(self, command: str) -> dict[str, Any]:
+        assert self._process is not None and self._process.stdin is not None
+        self._process.stdin.write(command + "\n")
+        self._process.stdin.flush()
+        return self._answer()
+
+    def cut(self, mode: str = "refuse") -> None:
+        if mode not in MODES:
+            raise ValueError(f"cut mode must be one of {MODES}, got {mode!r}")
+        self._command("cut" if mode == "refuse" else mode)
+
+    def restore(self) -> None:
+        self._command("restore")
+
+    def stats(self) -> dict[str, Any]:
+        return self._command("stats")
+
+    def close(self) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        with contextlib.suppress(OSError):
+            assert self._process.stdin is not None
+            self._process.stdin.write("quit\n")
+            self._process.stdin.close()
+        try:
+            self._process.wait(CONTROL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(CONTROL_TIMEOUT_S)
+
+    def __enter__(self) -> ProxyProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -67,7 +67,7 @@ def main() -> None:
     from flwr_serverless import AsyncFederatedNode, open_store
 
     load_start = load_average()
-    with s3_endpoint(args) as (endpoint, setup_client, store_description):
+    with s3_endpoint(args) as (endpoint, setup_client, store_description, proxy):
         raw = _raw_client(endpoint)  # the floor's client talks through the same proxy as the nodes
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         setup_client.create_bucket(Bucket=bucket)
@@ -122,6 +122,7 @@ def main() -> None:
                 parallel_floor_times.append(_parallel_floor(raw, bucket, payload, peer_keys))
         floor_times = floor_times[: len(fed_times)]
         parallel_floor_times = parallel_floor_times[: len(fed_times)]
+        proxy_stats = proxy.stats() if proxy is not None else None
 
     fed = statistics.median(fed_times)
     floor = statistics.median(floor_times)
@@ -145,6 +146,7 @@ def main() -> None:
         "load_average_start": load_start,
         "load_average_end": load_average(),
         "cpu": f"{os.cpu_count()} cores shared with other jobs",
+        "proxy_stats": proxy_stats,
         "requests_per_node_epoch": statistics.median(requests),
         "changed_peers_per_epoch": statistics.median(changed),
         "request_budget": 2 + statistics.median(changed),

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from shaping_proxy import ShapingProxy  # noqa: E402
+from shaping_proxy import ProxyProcess, ShapingProxy  # noqa: E402
 
 LATENCY_S = 0.02
 BANDWIDTH = 100e6
@@ -152,3 +152,20 @@ def test_command_line_cut_and_restore(upstream: str) -> None:
     assert lines[0]["endpoint"].startswith("http://127.0.0.1:")
     assert lines[1]["state"] == "refuse" and lines[1]["cuts"] == 1
     assert lines[2]["state"] == "open" and lines[2]["restores"] == 1
+
+
+def test_proxy_process_has_the_same_controls(upstream: str, bucket: str) -> None:
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+
+    with ProxyProcess(upstream=upstream, latency_s=0.001, bandwidth_bps=BANDWIDTH) as shaping:
+        client = _client(shaping.endpoint)
+        client.put_object(Bucket=bucket, Key="k", Body=b"v")
+        stats = shaping.stats()
+        assert stats["requests"] == 1 and stats["latency_s"] == pytest.approx(0.001)
+        shaping.cut()
+        with pytest.raises((ConnectionClosedError, EndpointConnectionError)):
+            client.get_object(Bucket=bucket, Key="k")
+        shaping.restore()
+        assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"v"
+    with pytest.raises(ValueError, match="bandwidth_bps"):
+        ProxyProcess(upstream=upstream, bandwidth_bps=-5)
