@@ -14,10 +14,11 @@ from flwr_serverless.modes.asynchronous import AsyncMode, PeerTracker
 from flwr_serverless.modes.staleness import AsyncPolicy, StalenessFunction
 from flwr_serverless.node.base import FederatedNode
 from flwr_serverless.node.deadline import Deadline
+from flwr_serverless.node.exchange import Outcome
 from flwr_serverless.node.membership import in_run
 from flwr_serverless.stores import Store
 from flwr_serverless.wire import layout
-from flwr_serverless.wire.codec import UpdateHeader
+from flwr_serverless.wire.codec import DecodedUpdate, UpdateHeader
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -102,8 +103,10 @@ class AsyncFederatedNode(FederatedNode):
             if peer is None and not exchange.already_rejected(info):
                 exchange.reject(InvalidObjectError(key, "node id is not a plain name"), info.tag)
         wanted, changed = self.peers.plan(listing, exchange.bad_tags)
-        fetched = [(p, o) for p, o in zip(changed, exchange.fetch_many([wanted[p] for p in changed], deadline))]
-        unnamed = [p for p, o in fetched if not isinstance(o, (StoreError, type(None))) and o.header.run is None]
+        fetched: list[tuple[str, Outcome]] = list(
+            zip(changed, exchange.fetch_many([wanted[p] for p in changed], deadline))
+        )
+        unnamed = any(isinstance(o, DecodedUpdate) and o.header.run is None for _, o in fetched)
         records = self._records(deadline) if unnamed and self.run is not None else {}
         for peer, outcome in fetched:
             if isinstance(outcome, StoreError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from collections.abc import Iterator
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, BinaryIO
 
@@ -83,7 +84,7 @@ def listing_objects(contents: list[dict[str, Any]], base: str) -> Iterator[Objec
 def _stamp(item: dict[str, Any]) -> float | None:
     """LastModified (a datetime from boto3/aiobotocore) as seconds since the epoch, on the server's clock."""
     moment = item.get("LastModified")
-    return moment.timestamp() if hasattr(moment, "timestamp") else None
+    return moment.timestamp() if isinstance(moment, datetime) else None
 
 
 class S3ObjectStore(Store):
