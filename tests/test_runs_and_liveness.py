@@ -283,3 +283,22 @@ def test_inspect_shows_each_run_and_its_members(tmp_path: Any) -> None:
     text = out.getvalue()
     assert "run first: left c" in text and "run second: left a, b; live d" in text
     assert format_view(view) in text
+
+
+@pytest.mark.parametrize("backend", ["memory", "boto3"])
+def test_an_aggregate_mode_rerun_starts_from_an_empty_aggregate(store_url_factory: Any, backend: str) -> None:
+    from flwr_serverless.node import AggregateFederatedNode
+
+    url, options = store_url_factory(backend)
+    first = [AggregateFederatedNode(open_store(url, **options), node_id=n) for n in ("a", "b")]
+    for node in first:
+        node.update_parameters(_w(100.0), num_examples=10)
+    for node in first:
+        node.leave()
+    again = [AggregateFederatedNode(open_store(url, **options), node_id=n) for n in ("c", "a")]
+    got_c, _ = again[0].update_parameters(_w(1.0), num_examples=10)
+    got_a, _ = again[1].update_parameters(_w(3.0), num_examples=10)
+    assert again[0].run == again[1].run != first[0].run
+    np.testing.assert_array_equal(got_c[0], _w(1.0)[0])  # the earlier run's mean of 100s is not folded in
+    np.testing.assert_allclose(got_a[0], _w(2.0)[0])
+    assert again[0].stats.leftovers_skipped >= 1
