@@ -24,9 +24,7 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -37,46 +35,9 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
-# moto decides If-Match in two steps on a threaded server; the test suite's patch serialises its PUTs
-# (see tests/conftest.py) so that, as on S3, exactly one of two racing conditional writes wins.
-SERVER = (
-    "import sys; sys.path.insert(0, {root!r}); from tests.conftest import _make_moto_writes_atomic; "
-    "_make_moto_writes_atomic(); from moto.server import main; main(['-H', '127.0.0.1', '-p', '{port}'])"
-)
+sys.path.insert(0, str(Path(__file__).parent))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server() -> tuple[subprocess.Popen[bytes], str, Any]:
-    import boto3
-
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        os.environ.setdefault(name, value)
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-c", SERVER.format(root=str(ROOT), port=port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint)
-    for _ in range(400):  # until the server answers
-        try:
-            client.list_buckets()
-            return server, endpoint, client
-        except Exception:
-            time.sleep(0.05)
-    server.kill()
-    raise RuntimeError("the moto server did not start")
+from s3_setup import add_server_arguments, load_average, s3_endpoint, shaped  # noqa: E402
 
 
 def run(
@@ -144,6 +105,7 @@ def run(
         except BaseException as exc:  # reported below
             errors.append(exc)
 
+    load_before = load_average()
     started = time.monotonic()
     threads = [threading.Thread(target=work, args=(i, node), daemon=True) for i, node in enumerate(nodes)]
     for thread in threads:
@@ -158,7 +120,9 @@ def run(
         "mode": mode,
         "nodes": n,
         "epoch_seconds": epoch_seconds,
+        "epochs": args.epochs,
         "model_bytes": model_bytes,
+        "load_average_before": load_before,
         "wall_time": time.monotonic() - started,
         # HTTP requests: the store counts those that succeeded; each lost compare-and-swap (412) is one more.
         "requests_mean": statistics.fmean(r["requests"] + r["cas_conflicts"] for r in steady),
@@ -169,6 +133,7 @@ def run(
         "seconds_median": statistics.median(r["seconds"] for r in steady),
         "seconds_p95": float(np.percentile([r["seconds"] for r in steady], 95)),
         "node_epochs": len(steady),
+        "load_average_after": load_average(),
     }
     if mode == "aggregate":
         conflicts = sum(r["cas_conflicts"] for r in rows)
@@ -256,10 +221,48 @@ def plot(out: dict[str, Any], path: Path) -> None:
         axis.legend(fontsize=8)
     fig.suptitle(
         f"Aggregate mode vs all-peers FedAvgAsync: {out['setup']['params']} params, "
-        f"{out['setup']['epoch_seconds']} s epochs, moto S3, threads"
+        f"{out['setup']['epoch_seconds']} s epochs, {out['setup'].get('store', 'moto S3')}, threads",
+        fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results file as a Markdown table (docs pages are generated from this, never typed)."""
+    lines = [
+        "| mode | N | epochs | requests / node-epoch (max) | models down / node-epoch (max) | s per federation "
+        "(median, p95) | conflict rate | lost all attempts | folded by a helper | deferred |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in [*results["sweep"], *results.get("contention", [])]:
+        lines.append(
+            f"| {r['mode']} ({r['epoch_seconds']:g} s epochs) | {r['nodes']} | "
+            f"{r.get('epochs', results['setup']['epochs'])} | {r['requests_mean']:.2f} ({r['requests_max']}) | "
+            f"{r['models_down_mean']:.2f} ({r['models_down_max']:.2f}) | "
+            f"{r['seconds_median']:.3f}, {r['seconds_p95']:.3f} | {r.get('conflict_rate', 0):.2f} | "
+            f"{r.get('lost_all_attempts', '-')} | {r.get('folded_by_helper', '-')} | {r.get('deferred_epochs', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def _merge(path: Path, out: dict[str, Any]) -> dict[str, Any]:
+    """``--append``: keep the rows of an earlier run in ``path`` that this run did not redo (same mode, N, epochs)."""
+    if not path.exists():
+        return out
+    earlier = json.loads(path.read_text())
+
+    def key(row: dict[str, Any]) -> tuple[Any, ...]:
+        return row["mode"], row["nodes"], row["epoch_seconds"]
+
+    for part in ("sweep", "contention"):
+        redone = {key(r) for r in out[part]}
+        kept = [r for r in earlier.get(part, []) if key(r) not in redone]
+        out[part] = sorted(
+            [*kept, *out[part]], key=lambda r: (r["nodes"], r["mode"] != "all-peers", -r["epoch_seconds"])
+        )
+    out["runs"] = [*earlier.get("runs", [earlier["setup"]]), out["setup"]]
+    return out
 
 
 def main() -> None:
@@ -276,24 +279,35 @@ def main() -> None:
         default="on",
         help="aggregate mode: fold one pending change of another member into each write",
     )
+    add_server_arguments(parser)
+    parser.add_argument("--out", default=None, help="results name (default aggregate_mode, _shaped when shaped)")
+    parser.add_argument("--append", action="store_true", help="merge into the results file (rows redone replace)")
+    parser.add_argument("--note", default="", help="recorded in the setup (e.g. why epochs are short)")
     args = parser.parse_args()
+    name = args.out or ("aggregate_mode_shaped" if shaped(args) else "aggregate_mode")
     sizes = [int(x) for x in args.nodes.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped on kill too
-    server, endpoint, client = start_server()
     out: dict[str, Any] = {
         "setup": {
             "params": args.params,
             "epochs": args.epochs,
             "helping": args.helping,
             "epoch_seconds": args.epoch_seconds,
-            "store": "moto S3 server process, boto3",
+            "server": args.server,
+            "latency_ms": args.latency_ms,
+            "bandwidth_mbps_per_stream": args.bandwidth_mbps,
             "steady_state": "epochs after the first",
+            "cpu": f"{os.cpu_count()} cores shared with other jobs; load averages recorded per row",
+            "load_average_start": load_average(),
+            **({"note": args.note} if args.note else {}),
         },
         "sweep": [],
         "contention": [],
     }
-    try:
+    path = RESULTS / f"{name}.json"
+    with s3_endpoint(args) as (endpoint, client, store, proxy):
+        out["setup"]["store"] = store
         for n in sizes:
             for mode in modes:
                 row = run(mode, n, args, args.epoch_seconds, endpoint, client)
@@ -304,23 +318,16 @@ def main() -> None:
                 row = run("aggregate", max(sizes), args, seconds, endpoint, client)
                 out["contention"].append(row)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    finally:
-        server.kill()
-        server.wait()
+        if proxy is not None:
+            out["setup"]["proxy_stats"] = proxy.stats()
+    out["setup"]["load_average_end"] = load_average()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "aggregate_mode.json").write_text(json.dumps(out, indent=2))
-    plot(out, RESULTS / "aggregate_mode.png")
-    print(
-        "\n| mode | N | requests / node-epoch (max) | models down / node-epoch (max) | s per federation | "
-        "conflict rate | lost all attempts | folded by a helper | deferred |"
-    )
-    for r in [*out["sweep"], *out["contention"]]:
-        print(
-            f"| {r['mode']} ({r['epoch_seconds']:g} s epochs) | {r['nodes']} | {r['requests_mean']:.2f} "
-            f"({r['requests_max']}) | {r['models_down_mean']:.2f} ({r['models_down_max']:.2f}) | "
-            f"{r['seconds_median']:.3f} | {r.get('conflict_rate', 0):.2f} | {r.get('lost_all_attempts', '-')} | "
-            f"{r.get('folded_by_helper', '-')} | {r.get('deferred_epochs', '-')} |"
-        )
+    if args.append:
+        out = _merge(path, out)
+    path.write_text(json.dumps(out, indent=2))
+    plot(out, RESULTS / f"{name}.png")
+    print()
+    print(markdown_table(out))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,12 +22,13 @@ import pytest
 
 from flwr_serverless import AsyncFederatedNode, SyncFederatedNode
 from flwr_serverless.modes.synchronous import barrier, entry_round
-from flwr_serverless.node.membership import EXPIRED, GONE, LEFT, LIVE, MemberRecord, ended_before, member_state
+from flwr_serverless.node.membership import EXPIRED, GONE, LEFT, LIVE, MemberRecord, in_run, member_state
 from flwr_serverless.stores import open_store
 from flwr_serverless.stores.faults import FaultyStore
 from flwr_serverless.stores.retry import RetryPolicy, _local, with_retries
 from flwr_serverless.wire import layout
 from flwr_serverless.wire.codec import UpdateHeader, encode
+from tests.store_time import backdate, can_backdate
 
 
 def _w(value: float) -> list[np.ndarray]:
@@ -120,7 +122,12 @@ def test_sync_node_whose_peer_process_died_drops_it_without_waiting_for_the_leas
 
 
 # -- case 4: an earlier run's leftovers in the same prefix are not averaged in ----------------------------------
+EARLIER = "earlier-run"
+
+
 def _leftover(store: Any, node_id: str, value: float, ago: float, status: str = "active") -> None:
+    """An earlier run's member record and weights, last written ``ago`` seconds before now on the store's clock
+    (where the backend lets a test move that clock: memory and file stores)."""
     now = time.time()
     record = MemberRecord(
         node_id,
@@ -132,37 +139,53 @@ def _leftover(store: Any, node_id: str, value: float, ago: float, status: str = 
         lease=300.0,
         status=status,
         left=(now - ago) if status == "left" else None,
+        run=EARLIER,
     )
     store.put(layout.member_key(node_id), record.to_bytes())
-    store.put(layout.node_key(node_id), encode(_w(value), UpdateHeader(node_id=node_id, num_examples=10)))
+    header = UpdateHeader(node_id=node_id, num_examples=10, run=EARLIER)
+    store.put(layout.node_key(node_id), encode(_w(value), header))
+    backdate(store, layout.member_key(node_id), ago)
+    backdate(store, layout.node_key(node_id), ago)
+
+
+def _backdatable(store_url: Any) -> Any:
+    """A store whose stamps a test can move (S3 servers stamp writes themselves: those cases use run ids)."""
+    store = _open(store_url)
+    if not can_backdate(store):
+        pytest.skip("an S3 server's LastModified cannot be backdated; test_runs_and_liveness covers S3 re-runs")
+    return store
 
 
 def test_async_node_ignores_objects_of_an_earlier_run(store_url: Any, caplog: pytest.LogCaptureFixture) -> None:
-    store = _open(store_url)
+    store = _backdatable(store_url)
     _leftover(store, "old-crashed", 100.0, ago=28 * 60)
-    _leftover(store, "old-finished", 100.0, ago=600, status="left")  # left more than a lease (300 s) ago
+    _leftover(store, "old-finished", 100.0, ago=600, status="left")
     node = AsyncFederatedNode(_open(store_url), node_id="new")
     with caplog.at_level("WARNING", logger="flwr_serverless"):
         weights, _ = node.update_parameters(_w(1.0), num_examples=10)
         again, _ = node.update_parameters(_w(1.0), num_examples=10)
+    assert node.run is not None and node.run != EARLIER  # nobody live: a new generation began
     np.testing.assert_array_equal(weights[0], _w(1.0)[0])
     np.testing.assert_array_equal(again[0], _w(1.0)[0])
     assert node.stats.leftovers_skipped == 2 and "earlier run" in caplog.text
-    assert caplog.text.count("earlier run") == 1  # said once
-    # The same node id publishing anew is part of this run again.
-    store.put(layout.node_key("old-crashed"), encode(_w(3.0), UpdateHeader(node_id="old-crashed", num_examples=10)))
+    assert caplog.text.count("ignores old-crashed") == 1  # said once per peer
+    # The same node id publishing anew in this run is part of this run again.
+    header = UpdateHeader(node_id="old-crashed", num_examples=10, run=node.run)
+    store.put(layout.node_key("old-crashed"), encode(_w(3.0), header))
     mixed, _ = node.update_parameters(_w(1.0), num_examples=10)
     np.testing.assert_allclose(mixed[0], _w(2.0)[0])
 
 
 # -- case 5: a sync re-run into a prefix left by a crashed run -----------------------------------------------------
 def test_sync_rerun_ignores_round_objects_of_a_crashed_run(store_url: Any) -> None:
-    store = _open(store_url)
+    store = _backdatable(store_url)
     _leftover(store, "ghost", 100.0, ago=30 * 60)
-    store.put(layout.round_key(3, "ghost"), encode(_w(100.0), UpdateHeader(node_id="ghost", num_examples=10)))
-    store.put(layout.round_key(0, "a"), encode(_w(100.0), UpdateHeader(node_id="a", num_examples=10)))
-    old_a = MemberRecord("a", "old-owner", "elsewhere", 1, joined=1.0, heartbeat=2.0, lease=300.0)
+    old = UpdateHeader(node_id="ghost", num_examples=10, run=EARLIER)
+    store.put(layout.round_key(3, "ghost"), encode(_w(100.0), old))
+    store.put(layout.round_key(0, "a"), encode(_w(100.0), UpdateHeader(node_id="a", num_examples=10, run=EARLIER)))
+    old_a = MemberRecord("a", "old-owner", "elsewhere", 1, joined=1.0, heartbeat=2.0, lease=300.0, run=EARLIER)
     store.put(layout.member_key("a"), old_a.to_bytes())  # the new "a" takes this id over
+    backdate(store, layout.member_key("a"), 30 * 60)
     a = SyncFederatedNode(_open(store_url), num_nodes=2, timeout=30, node_id="a")
     b = SyncFederatedNode(_open(store_url), num_nodes=2, timeout=30, node_id="b")
     results = _in_threads(lambda: _train(a, 3, 1.0), lambda: _train(b, 3, 3.0))
@@ -273,9 +296,17 @@ def test_sync_options_fail_at_construction() -> None:
 
 # -- pure decisions, with the clock injected -----------------------------------------------------------------------
 def _record(
-    node: str, heartbeat: float, status: str = "active", left: float | None = None, host: str = "h", pid: int = 1
+    node: str,
+    heartbeat: float,
+    status: str = "active",
+    left: float | None = None,
+    host: str = "h",
+    pid: int = 1,
+    run: str | None = "r1",
 ) -> MemberRecord:
-    return MemberRecord(node, "o", host, pid, joined=0.0, heartbeat=heartbeat, lease=10.0, status=status, left=left)
+    return MemberRecord(
+        node, "o", host, pid, joined=0.0, heartbeat=heartbeat, lease=10.0, status=status, left=left, run=run
+    )
 
 
 def test_member_state_classifies_live_left_expired_and_gone() -> None:
@@ -283,10 +314,13 @@ def test_member_state_classifies_live_left_expired_and_gone() -> None:
     assert member_state(_record("a", 89.0), now=100.0, host="other") == EXPIRED
     assert member_state(_record("a", 99.0, "left", 99.0), now=100.0) == LEFT
     assert member_state(_record("a", 99.0, host="h", pid=4242), now=100.0, host="h", alive=lambda pid: False) == GONE
-    assert ended_before(_record("a", 50.0), 61.0) and not ended_before(_record("a", 50.0), 59.0)
-    # Left moments before: same run (a fast node finishing first); left a lease before: an earlier run.
-    left = _record("a", 50.0, "left", 50.0)
-    assert not ended_before(left, 55.0) and ended_before(left, 61.0)
+    # The store's stamp, when the roster set one, is what ages a record; the writer's clock is ignored.
+    skewed = _record("a", 100.0 - 7200.0)
+    assert member_state(skewed, now=100.0, host="other") == EXPIRED
+    assert member_state(replace(skewed, stamp=95.0), now=100.0, host="other") == LIVE
+    # A run is the record's run id; a record without one belongs to the run going on while it is live.
+    assert in_run(_record("a", 50.0), "r1", 100.0) and not in_run(_record("a", 99.0), "r2", 100.0)
+    assert in_run(_record("a", 99.0, run=None), "r2", 100.0) and not in_run(_record("a", 50.0, run=None), "r2", 100.0)
 
 
 def test_barrier_waits_for_live_members_only() -> None:
@@ -295,9 +329,9 @@ def test_barrier_waits_for_live_members_only() -> None:
         "live": _record("live", 99.0),
         "dead": _record("dead", 85.0),
         "gone": _record("gone", 99.0, "left", 99.0),
-        "old": _record("old", 10.0),
+        "old": _record("old", 99.0, run="r0"),
     }
-    kwargs = {"now": 100.0, "joined_at": 80.0, "num_nodes": 2, "min_nodes": None, "started": True}
+    kwargs = {"now": 100.0, "run": "r1", "num_nodes": 2, "min_nodes": None, "started": True}
     state = barrier("me", {"me", "old"}, records, **kwargs)
     assert not state.complete and state.waiting_for == {"live"} and state.leftovers == {"old"}
     assert state.dropped == {"dead"} and state.departed == {"gone"}

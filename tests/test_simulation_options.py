@@ -134,6 +134,13 @@ def test_async_flags_reach_the_async_node(keras_recorder: dict[str, list[Any]]) 
         assert kwargs["seed"] == 1 * 7919 + index  # each node samples participation with its own stream
 
 
+def test_the_simulation_hands_every_node_its_run_id(keras_recorder: dict[str, list[Any]]) -> None:
+    out = _simulate("--mode", "sync")
+    runs = {kwargs["run_id"] for kwargs in _node_kwargs(keras_recorder, "sync")}
+    assert len(runs) == 1 and next(iter(runs)).startswith("run-")  # the run's sub-prefix names it
+    assert next(iter(runs)) in out
+
+
 def test_sync_and_semisync_flags_reach_their_nodes(keras_recorder: dict[str, list[Any]]) -> None:
     _simulate("--mode", "sync", "--timeout", "33", "--min-nodes", "1")
     for kwargs in _node_kwargs(keras_recorder, "sync"):

@@ -6,7 +6,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flwr_serverless.errors import FlwrServerlessError, ObjectNotFoundError
@@ -45,6 +45,7 @@ _SHOWN_NAMES = 20  # aggregate members named in full; more are counted
 class MemberView:
     node_id: str
     status: str  # live / left / expired / gone / unknown (objects without a member record)
+    run: str | None = None  # the run (generation) its member record names
     heartbeat_age: float | None = None
     epoch: int | None = None
     round: int | None = None
@@ -52,6 +53,7 @@ class MemberView:
     object_bytes: int = 0
     keys: list[str] = field(default_factory=list)
     objects: dict[str, list[int]] = field(default_factory=dict)  # kind (nodes, deltas...) -> [count, bytes]
+    object_runs: set[str] = field(default_factory=set)  # runs named by the headers of its weights objects
 
 
 @dataclass
@@ -71,6 +73,17 @@ class ExperimentView:
     rounds: dict[int, list[str]]
     other_keys: list[str]
     aggregate: AggregateView | None = None
+    now: float | None = None  # the store time the ages are measured from
+    clock: str = "store"  # "store": ages are store times; "newest write": a lower bound; "local": no stamps
+
+    @property
+    def runs(self) -> dict[str, dict[str, list[str]]]:
+        """run -> status -> member ids, from the member records (the generations present in the prefix)."""
+        found: dict[str, dict[str, list[str]]] = {}
+        for member in sorted(self.members.values(), key=lambda m: m.node_id):
+            if member.run is not None:
+                found.setdefault(member.run, {}).setdefault(member.status, []).append(member.node_id)
+        return found
 
 
 def owner_of(key: str) -> tuple[str, str] | None:
@@ -92,10 +105,25 @@ def owner_of(key: str) -> tuple[str, str] | None:
     return None
 
 
+def store_now(store: Store, listing: Mapping[str, ObjectInfo]) -> tuple[float, str]:
+    """(the store's time now, how it is known): its clock (one host, or an S3 answer's Date), else the newest
+    stamp in ``listing`` (a lower bound), else this host's clock (a backend that stamps nothing)."""
+    direct = store.now()
+    if direct is not None:
+        return direct, "store"
+    stamps = [info.modified for info in listing.values() if info.modified is not None]
+    return (max(stamps), "newest write") if stamps else (time.time(), "local")
+
+
 def inspect_experiment(store: Store, now: float | None = None) -> ExperimentView:
-    """Members with status, last epoch/round, age and size of their objects per kind; rounds; the aggregate."""
-    now = time.time() if now is None else now
+    """Members with status, run, last epoch/round, age and size of their objects per kind; rounds; the aggregate.
+
+    Ages are store times (``now``, when given, is a store time too): the stamps of the records and objects.
+    """
     listing = store.list("")
+    clock = "store"
+    if now is None:
+        now, clock = store_now(store, listing)
     members: dict[str, MemberView] = {}
     other: list[str] = []
 
@@ -112,8 +140,11 @@ def inspect_experiment(store: Store, now: float | None = None) -> ExperimentView
             member = view(node)
             member.keys.append(key)
             if record is not None:
+                if info.modified is not None and clock != "local":
+                    record = replace(record, stamp=info.modified)
                 member.status = member_state(record, now)
-                member.heartbeat_age = now - record.heartbeat
+                member.heartbeat_age = now - record.last_seen
+                member.run = record.run
             continue
         owned = owner_of(key)
         if owned is None:
@@ -129,10 +160,11 @@ def inspect_experiment(store: Store, now: float | None = None) -> ExperimentView
         counts[1] += info.size
         if kind in _WEIGHTS_KINDS:
             parsed = layout.parse_round_key(key)
-            _read_header(store, key, member, now, parsed.round if parsed else None)
+            stamp = info.modified if clock != "local" else None
+            _read_header(store, key, member, now, parsed.round if parsed else None, stamp)
     rounds = {number: sorted(nodes) for number, nodes in layout.rounds_by_number(listing).items()}
     aggregate = _aggregate_view(store, listing) if layout.AGGREGATE in listing else None
-    return ExperimentView(members, dict(sorted(rounds.items())), other, aggregate)
+    return ExperimentView(members, dict(sorted(rounds.items())), other, aggregate, now, clock)
 
 
 def _aggregate_view(store: Store, listing: Mapping[str, ObjectInfo]) -> AggregateView:
@@ -156,14 +188,21 @@ def _aggregate_view(store: Store, listing: Mapping[str, ObjectInfo]) -> Aggregat
     return result
 
 
-def _read_header(store: Store, key: str, member: MemberView, now: float, round_number: int | None) -> None:
-    """Epoch, round and age from a weights object's header (one GET; the tensors are not validated here)."""
+def _read_header(
+    store: Store, key: str, member: MemberView, now: float, round_number: int | None, stamp: float | None
+) -> None:
+    """Epoch, round and run from a weights object's header (one GET; the tensors are not validated here); its
+    age from the store's stamp (the writer's own ``timestamp`` only for a backend that stamps nothing)."""
     try:
         fields, _, _ = read_header(store.get(key), key)
     except (FlwrServerlessError, ValueError):
         return
-    stamp = fields.get("timestamp")
-    age = now - float(stamp) if isinstance(stamp, (int, float)) else None
+    if isinstance(fields.get("run"), str):
+        member.object_runs.add(fields["run"])
+    if stamp is None:
+        written = fields.get("timestamp")
+        stamp = float(written) if isinstance(written, (int, float)) else None
+    age = None if stamp is None else now - stamp
     if member.object_age is None or (age is not None and age < member.object_age):
         member.object_age = age
         member.epoch = fields.get("epoch") if isinstance(fields.get("epoch"), int) else member.epoch
@@ -176,14 +215,28 @@ def format_view(view: ExperimentView) -> str:
         return "-" if seconds is None else f"{seconds:.0f}s"
 
     lines = [
-        f"{'node':<24} {'status':<8} {'heartbeat':>10} {'epoch':>6} {'round':>6} {'newest obj':>10} {'MB':>8}  objects"
+        f"{'node':<24} {'status':<8} {'run':<14} {'heartbeat':>10} {'epoch':>6} {'round':>6} {'newest obj':>10} "
+        f"{'MB':>8}  objects"
     ]
     for member in sorted(view.members.values(), key=lambda m: m.node_id):
         objects = ", ".join(f"{kind} {count} ({_size(size)})" for kind, (count, size) in member.objects.items())
+        others = sorted(member.object_runs - {member.run})
+        if others:
+            objects += f"; objects of run(s) {', '.join(others)}"
         lines.append(
-            f"{member.node_id:<24} {member.status:<8} {age(member.heartbeat_age):>10} "
+            f"{member.node_id:<24} {member.status:<8} {_short(member.run):<14} {age(member.heartbeat_age):>10} "
             f"{'-' if member.epoch is None else member.epoch:>6} {'-' if member.round is None else member.round:>6} "
             f"{age(member.object_age):>10} {member.object_bytes / 1e6:>8.2f}  {objects or '-'}"
+        )
+    for run, states in view.runs.items():
+        lines.append(
+            f"run {run}: " + "; ".join(f"{status} {', '.join(nodes)}" for status, nodes in sorted(states.items()))
+        )
+    if view.clock != "store":
+        lines.append(
+            "ages: from the newest write in the prefix (this store tells no time)"
+            if view.clock == "newest write"
+            else "ages: from this host's clock (this store stamps nothing)"
         )
     if view.rounds:
         lines.append("rounds: " + "; ".join(f"{n}: {', '.join(nodes)}" for n, nodes in view.rounds.items()))
@@ -197,6 +250,11 @@ def format_view(view: ExperimentView) -> str:
             + "; clean removes them with --all only)"
         )
     return "\n".join(lines)
+
+
+def _short(run: str | None) -> str:
+    """A run id in a column: its first 14 characters tell generations apart (the runs lines give them whole)."""
+    return "-" if run is None else run[:14]
 
 
 def _size(num_bytes: int) -> str:

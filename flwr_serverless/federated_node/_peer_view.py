@@ -145,6 +145,9 @@ class PeerView(Store):
     def get_with_tag(self, key: str) -> tuple[bytes, str]:
         return self.folder.get_with_tag(key)
 
+    def now(self) -> float | None:
+        return self.folder.now()
+
     def close(self) -> None:
         self.folder.close()
 

@@ -2,10 +2,11 @@
 
 All functions here are pure: the node lists ``rounds/<r>/`` and ``members/``
 and asks ``barrier`` whether to go on. A member counts for the experiment when
-it is live now or ended (left, lease expired, process gone) after this node
-joined; members that ended before are leftovers of an earlier run, and so are
-their round objects. ``num_nodes`` is how many must be there to start;
-``min_nodes`` how few may still make a round.
+its record names this node's run (``membership.in_run``), live or ended (left,
+lease expired, process gone); members of other runs are leftovers, and so are
+their round objects. ``now`` is on the records' clock (``Roster.now()``).
+``num_nodes`` is how many must be there to start; ``min_nodes`` how few may
+still make a round.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flwr_serverless.node.membership import LIVE, MemberRecord, ended_before, member_state
+from flwr_serverless.node.membership import LIVE, MemberRecord, in_run, member_state
 
 
 def check_counts(num_nodes: object, min_nodes: object) -> tuple[int, int | None]:
@@ -42,9 +43,9 @@ class Barrier:
     members_seen: int  # current members plus publishers: what counts towards ``num_nodes``
 
 
-def current_members(records: Mapping[str, MemberRecord], now: float, joined_at: float) -> dict[str, str]:
-    """node id -> state for the members of this run (live, or ended after ``joined_at``)."""
-    return {node: member_state(record, now) for node, record in records.items() if not ended_before(record, joined_at)}
+def current_members(records: Mapping[str, MemberRecord], now: float, run: str | None) -> dict[str, str]:
+    """node id -> state for the members of ``run`` (live or ended)."""
+    return {node: member_state(record, now) for node, record in records.items() if in_run(record, run, now)}
 
 
 def barrier(
@@ -53,7 +54,7 @@ def barrier(
     records: Mapping[str, MemberRecord],
     *,
     now: float,
-    joined_at: float,
+    run: str | None,
     num_nodes: int,
     min_nodes: int | None,
     started: bool,
@@ -63,9 +64,9 @@ def barrier(
     Complete when the experiment has started (``started``, or ``num_nodes`` members
     seen), every live member has published, and at least ``min_nodes`` (default 1) did.
     Publishers without a member record count (stores without membership, or a record
-    not yet visible); publishers whose record ended before we joined do not.
+    not yet visible); publishers whose record names another run do not.
     """
-    states = current_members(records, now, joined_at)
+    states = current_members(records, now, run)
     leftovers = {node for node in published if node in records and node not in states and node != me}
     counted = (published - leftovers) | ({me} & published)
     live = {node for node, state in states.items() if state == LIVE} | {me}

@@ -314,6 +314,7 @@ class AggregateFederatedNode(Helping, FederatedNode):
             base_own_seq=0,
             framework=self._framework,
             extra={TABLE: table_json(table)},
+            run=self.run,
         )
         return encode(mean, header, self._tensor_names, self.secret)
 
@@ -346,8 +347,18 @@ class AggregateFederatedNode(Helping, FederatedNode):
         except InvalidObjectError as exc:
             exchange.reject(exc)
             return self._repair(tag, deadline)
+        if self._other_run(decoded.header.run):  # an earlier run's mean: ours starts empty, replacing it (CAS)
+            return AggregateState(tag, None, {}, decoded.header.seq)
         self._members_seen = set(table)
         return AggregateState(tag, list(decoded.arrays), table, decoded.header.seq)
+
+    def _other_run(self, run: str | None) -> bool:
+        """Whether an object names a run that is not ours (objects without one predate runs: counted)."""
+        if self.run is None or run in (None, self.run):
+            return False
+        self.stats.leftovers_skipped += 1
+        logger.warning("node %s (run %s) ignores an aggregate-mode object of run %s", self.node_id, self.run, run)
+        return True
 
     def _listed_tag(self, deadline: Deadline) -> str | None:
         info = self.exchange.list(layout.AGGREGATE, deadline).get(layout.AGGREGATE)
@@ -395,6 +406,8 @@ class AggregateFederatedNode(Helping, FederatedNode):
         best: dict[str, tuple[Entry, list[np.ndarray]]] = {}
         for (_, (node, slot)), outcome in zip(found, outcomes):
             if isinstance(outcome, StoreError) or outcome is None or outcome.header.num_examples < 1:
+                continue
+            if self._other_run(outcome.header.run):
                 continue
             h = outcome.header
             entry = Entry(slot, h.seq, float(h.num_examples), short_hash(outcome.payload_hash), h.timestamp)

@@ -14,10 +14,11 @@ from flwr_serverless.modes.asynchronous import AsyncMode, PeerTracker
 from flwr_serverless.modes.staleness import AsyncPolicy, StalenessFunction
 from flwr_serverless.node.base import FederatedNode
 from flwr_serverless.node.deadline import Deadline
-from flwr_serverless.node.membership import ended_before
+from flwr_serverless.node.exchange import Outcome
+from flwr_serverless.node.membership import in_run
 from flwr_serverless.stores import Store
 from flwr_serverless.wire import layout
-from flwr_serverless.wire.codec import UpdateHeader
+from flwr_serverless.wire.codec import DecodedUpdate, UpdateHeader
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -27,9 +28,9 @@ class AsyncFederatedNode(FederatedNode):
 
     A LIST of ``nodes/`` gives each peer's tag; only peers whose tag changed are
     downloaded again, the rest come from a cache. An epoch therefore costs one
-    PUT, one LIST and one GET per changed peer. Objects of nodes that left or
-    died before this node joined (an earlier run in the same prefix) are skipped
-    until their node publishes again.
+    PUT, one LIST and one GET per changed peer. Objects of another run (their
+    header names it; objects without one, their writer's member record) are
+    skipped until their node publishes again in this run.
     """
 
     def __init__(
@@ -54,7 +55,7 @@ class AsyncFederatedNode(FederatedNode):
         self.policy = AsyncPolicy(staleness, staleness_unit, alpha, buffer_size, participation, seed)
         self.mode = AsyncMode(self.policy)
         self.peers = PeerTracker(self.node_id)
-        self._leftovers_checked = False
+        self._leftovers_said: set[str] = set()  # peers already reported as another run's
 
     def _deadline(self) -> Deadline:
         return Deadline.after(self.timeout, self.clock)
@@ -101,44 +102,46 @@ class AsyncFederatedNode(FederatedNode):
             peer = layout.parse_node_key(key)
             if peer is None and not exchange.already_rejected(info):
                 exchange.reject(InvalidObjectError(key, "node id is not a plain name"), info.tag)
-        if not self._leftovers_checked and any(layout.parse_node_key(k) not in (None, self.node_id) for k in listing):
-            self._mark_leftovers(listing, deadline)
         wanted, changed = self.peers.plan(listing, exchange.bad_tags)
-        for peer, outcome in zip(changed, exchange.fetch_many([wanted[p] for p in changed], deadline)):
+        fetched: list[tuple[str, Outcome]] = list(
+            zip(changed, exchange.fetch_many([wanted[p] for p in changed], deadline))
+        )
+        unnamed = any(isinstance(o, DecodedUpdate) and o.header.run is None for _, o in fetched)
+        records = self._records(deadline) if unnamed and self.run is not None else {}
+        for peer, outcome in fetched:
             if isinstance(outcome, StoreError):
                 exchange.store_failure(wanted[peer].key, outcome, "this epoch")
             elif outcome is not None:
-                self.peers.keep(peer, wanted[peer].tag, outcome)
+                run, record = outcome.header.run, records.get(peer)
+                if self.run is not None and (
+                    (run is not None and run != self.run)
+                    or (run is None and record is not None and not in_run(record, self.run, self.roster.now()))
+                ):
+                    self._leftover(peer, wanted[peer].tag, run if run is not None else record and record.run)
+                else:
+                    self.peers.keep(peer, wanted[peer].tag, outcome)
         return self.peers.updates(wanted)
 
-    def _mark_leftovers(self, listing: dict[str, Any], deadline: Deadline) -> None:
-        """Once, at the first pull: objects of members that ended before we joined are an earlier run's."""
-        self._leftovers_checked = True
-        membership = self.membership
-        if membership is None or membership.joined_at is None:
-            self._leftovers_checked = False  # not joined yet (store away): look again next time
-            return
+    def _records(self, deadline: Deadline) -> dict[str, Any]:
         try:
-            records = self.roster.read(deadline)
+            return self.roster.read(deadline)
         except StoreError as exc:
-            self._leftovers_checked = False
-            logger.info("node %s could not read members yet: %s", self.node_id, exc)
-            return
-        skipped = []
-        for key, info in listing.items():
-            peer = layout.parse_node_key(key)
-            record = records.get(peer) if peer is not None else None
-            if peer != self.node_id and record is not None and ended_before(record, membership.joined_at):
-                self.peers.leftovers[peer] = info.tag
-                skipped.append(
-                    f"{peer} ({record.status}, last heard {membership.joined_at - record.heartbeat:.0f}s "
-                    "before we joined)"
-                )
-        if skipped:
-            self.stats.leftovers_skipped += len(skipped)
+            logger.info("node %s could not read members: %s", self.node_id, exc)
+            return {}
+
+    def _leftover(self, peer: str, tag: str, run: str | None) -> None:
+        """``peer``'s object at ``tag`` is another run's: skipped until the peer publishes again."""
+        self.peers.leftovers[peer] = tag
+        self.peers.cached.pop(peer, None)
+        self.stats.leftovers_skipped += 1
+        if peer not in self._leftovers_said:
+            self._leftovers_said.add(peer)
             logger.warning(
-                "node %s ignores objects left by an earlier run in this prefix (they are aggregated "
-                "again only if their node publishes anew): %s",
+                "node %s (run %s) ignores %s's object: it belongs to an earlier run (%s) in this prefix, and is "
+                "aggregated only when %s publishes in this run",
                 self.node_id,
-                "; ".join(skipped),
+                self.run,
+                peer,
+                run,
+                peer,
             )

@@ -24,7 +24,16 @@ from flwr_serverless.errors import StoreError
 from flwr_serverless.modes.staleness import Provenance
 from flwr_serverless.node.deadline import NO_DEADLINE, Deadline
 from flwr_serverless.node.exchange import Exchange, NodeStats
-from flwr_serverless.node.membership import DEFAULT_LEASE, Membership, Roster, check_lease, new_owner_token
+from flwr_serverless.node.membership import (
+    DEFAULT_LEASE,
+    Membership,
+    Roster,
+    StoreClock,
+    check_lease,
+    check_run_id,
+    choose_run,
+    new_owner_token,
+)
 from flwr_serverless.node.publisher import UpdateWriter
 from flwr_serverless.stores import Store, open_store
 from flwr_serverless.strategy.aggregate import Contribution, aggregate, mean_metrics
@@ -88,6 +97,7 @@ class FederatedNode(ABC):
         secret: str | bytes | None = None,
         max_object_bytes: int | None = None,
         member_lease: float = DEFAULT_LEASE,
+        run_id: str | None = None,
         owner_token: str | None = None,
         peer_cache: str = "disk",
         cache_dir: str | None = None,
@@ -109,6 +119,10 @@ class FederatedNode(ABC):
             topk_keyframe=topk_keyframe,
         )
         self.member_lease = check_lease(member_lease)
+        # The run this node belongs to: given (a launcher hands every node the same id; an old id continues
+        # that run), or chosen when it joins (``choose_run``). Objects of other runs are never aggregated.
+        self.run_id = None if run_id is None else check_run_id(run_id)
+        self.run: str | None = self.run_id
         self.owner_token = owner_token or new_owner_token()
         self.stats = NodeStats()
         self.exchange = Exchange(
@@ -120,13 +134,14 @@ class FederatedNode(ABC):
             cache_dir=cache_dir,
             stats=self.stats,
         )
-        self.roster = Roster(self.store)
+        self.store_clock = StoreClock(self.store)  # liveness ages: the store's time, never this host's clock
+        self.roster = Roster(self.store, self.store_clock, wall_clock=lambda: self.wall_clock())
         self.membership: Membership | None = None
         self.local_steps = 0  # cumulative optimizer steps this node has published
         self.strategy_rounds = 0  # aggregations that reached the strategy (its server_round)
         self.provenance = Provenance()  # base_version/base_steps of the next object (staleness.py)
         self.clock: Callable[[], float] = time.monotonic  # deadlines and waits (tests inject their own)
-        self.wall_clock: Callable[[], float] = time.time  # member records (shared across hosts)
+        self.wall_clock: Callable[[], float] = time.time  # times written for people (records, logs); never compared
         self._tensor_names: list[str] | None = None
         self._framework: str | None = None
         self._lock = threading.Lock()
@@ -184,6 +199,7 @@ class FederatedNode(ABC):
             self.provenance.stamp(header)
             deadline = self._deadline()
             self._ensure_joined(deadline)
+            header.run = self.run
             result, agg_metrics = self._federate(arrays, header, deadline)
         return convert(result), agg_metrics
 
@@ -214,6 +230,7 @@ class FederatedNode(ABC):
             "local_steps": self.local_steps,
             "federations": self.stats.federations,
             "owner_token": self.owner_token,
+            "run": self.run,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -225,6 +242,8 @@ class FederatedNode(ABC):
         self.local_steps = int(state.get("local_steps", self.local_steps))
         self.stats.federations = int(state.get("federations", self.stats.federations))
         self.owner_token = str(state.get("owner_token") or self.owner_token)  # same owner: rejoin at once
+        if self.run_id is None and state.get("run") is not None and not self.joined:
+            self.run = check_run_id(state["run"])  # a resumed node continues its run
 
     # -- for subclasses -----------------------------------------------------
     @abstractmethod
@@ -316,14 +335,31 @@ class FederatedNode(ABC):
                 self.membership.rejoin(deadline)  # federating again after leave(): a member once more
             self.membership.heartbeat(deadline)
             return
-        membership = Membership(self.store, self.node_id, self.owner_token, self.member_lease, self.wall_clock)
         try:
+            run = self.run if self.run is not None else self._choose_run(deadline)
+            membership = Membership(
+                self.store,
+                self.node_id,
+                self.owner_token,
+                self.member_lease,
+                self.wall_clock,
+                run=run,
+                store_clock=self.store_clock,
+            )
             membership.join(deadline, before_takeover=lambda: self._before_takeover(deadline))
         except StoreError as exc:
             self.stats.store_failures += 1
             logger.warning("node %s could not join yet (will retry next federation): %s", self.node_id, exc)
             return
         self.membership = membership
+        if self.run is None:
+            self.run = run
+            logger.info("node %s joins run %s", self.node_id, run)
+
+    def _choose_run(self, deadline: Deadline) -> str:
+        """No run id given: the live members' run, or a new generation when none is live (``choose_run``)."""
+        records = self.roster.read(deadline)
+        return choose_run(self.node_id, records, self.roster.now(), self.roster.listing)
 
     def _check_local_spec(self, arrays: list[np.ndarray], names: Sequence[str] | None, framework: str | None) -> None:
         spec = [(tuple(a.shape), a.dtype) for a in arrays]

@@ -110,7 +110,7 @@ class SemiSyncFederatedNode(SyncFederatedNode):
         except StoreError as exc:
             logger.warning("node %s could not read profiles, keeps its plan: %s", self.node_id, exc)
             return
-        current = set(current_members(records, self.wall_clock(), self._joined_at())) | {self.node_id}
+        current = set(current_members(records, self.roster.now(), self.run)) | {self.node_id}
         profiles: dict[str, dict[str, Any]] = {}
         for key in sorted(listing):
             node = layout.parse_profile_key(key)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from flwr.server.strategy import Strategy
 
-from flwr_serverless.errors import IncompatiblePeersError, StoreError, SyncTimeoutError
+from flwr_serverless.errors import IncompatiblePeersError, InvalidObjectError, StoreError, SyncTimeoutError
 from flwr_serverless.modes.synchronous import Barrier, barrier, check_counts, current_members, entry_round
 from flwr_serverless.node.base import FederatedNode
 from flwr_serverless.node.deadline import Deadline
@@ -24,6 +24,7 @@ logger = logging.getLogger("flwr_serverless")
 
 POLL_FIRST, POLL_MAX, POLL_GROWTH = 0.05, 1.0, 1.5
 DOWNLOAD_RESERVE = 0.25  # share of ``timeout`` (at most 30 s) kept for the downloads after a timed-out barrier
+CATCH_UP_EVERY = 1.0  # seconds between looks, while waiting, at whether the awaited members are rounds ahead
 
 
 def _check_positive(name: str, value: object) -> float:
@@ -109,7 +110,7 @@ class SyncFederatedNode(FederatedNode):
         records = self.roster.read(deadline)
         rounds = layout.rounds_by_number(listing)
         # Members of this run, and publishers without a record (a store or peer without membership).
-        current = set(current_members(records, self.wall_clock(), self._joined_at()))
+        current = set(current_members(records, self.roster.now(), self.run))
         current |= {node for nodes in rounds.values() for node in nodes if node not in records}
         target, under_way = entry_round(self.node_id, rounds, current, self.round)
         self._round_checked = True
@@ -120,12 +121,6 @@ class SyncFederatedNode(FederatedNode):
         for number, nodes in rounds.items():
             if number < target - 1 and self.node_id in nodes:
                 exchange.delete_quietly(layout.round_key(number, self.node_id), deadline)
-
-    def _joined_at(self) -> float:
-        membership = self.membership
-        return (
-            membership.joined_at if membership is not None and membership.joined_at is not None else self.wall_clock()
-        )
 
     # -- a round -------------------------------------------------------------------------
     def _weight(self, header: UpdateHeader) -> float:
@@ -141,17 +136,23 @@ class SyncFederatedNode(FederatedNode):
                 if not is_transient(exc):
                     raise
                 logger.warning("node %s could not look up the current round (will retry): %s", self.node_id, exc)
-        header.round = self.round
-        keyframes = self.writer.keyframes_written
-        data = self._encode(arrays, header, deadline, persist=True)
-        self._publish(layout.round_key(self.round, self.node_id), data, deadline, persist=True)
-        if self.publish_only:
-            self.round += 1
-            return arrays, self._metrics([Contribution(self.node_id, arrays, 1.0, header.num_examples, header.metrics)])
-        # Our own weights as peers decode them (compression included), without decoding our own object:
-        # every member then averages the same values and all hold identical weights.
-        own_arrays = self.writer.seen(arrays)
-        listing, state = self._wait_for_round(deadline)
+        while True:
+            header.round = self.round
+            keyframes = self.writer.keyframes_written
+            data = self._encode(arrays, header, deadline, persist=True)
+            self._publish(layout.round_key(self.round, self.node_id), data, deadline, persist=True)
+            if self.publish_only:
+                self.round += 1
+                own = Contribution(self.node_id, arrays, 1.0, header.num_examples, header.metrics)
+                return arrays, self._metrics([own])
+            # Our own weights as peers decode them (compression included), without decoding our own object:
+            # every member then averages the same values and all hold identical weights.
+            own_arrays = self.writer.seen(arrays)
+            listing, waited = self._wait_for_round(deadline)
+            if waited is not None:
+                state = waited
+                break
+            self.writer.restart()  # we left the round for the peers' one: they never saw our chain's last link
         others = [listing[layout.round_key(self.round, n)] for n in sorted(state.counted - {self.node_id})]
         misses = self.stats.keyframe_misses
         peers, headers, chains = self._gather(others, deadline)
@@ -213,6 +214,20 @@ class SyncFederatedNode(FederatedNode):
         for info, outcome in zip(others, self.exchange.fetch_many(others, deadline)):
             if isinstance(outcome, StoreError):
                 self.exchange.store_failure(info.key, outcome, f"in round {self.round}")
+            elif outcome is not None and outcome.header.round not in (None, self.round):
+                self.exchange.reject(
+                    InvalidObjectError(info.key, f"its header says round {outcome.header.round}"), info.tag
+                )
+            elif outcome is not None and self.run is not None and outcome.header.run not in (None, self.run):
+                self.stats.leftovers_skipped += 1  # the same id in another run: its object is not this run's
+                logger.warning(
+                    "node %s skips %s in round %d: it belongs to run %s, not %s",
+                    self.node_id,
+                    info.key,
+                    self.round,
+                    outcome.header.run,
+                    self.run,
+                )
             elif outcome is not None:
                 h = outcome.header
                 peers.append(Contribution(h.node_id, outcome.arrays, self._weight(h), h.num_examples, h.metrics))
@@ -231,14 +246,19 @@ class SyncFederatedNode(FederatedNode):
         else:
             self._incompatible = 0
 
-    def _wait_for_round(self, deadline: Deadline) -> tuple[dict[str, ObjectInfo], Barrier]:
-        """Poll the round's listing and the member records until the barrier says go (or the deadline)."""
+    def _wait_for_round(self, deadline: Deadline) -> tuple[dict[str, ObjectInfo], Barrier | None]:
+        """Poll the round's listing and the member records until the barrier says go (or the deadline).
+
+        ``None`` for the barrier: the members we wait for went on without us (we were cut off from the
+        store past our lease) and ``self.round`` is now theirs: publish there and wait again.
+        """
         prefix = layout.round_prefix(self.round)
         reserve = min(DOWNLOAD_RESERVE * self.timeout, 30.0)
         wait_until = Deadline(None if deadline.at is None else deadline.at - reserve, deadline.clock)
         delay = POLL_FIRST
         listing: dict[str, ObjectInfo] = {}
         records: dict[str, Any] = {}
+        next_look = self.clock()  # when to look again whether the members we wait for are rounds ahead
         while True:
             try:
                 listing = self.exchange.list(prefix, deadline)
@@ -253,10 +273,42 @@ class SyncFederatedNode(FederatedNode):
             state = self._barrier(listing, records)
             if state.complete:
                 return listing, state
+            if state.waiting_for and self.clock() >= next_look and self._fell_behind(state, records, deadline):
+                return listing, None
+            if state.waiting_for:
+                next_look = self.clock() + CATCH_UP_EVERY
             if wait_until.expired:
                 return listing, self._timed_out(state)
             self.sleep(min(delay, wait_until.remaining()))
             delay = min(delay * POLL_GROWTH, POLL_MAX)
+
+    def _fell_behind(self, state: Barrier, records: dict[str, Any], deadline: Deadline) -> bool:
+        """Whether members we wait for have published later rounds: they dropped us at our lease's expiry
+        (a partition, a long stall) and went on. Then enter their round (``entry_round``), like a late joiner."""
+        try:
+            rounds = layout.rounds_by_number(self.exchange.list(layout.ROUNDS, deadline))
+        except StoreError:
+            return False
+        ahead = {node for number, nodes in rounds.items() if number > self.round for node in nodes}
+        if not ahead & state.waiting_for:
+            return False
+        current = set(current_members(records, self.roster.now(), self.run))
+        target, _ = entry_round(self.node_id, rounds, current, self.round)
+        if target <= self.round:
+            return False
+        logger.warning(
+            "node %s: %s went on without us (round %d); we rejoin them at round %d",
+            self.node_id,
+            ", ".join(sorted(ahead & state.waiting_for)),
+            self.round,
+            target,
+        )
+        for number, nodes in rounds.items():
+            if number < target - 1 and self.node_id in nodes:
+                self.exchange.delete_quietly(layout.round_key(number, self.node_id), deadline)
+        self.round = target
+        self.started = True
+        return True
 
     def _barrier(self, listing: dict[str, ObjectInfo], records: dict[str, Any]) -> Barrier:
         published = {k.rsplit("/", 1)[-1] for k in listing if layout.parse_round_key(k) is not None}
@@ -264,8 +316,8 @@ class SyncFederatedNode(FederatedNode):
             self.node_id,
             published,
             records,
-            now=self.wall_clock(),
-            joined_at=self._joined_at(),
+            now=self.roster.now(),
+            run=self.run,
             num_nodes=self.num_nodes,
             min_nodes=self.min_nodes,
             started=self.started,

@@ -31,6 +31,9 @@ def make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
     store = open_store(task.run_url, **config.storage_options)
     compression = config.effective_compression
     plain = {k: v for k, v in config.node_options.items() if k not in compression.node_kwargs()}
+    # Every node of the run is handed the same run id (its sub-prefix's name), so each reader can tell from the
+    # objects alone that a peer belongs to this run; node_options={"run_id": ...} continues another on purpose.
+    plain.setdefault("run_id", run_id_of(task.run_url))
     common: dict[str, Any] = {"strategy": strategy, "node_id": task.name, **plain, **compression.node_kwargs()}
     if config.mode == "semisync":
         from flwr_serverless.node import SemiSyncFederatedNode
@@ -58,6 +61,11 @@ def make_node(task: NodeTask, initial_weights: list[Any]) -> Any:
     from flwr_serverless.node import AsyncFederatedNode
 
     return AsyncFederatedNode(store, **config.async_options.node_kwargs(config.seed, task.index), **common)
+
+
+def run_id_of(run_url: str) -> str:
+    """The run id the simulation hands its nodes: the last part of the run's prefix (``run-<time>-<hex>``)."""
+    return run_url.rstrip("/").rsplit("/", 1)[-1]
 
 
 def callback_kwargs(config: SimulationConfig) -> dict[str, Any]:

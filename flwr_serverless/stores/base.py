@@ -45,6 +45,9 @@ class ObjectInfo:
     key: str  # relative to the store's prefix, '/'-separated
     tag: str  # ETag, or inode-mtime-size: changes whenever the content changes
     size: int
+    #: When the store last wrote it, on the store's own clock (S3 LastModified, file mtime), if it says.
+    #: Liveness ages are differences of these store times, never of two hosts' clocks.
+    modified: float | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -250,6 +253,13 @@ class Store(ABC):
             if after is not None and after.tag == before.tag:
                 return data, before.tag
         raise StoreError("get", key, "object kept changing while being read")
+
+    def now(self) -> float | None:
+        """The store's clock now, when this process can read it directly (one host: memory://, local folders).
+
+        None for remote stores: their time is learnt from the ``modified`` stamps of our own writes.
+        """
+        return None
 
     def close(self) -> None:
         """Release connections; the default has nothing to release."""

@@ -145,6 +145,9 @@ class FaultyStore(Store):
             return self._call("put_conditional", key, lambda: self.inner.put_if_absent(key, data))
         return self._call("put_conditional", key, lambda: self.inner.put_if_match(key, data, if_match))
 
+    def now(self) -> float | None:
+        return self.inner.now()
+
     def close(self) -> None:
         self.inner.close()
 

@@ -68,6 +68,17 @@ def _info_tag(info: dict[str, Any]) -> str:
     return f"size-{info.get('size')}"  # nothing better: cannot see same-size rewrites
 
 
+def _info_stamp(info: dict[str, Any]) -> float | None:
+    """The backend's own time of the last write (mtime, LastModified...), if its listing says."""
+    for name in ("LastModified", "last_modified", "mtime", "modified", "updated"):
+        value = info.get(name)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
 class FsspecStore(Store):
     """A weight store on any fsspec URL, through ``self.fs``; no conditional writes."""
 
@@ -137,7 +148,9 @@ class FsspecStore(Store):
             key = name[len(start) :]
             if not key.startswith(prefix) or key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX):
                 continue
-            found[key] = ObjectInfo(key=key, tag=_info_tag(info), size=int(info.get("size") or 0))
+            found[key] = ObjectInfo(
+                key=key, tag=_info_tag(info), size=int(info.get("size") or 0), modified=_info_stamp(info)
+            )
         return dict(sorted(found.items()))
 
     def _delete(self, key: str) -> None:

@@ -271,6 +271,10 @@ class LocalStore(Store):
                 self.map_reads = False
                 return None
 
+    def now(self) -> float:
+        """A folder seen by one host: file mtimes are stamped with this clock."""
+        return time.time()
+
     def _list(self, prefix: str) -> dict[str, ObjectInfo]:
         check_prefix(prefix)
         with translated("list", prefix):
@@ -303,7 +307,7 @@ class LocalStore(Store):
                     st = entry.stat()
                 except FileNotFoundError:  # deleted while we were listing
                     continue
-                found[key] = ObjectInfo(key=key, tag=_stat_tag(st), size=st.st_size)
+                found[key] = ObjectInfo(key=key, tag=_stat_tag(st), size=st.st_size, modified=st.st_mtime)
         return dict(sorted(found.items()))
 
     def _delete(self, key: str) -> None:

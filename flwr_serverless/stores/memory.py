@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from typing import Any
 
 from flwr_serverless.errors import ObjectNotFoundError, PreconditionFailedError, StoreConfigurationError, StoreError
@@ -22,11 +23,11 @@ SCHEME = "memory"
 
 
 class _Namespace:
-    """One name's objects: key -> (bytes, tag), guarded by one lock."""
+    """One name's objects: key -> (bytes, tag, time written), guarded by one lock."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.objects: dict[str, tuple[bytes, str]] = {}
+        self.objects: dict[str, tuple[bytes, str, float]] = {}
 
 
 _NAMESPACES: dict[str, _Namespace] = {}
@@ -93,8 +94,8 @@ class MemoryStore(Store):
             entry = self._space.objects.get(self._base + source)
             if entry is None:
                 raise ObjectNotFoundError(source)
-            data, _ = entry
-            copied = (data, f"m{next(_GENERATION)}-{len(data)}")  # the same immutable bytes, a new tag
+            data = entry[0]
+            copied = (data, f"m{next(_GENERATION)}-{len(data)}", time.time())  # the same immutable bytes, a new tag
             self._space.objects[self._base + destination] = copied
         return copied[1]
 
@@ -102,7 +103,9 @@ class MemoryStore(Store):
         wanted, start = self._base + prefix, len(self._base)
         with self._space.lock:
             items = [(path, entry) for path, entry in self._space.objects.items() if path.startswith(wanted)]
-        found = {path[start:]: ObjectInfo(path[start:], tag, len(data)) for path, (data, tag) in items}
+        found = {
+            path[start:]: ObjectInfo(path[start:], tag, len(data), modified=stamp) for path, (data, tag, stamp) in items
+        }
         return dict(sorted(found.items()))
 
     def _delete(self, key: str) -> None:
@@ -120,7 +123,11 @@ class MemoryStore(Store):
             self._space.objects[path] = entry
         return entry[1]
 
+    def now(self) -> float:
+        """One process, one clock: the time stamped on writes."""
+        return time.time()
+
     @staticmethod
-    def _entry(data: bytes) -> tuple[bytes, str]:
+    def _entry(data: bytes) -> tuple[bytes, str, float]:
         stored = bytes(data)  # no copy when ``data`` is already bytes
-        return stored, f"m{next(_GENERATION)}-{len(stored)}"
+        return stored, f"m{next(_GENERATION)}-{len(stored)}", time.time()

@@ -18,9 +18,12 @@ on top of that. While our own bounded ``RetryPolicy`` is on, botocore gets
 from __future__ import annotations
 
 import contextlib
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, BinaryIO
 
 from flwr_serverless.errors import PreconditionFailedError, StoreConfigurationError, StoreError
@@ -103,7 +106,13 @@ def listing_objects(contents: list[dict[str, Any]], base: str) -> Iterator[Objec
             check_key(key)
         except StoreError:  # written by another tool under a name we could never GET
             continue
-        yield ObjectInfo(key=key, tag=unquote_etag(item.get("ETag", "")), size=int(item["Size"]))
+        yield ObjectInfo(key=key, tag=unquote_etag(item.get("ETag", "")), size=int(item["Size"]), modified=_stamp(item))
+
+
+def _stamp(item: dict[str, Any]) -> float | None:
+    """LastModified (a datetime from boto3/aiobotocore) as seconds since the epoch, on the server's clock."""
+    moment = item.get("LastModified")
+    return moment.timestamp() if isinstance(moment, datetime) else None
 
 
 class S3ObjectStore(Store):
@@ -119,6 +128,23 @@ class S3ObjectStore(Store):
     transfer: TransferOptions = TransferOptions()
     bucket: str
     prefix: str
+    _server_time: tuple[float, float] | None = None  # (the Date of a LIST answer, monotonic time it arrived)
+
+    def now(self) -> float | None:
+        """The server's clock, from the Date of the latest LIST answer carried forward (a lower bound, 1 s steps)."""
+        seen = self._server_time
+        return None if seen is None else seen[0] + (time.monotonic() - seen[1])
+
+    def _note_date(self, response: dict[str, Any]) -> None:
+        arrived = time.monotonic()
+        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        try:
+            date = parsedate_to_datetime(headers["date"]).timestamp()
+        except (KeyError, TypeError, ValueError, IndexError):
+            return
+        seen = self._server_time
+        if seen is None or date - arrived > seen[0] - seen[1]:
+            self._server_time = (date, arrived)
 
     @property
     def url(self) -> str:
@@ -323,6 +349,7 @@ class S3ObjectStore(Store):
         with translated("list", prefix):
             while True:
                 page = self._call("list_objects_v2", **request)
+                self._note_date(page)
                 found.update((info.key, info) for info in listing_objects(page.get("Contents", []), base))
                 token = page.get("NextContinuationToken")
                 if not page.get("IsTruncated") or not token:
@@ -337,6 +364,7 @@ class S3ObjectStore(Store):
             request["StartAfter"] = base + start_after
         with translated("list", prefix):
             page = self._call("list_objects_v2", **request)
+        self._note_date(page)
         return {info.key: info for info in listing_objects(page.get("Contents", []), base)}
 
     def _delete(self, key: str) -> None:

@@ -83,6 +83,7 @@ class UpdateHeader:
     base_own_steps: int = 0  # the node's own local_steps at its last aggregation
     dataset_size: int | None = None  # |D_k|, the semi-sync aggregation weight
     framework: str | None = None  # tensor layout family, see FRAMEWORKS
+    run: str | None = None  # the run (generation) it belongs to; readers skip other runs' objects
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,10 @@ def header_fields(header: UpdateHeader) -> dict[str, Any]:
         raise ValueError(f"header field 'timestamp' must be seconds since the epoch, got {header.timestamp!r}")
     if header.framework is not None and not _FRAMEWORK.match(str(header.framework)):
         raise ValueError(f"framework {header.framework!r} is not a short lowercase name (e.g. {FRAMEWORKS})")
+    if header.run is not None:  # absent rather than null: objects without a run read as before
+        if not layout.is_valid_node_id(header.run):
+            raise ValueError(f"header field 'run' must be a plain name, got {_show(header.run)}")
+        fields["run"] = header.run
     return fields
 
 
@@ -162,6 +167,9 @@ def parse_header(fields: dict[str, Any], key: str) -> UpdateHeader:
     framework = fields.get("framework")
     if framework is not None and not (isinstance(framework, str) and _FRAMEWORK.match(framework)):
         raise bad("framework", "must be null or a short lowercase name")
+    run = fields.get("run")
+    if run is not None and not layout.is_valid_node_id(run):
+        raise bad("run", "must be null or a plain name")
     metrics = fields.get("metrics", {})
     if not isinstance(metrics, dict):
         raise bad("metrics", "must be an object")
@@ -181,6 +189,7 @@ def parse_header(fields: dict[str, Any], key: str) -> UpdateHeader:
         "extra",
         "dataset_size",
         "framework",
+        "run",
     }
     extra.update({name: value for name, value in fields.items() if name not in known})  # a newer writer's fields
     return UpdateHeader(
@@ -189,6 +198,7 @@ def parse_header(fields: dict[str, Any], key: str) -> UpdateHeader:
         metrics=clean_metrics(metrics),
         extra=extra,
         framework=framework,
+        run=run,
         **values,
     )
 

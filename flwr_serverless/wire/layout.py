@@ -28,7 +28,7 @@ _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
 #: (key pattern, what lives there), in the order the README lists them.
 LAYOUT: tuple[tuple[str, str], ...] = (
-    ("members/<node_id>", "JSON member record: owner, host, pid, joined, heartbeat, lease, status (active/left)"),
+    ("members/<node_id>", "JSON member record: owner, host, pid, run, joined, heartbeat, lease, status (active/left)"),
     ("nodes/<node_id>", "async: the node's latest weights, overwritten atomically"),
     ("rounds/<round>/<node_id>", "sync and semi-sync: what the node published for that round (8-digit round)"),
     ("profiles/<node_id>.json", "semi-sync: measured seconds per batch, dataset size, batch size"),
