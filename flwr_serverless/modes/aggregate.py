@@ -15,7 +15,8 @@ A member replaces its own contribution with one compare-and-swap write::
 
     M' = (T M - c_old w_old + c_new w_new) / T'      T = sum of the table's weights, T' = T - c_old + c_new
 
-computed in float64 and stored in the model's float type (at least float32),
+computed in float64 (``strategy.aggregate.weighted_sum``, one slice at a time) and
+stored in the model's float type (at least float32),
 so ``M`` is FedAvg over the table's contributions up to one rounding per
 update. Integer and boolean tensors hold the element-wise maximum of every
 contribution folded so far (FedAvg keeps the maximum of such tensors; for step
@@ -42,12 +43,12 @@ from typing import Any
 import numpy as np
 
 from flwr_serverless.errors import InvalidObjectError
+from flwr_serverless.strategy.aggregate import weighted_sum
 from flwr_serverless.wire import layout
 from flwr_serverless.wire.header import parse_hash
 
 TABLE = "aggregate"  # the key of the table in the aggregate object's header ``extra``
 MAX_MEMBERS = 100_000
-CHUNK = 1 << 16  # elements per slice of a fold: float64 temporaries stay 512 KiB
 SHORT_HASH = 16  # hex digits of a payload hash kept in the table (64 bits)
 _SHORT = re.compile(rf"[0-9a-f]{{{SHORT_HASH}}}")
 TensorSpec = tuple[tuple[int, ...], np.dtype]
@@ -173,8 +174,11 @@ def fold(
         if current.dtype.kind != "f":
             out.append(np.maximum(current, fresh.astype(current.dtype)))
             continue
-        previous = None if old is None else np.asarray(old[index])
-        out.append(_fold_tensor(current, before, previous, old_weight, fresh, entry.weight, after))
+        # (before * mean - old_weight * old + new_weight * new) / after, in float64 slices
+        layer, scales = [current], [before]
+        if old is not None:
+            layer, scales = [current, np.asarray(old[index])], [before, -old_weight]
+        out.append(weighted_sum([*layer, fresh], [*scales, entry.weight], current.dtype, divide_by=after))
     return out, updated
 
 
@@ -190,10 +194,10 @@ def delta(
         if dtype.kind != "f":
             out.append(np.ascontiguousarray(fresh, dtype=dtype))
             continue
-        acc = fresh.astype(np.float64) * new_weight
-        if old is not None:
-            acc -= np.asarray(old[index]).astype(np.float64) * old_weight
-        out.append(acc.astype(dtype))
+        if old is None:
+            out.append(weighted_sum([fresh], [new_weight], dtype))
+        else:
+            out.append(weighted_sum([fresh, np.asarray(old[index])], [new_weight, -old_weight], dtype))
     return out
 
 
@@ -222,36 +226,8 @@ def fold_delta(
         if current.dtype.kind != "f":
             out.append(np.maximum(current, d.astype(current.dtype)))
             continue
-        result = np.empty(current.shape, current.dtype)
-        flat, m, n = result.reshape(-1), current.reshape(-1), d.reshape(-1)
-        for start in range(0, m.size, CHUNK):
-            end = start + CHUNK
-            flat[start:end] = (m[start:end].astype(np.float64) * before + n[start:end]) / after
-        out.append(result)
+        out.append(weighted_sum([current, d], [before, 1.0], current.dtype, divide_by=after))
     return out, updated
-
-
-def _fold_tensor(
-    mean: np.ndarray,
-    before: float,
-    old: np.ndarray | None,
-    old_weight: float,
-    new: np.ndarray,
-    new_weight: float,
-    after: float,
-) -> np.ndarray:
-    """(before * mean - old_weight * old + new_weight * new) / after, in float64 slices."""
-    result = np.empty(mean.shape, mean.dtype)
-    flat, m, n = result.reshape(-1), mean.reshape(-1), new.reshape(-1)
-    o = None if old is None else old.reshape(-1)
-    for start in range(0, m.size, CHUNK):
-        end = start + CHUNK
-        acc = m[start:end].astype(np.float64) * before
-        if o is not None:
-            acc -= o[start:end].astype(np.float64) * old_weight
-        acc += n[start:end].astype(np.float64) * new_weight
-        flat[start:end] = acc / after
-    return result
 
 
 def rebuild(contributions: Mapping[str, tuple[Entry, Sequence[np.ndarray]]]) -> tuple[list[np.ndarray], Table]:
@@ -268,8 +244,6 @@ def rebuild(contributions: Mapping[str, tuple[Entry, Sequence[np.ndarray]]]) -> 
         if dtype.kind != "f":
             out.append(np.maximum.reduce([np.asarray(arrays[index]) for _, arrays in ordered]).astype(dtype))
             continue
-        acc = np.zeros(first.shape, np.float64)
-        for entry, arrays in ordered:
-            acc += np.asarray(arrays[index]).astype(np.float64) * (entry.weight / total)
-        out.append(acc.astype(dtype))
+        layer = [np.asarray(arrays[index]) for _, arrays in ordered]
+        out.append(weighted_sum(layer, [entry.weight / total for entry, _ in ordered], dtype))
     return out, table
