@@ -77,7 +77,7 @@ from flwr_serverless.node.deadline import Deadline
 from flwr_serverless.stores import ObjectInfo, Store
 from flwr_serverless.strategy.aggregate import is_linear
 from flwr_serverless.wire import layout
-from flwr_serverless.wire.codec import UpdateHeader, decode, encode, object_ref
+from flwr_serverless.wire.codec import DecodedUpdate, UpdateHeader, decode, encode, object_ref
 from flwr_serverless.wire.header import clean_metrics
 
 logger = logging.getLogger("flwr_serverless")
@@ -180,7 +180,7 @@ class AggregateFederatedNode(Helping, FederatedNode):
                 f"mode and must be positive, got {header.num_examples}"
             )
         header.framework = self._framework
-        data = b"".join(self.writer.encode(arrays, header, self._tensor_names, self.secret, _no_keyframes))
+        data = b"".join(self.writer.encode(arrays, header, self._tensor_names, self.secret, _no_keyframes).parts)
         folded = self.writer.seen(arrays)  # what a reader of the contribution decodes: what the mean holds
         entry = Entry(
             0, header.seq, float(header.num_examples), short_hash(object_ref(data).payload_hash), header.timestamp
@@ -367,7 +367,7 @@ class AggregateFederatedNode(Helping, FederatedNode):
             return state, held[1]
         key = layout.contribution_key(self.node_id, entry.slot)
         update = self.exchange.fetch(ObjectInfo(key, "", 0), deadline, node_id=self.node_id)
-        if update is not None and short_hash(update.payload_hash) == entry.payload_hash:
+        if isinstance(update, DecodedUpdate) and short_hash(update.payload_hash) == entry.payload_hash:
             return state, list(update.arrays)
         logger.warning(
             "node %s: the aggregate names its contribution %s (%s), which is gone or changed; rebuilding the aggregate",
@@ -394,7 +394,7 @@ class AggregateFederatedNode(Helping, FederatedNode):
         outcomes = exchange.fetch_many([info for info, _ in found], deadline, [node for _, (node, _) in found])
         best: dict[str, tuple[Entry, list[np.ndarray]]] = {}
         for (_, (node, slot)), outcome in zip(found, outcomes):
-            if isinstance(outcome, StoreError) or outcome is None or outcome.header.num_examples < 1:
+            if not isinstance(outcome, DecodedUpdate) or outcome.header.num_examples < 1:
                 continue
             h = outcome.header
             entry = Entry(slot, h.seq, float(h.num_examples), short_hash(outcome.payload_hash), h.timestamp)

@@ -17,7 +17,7 @@ from flwr_serverless.node.deadline import Deadline
 from flwr_serverless.node.membership import ended_before
 from flwr_serverless.stores import Store
 from flwr_serverless.wire import layout
-from flwr_serverless.wire.codec import UpdateHeader
+from flwr_serverless.wire.codec import DecodedUpdate, UpdateHeader
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -107,7 +107,7 @@ class AsyncFederatedNode(FederatedNode):
         for peer, outcome in zip(changed, exchange.fetch_many([wanted[p] for p in changed], deadline)):
             if isinstance(outcome, StoreError):
                 exchange.store_failure(wanted[peer].key, outcome, "this epoch")
-            elif outcome is not None:
+            elif isinstance(outcome, DecodedUpdate):
                 self.peers.keep(peer, wanted[peer].tag, outcome)
         return self.peers.updates(wanted)
 

@@ -25,7 +25,7 @@ from flwr_serverless.modes.staleness import Provenance
 from flwr_serverless.node.deadline import NO_DEADLINE, Deadline
 from flwr_serverless.node.exchange import Exchange, NodeStats
 from flwr_serverless.node.membership import DEFAULT_LEASE, Membership, Roster, check_lease, new_owner_token
-from flwr_serverless.node.publisher import UpdateWriter
+from flwr_serverless.node.publisher import Encoded, UpdateWriter
 from flwr_serverless.stores import Store, open_store
 from flwr_serverless.strategy.aggregate import Contribution, aggregate, mean_metrics
 from flwr_serverless.wire import layout
@@ -256,7 +256,7 @@ class FederatedNode(ABC):
         deadline: Deadline = NO_DEADLINE,
         *,
         persist: bool = False,
-    ) -> list[bytes | memoryview]:
+    ) -> Encoded:
         """The object to publish, compressed as configured; a due top-k keyframe is PUT first (``persist``:
         through store outages until ``deadline``, as a barrier's publish)."""
         header.framework = self._framework
@@ -265,13 +265,11 @@ class FederatedNode(ABC):
             arrays, header, self._tensor_names, self.secret, lambda key, data: put(key, data, deadline)
         )
 
-    def _publish(
-        self, key: str, data: list[bytes | memoryview], deadline: Deadline = NO_DEADLINE, *, persist: bool = False
-    ) -> str:
+    def _publish(self, key: str, data: Encoded, deadline: Deadline = NO_DEADLINE, *, persist: bool = False) -> str:
         """PUT the encoded object at ``key`` (``persist``: through store outages until ``deadline``); then the
         writer logs a top-k delta with a copy inside the store."""
         exchange = self.exchange
-        tag = (exchange.publish if persist else exchange.put)(key, data, deadline)
+        tag = (exchange.publish if persist else exchange.put)(key, data.parts, deadline)
 
         def copy(source: str, target: str) -> object:
             if persist:

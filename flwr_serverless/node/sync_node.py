@@ -13,7 +13,7 @@ from flwr_serverless.errors import IncompatiblePeersError, StoreError, SyncTimeo
 from flwr_serverless.modes.synchronous import Barrier, barrier, check_counts, current_members, entry_round
 from flwr_serverless.node.base import FederatedNode
 from flwr_serverless.node.deadline import Deadline
-from flwr_serverless.node.exchange import is_transient
+from flwr_serverless.node.exchange import KeyframeMiss, is_transient
 from flwr_serverless.stores import ObjectInfo, Store
 from flwr_serverless.strategy.aggregate import Contribution
 from flwr_serverless.wire import layout
@@ -142,7 +142,6 @@ class SyncFederatedNode(FederatedNode):
                     raise
                 logger.warning("node %s could not look up the current round (will retry): %s", self.node_id, exc)
         header.round = self.round
-        keyframes = self.writer.keyframes_written
         data = self._encode(arrays, header, deadline, persist=True)
         self._publish(layout.round_key(self.round, self.node_id), data, deadline, persist=True)
         if self.publish_only:
@@ -153,19 +152,16 @@ class SyncFederatedNode(FederatedNode):
         own_arrays = self.writer.seen(arrays)
         listing, state = self._wait_for_round(deadline)
         others = [listing[layout.round_key(self.round, n)] for n in sorted(state.counted - {self.node_id})]
-        misses = self.stats.keyframe_misses
-        peers, headers, chains = self._gather(others, deadline)
+        peers, headers, chains, missed = self._gather(others, deadline)
         self._check_compatibility(others, peers)
         own = Contribution(self.node_id, own_arrays, self._weight(header), header.num_examples, header.metrics)
         result = self._aggregate(own, peers, [header, *headers])
-        missed = self.stats.keyframe_misses > misses
-        own_keyframe = self.writer.keyframes_written > keyframes
         self._rebase(
             result[0],
             chains,
             len(peers),
             arrays,
-            diverged=missed or (any(c == 0 for c in chains.values()) and not own_keyframe),
+            diverged=missed or (any(c == 0 for c in chains.values()) and not data.keyframe),
         )
         if self.round >= 2:
             self.exchange.delete_quietly(layout.round_key(self.round - 2, self.node_id), deadline)
@@ -205,21 +201,25 @@ class SyncFederatedNode(FederatedNode):
 
     def _gather(
         self, others: list[ObjectInfo], deadline: Deadline
-    ) -> tuple[list[Contribution], list[UpdateHeader], dict[str, int]]:
-        """The usable peer objects, their headers, and the chain position of each top-k peer's object."""
+    ) -> tuple[list[Contribution], list[UpdateHeader], dict[str, int], bool]:
+        """The usable peer objects, their headers, the chain position of each top-k peer's object, and whether
+        a top-k peer could not be followed (a keyframe miss)."""
         peers: list[Contribution] = []
         headers: list[UpdateHeader] = []
         chains: dict[str, int] = {}
+        missed = False
         for info, outcome in zip(others, self.exchange.fetch_many(others, deadline)):
             if isinstance(outcome, StoreError):
                 self.exchange.store_failure(info.key, outcome, f"in round {self.round}")
+            elif isinstance(outcome, KeyframeMiss):
+                missed = True
             elif outcome is not None:
                 h = outcome.header
                 peers.append(Contribution(h.node_id, outcome.arrays, self._weight(h), h.num_examples, h.metrics))
                 headers.append(h)
                 if outcome.chain is not None:
                     chains[h.node_id] = outcome.chain
-        return peers, headers, chains
+        return peers, headers, chains, missed
 
     def _check_compatibility(self, others: list[ObjectInfo], peers: list[Contribution]) -> None:
         """Peers present but none usable, round after round: say so instead of training alone."""
