@@ -29,15 +29,19 @@ member that wins a write can fold it in with ``M' = (T M + d) / T'``
 entry: the fold replaces it, so no delta is ever folded twice.
 
 Everything here is pure: parsing and checking a table read from the store,
-folding one contribution or delta in, and rebuilding ``M`` from scratch.
+folding one contribution or delta in, rebuilding ``M`` from scratch, and the
+planner of one epoch's attempt (``plan_write``: given what was read, our entry
+and another member's pending change, the write to attempt). The node
+(``node/aggregate_node.py``) does the reads and writes around it.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -49,6 +53,7 @@ from flwr_serverless.wire.header import parse_hash
 
 TABLE = "aggregate"  # the key of the table in the aggregate object's header ``extra``
 MAX_MEMBERS = 100_000
+BACKOFF = 0.05  # seconds: the first retry waits up to this, doubling after each conflict
 SHORT_HASH = 16  # hex digits of a payload hash kept in the table (64 bits)
 _SHORT = re.compile(rf"[0-9a-f]{{{SHORT_HASH}}}")
 TensorSpec = tuple[tuple[int, ...], np.dtype]
@@ -247,3 +252,117 @@ def rebuild(contributions: Mapping[str, tuple[Entry, Sequence[np.ndarray]]]) -> 
         layer = [np.asarray(arrays[index]) for _, arrays in ordered]
         out.append(weighted_sum(layer, [entry.weight / total for entry, _ in ordered], dtype))
     return out, table
+
+
+def stored_bytes(arrays: Sequence[np.ndarray]) -> int:
+    """Bytes of a model as the aggregate stores it (floats at least float32)."""
+    return sum(a.size * stored_dtype(a.dtype).itemsize for a in map(np.asarray, arrays))
+
+
+# -- pending changes and the write to attempt -----------------------------------------------------
+@dataclass(frozen=True)
+class PendingRef:
+    """What a listed key says: whose change, the entry it replaces (its hash) and the one it adds."""
+
+    key: str
+    node: str
+    base: str | None  # short hash of the entry it replaces; None: the member had none
+    slot: int
+    new: str
+    size: int = 0
+
+    @classmethod
+    def parse(cls, key: str, size: int = 0) -> PendingRef | None:
+        parsed = layout.parse_pending_key(key)
+        return None if parsed is None else cls(key, *parsed, size=size)
+
+    def live_in(self, named: Entry | None) -> bool:
+        """Could still be folded: the table names the entry it replaces."""
+        return (named.payload_hash if named is not None else None) == self.base
+
+
+@dataclass
+class Pending:
+    """A pending change fetched and checked: fold ``change`` in while the table names ``base`` for ``ref.node``."""
+
+    ref: PendingRef
+    base: Entry | None
+    entry: Entry
+    change: list[np.ndarray]
+
+    def applies_to(self, table: Mapping[str, Entry]) -> bool:
+        return table.get(self.ref.node) == self.base
+
+
+def taken_slots(named: Entry | None, own: Iterable[PendingRef]) -> set[int]:
+    """Slots the aggregate may name for a member at its next read: the named one and those of its live changes."""
+    return ({named.slot} if named is not None else set()) | {ref.slot for ref in own if ref.live_in(named)}
+
+
+@dataclass(frozen=True)
+class Write:
+    """The compare-and-swap write to attempt after one read.
+
+    ``mean`` and ``table`` are what to write; ``base`` is the entry the read named for the
+    writer, ``entry`` the one the write names; the writer's contribution must first be PUT
+    to ``put_slot`` (None: it is already in place); ``helped`` is the pending change folded in.
+    """
+
+    mean: list[np.ndarray]
+    table: Table
+    base: Entry | None
+    entry: Entry
+    put_slot: int | None = None
+    helped: Pending | None = None
+
+    @property
+    def changes_own(self) -> bool:
+        """The write replaces the writer's entry: if every attempt loses, its change is worth publishing."""
+        return self.entry != self.base
+
+
+def plan_write(
+    mean: Sequence[np.ndarray] | None,
+    table: Mapping[str, Entry],
+    node: str,
+    old: Sequence[np.ndarray] | None,
+    contribution: Sequence[np.ndarray],
+    new: Entry,
+    taken: set[int],
+    written: int | None = None,
+    helper: Pending | None = None,
+) -> Write | None:
+    """The write to attempt, given what was read, our new entry and another member's pending change.
+
+    ``mean`` and ``table`` were read (``mean`` None: empty), ``old`` are the arrays the table names
+    as ``node``'s; ``contribution`` and ``new`` (its slot is chosen here) replace them. ``taken``
+    are slots the aggregate may name for ``node`` (``taken_slots``), ``written`` the slot the new
+    contribution is already in. ``helper`` is folded in when the table names exactly its base.
+    None: every slot may still be named (a restart found its predecessor's changes), skip the epoch.
+    """
+    named = table.get(node)
+    if (
+        named is not None
+        and mean is not None
+        and (named.seq, named.weight, named.payload_hash)
+        == (
+            new.seq,
+            new.weight,
+            new.payload_hash,
+        )
+    ):
+        return Write(list(mean), dict(table), named, named)  # a repair already folded this very contribution in
+    slot = free_slot(taken, written)
+    if slot is None:
+        return None
+    entry = replace(new, slot=slot)
+    helped = helper if helper is not None and mean is not None and helper.applies_to(table) else None
+    if helped is not None and mean is not None:
+        mean, table = fold_delta(mean, table, helped.ref.node, helped.base, helped.change, helped.entry)
+    folded, updated = fold(mean, table, node, old, contribution, entry)
+    return Write(folded, updated, named, entry, None if written == slot else slot, helped)
+
+
+def backoff(attempt: int, rng: random.Random) -> float:
+    """Seconds to wait before retry ``attempt`` (1, 2, ...): jittered, doubling after each conflict."""
+    return rng.uniform(0, BACKOFF * 2 ** (attempt - 1))
