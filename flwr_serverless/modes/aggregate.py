@@ -254,6 +254,20 @@ def rebuild(contributions: Mapping[str, tuple[Entry, Sequence[np.ndarray]]]) -> 
     return out, table
 
 
+def latest_contributions(
+    found: Iterable[tuple[str, Entry, Sequence[np.ndarray]]],
+) -> dict[str, tuple[Entry, Sequence[np.ndarray]]]:
+    """Each member's newest contribution among its slots (a repair's input to ``rebuild``).
+
+    Newest by the writer's clock, then seq: seq restarts with the process.
+    """
+    best: dict[str, tuple[Entry, Sequence[np.ndarray]]] = {}
+    for node, entry, arrays in found:
+        if node not in best or (entry.timestamp, entry.seq) > (best[node][0].timestamp, best[node][0].seq):
+            best[node] = (entry, arrays)
+    return best
+
+
 def stored_bytes(arrays: Sequence[np.ndarray]) -> int:
     """Bytes of a model as the aggregate stores it (floats at least float32)."""
     return sum(a.size * stored_dtype(a.dtype).itemsize for a in map(np.asarray, arrays))

@@ -66,6 +66,7 @@ from flwr_serverless.modes.aggregate import (
     Table,
     Write,
     backoff,
+    latest_contributions,
     parse_table,
     plan_write,
     rebuild,
@@ -382,17 +383,17 @@ class AggregateFederatedNode(FederatedNode):
             return AggregateState(tag, None, {}, self.version)
         self.stats.repairs += 1
         outcomes = exchange.fetch_many([info for info, _ in found], deadline, [node for _, (node, _) in found])
-        best: dict[str, tuple[Entry, list[np.ndarray]]] = {}
+        candidates = []
         for (_, (node, slot)), outcome in zip(found, outcomes):
-            if not isinstance(outcome, DecodedUpdate) or outcome.header.num_examples < 1:
-                continue
-            h = outcome.header
-            entry = Entry(slot, h.seq, float(h.num_examples), short_hash(outcome.payload_hash), h.timestamp)
-            # The newer of a member's two slots is its latest contribution (seq restarts with the process).
-            if node not in best or (entry.timestamp, entry.seq) > (best[node][0].timestamp, best[node][0].seq):
-                best[node] = (entry, list(outcome.arrays))
+            if isinstance(outcome, DecodedUpdate) and outcome.header.num_examples >= 1:
+                h = outcome.header
+                entry = Entry(slot, h.seq, float(h.num_examples), short_hash(outcome.payload_hash), h.timestamp)
+                candidates.append((node, entry, list(outcome.arrays)))
+        best = latest_contributions(candidates)
         if not best:
             return AggregateState(tag, None, {}, self.version)
         mean, table = rebuild(best)
         logger.warning("node %s rebuilt the aggregate from the contributions of %d member(s)", self.node_id, len(table))
-        return AggregateState(tag, mean, table, self.version, {node: arrays for node, (_, arrays) in best.items()})
+        return AggregateState(
+            tag, mean, table, self.version, {node: list(arrays) for node, (_, arrays) in best.items()}
+        )
