@@ -14,6 +14,7 @@ from flwr_serverless.modes.aggregate import (
     PendingRef,
     backoff,
     delta,
+    latest_contributions,
     plan_write,
     rebuild,
     taken_slots,
@@ -153,6 +154,14 @@ def test_plan_folds_a_pending_change_only_while_the_table_names_its_base() -> No
     assert write is not None and write.helped is None and write.table == {"peer": peer_old, "me": mine}
     empty = plan_write(None, {}, "me", None, _arrays(6.0), mine, taken=set(), helper=change)
     assert empty is not None and empty.helped is None  # nothing to fold into
+
+
+def test_a_repair_takes_each_members_newest_slot_by_clock_then_seq() -> None:
+    old, new = Entry(0, 9, 1.0, "a" * 16, timestamp=10.0), Entry(1, 1, 1.0, "b" * 16, timestamp=20.0)
+    same_time = Entry(2, 2, 1.0, "c" * 16, timestamp=20.0)
+    best = latest_contributions([("n", old, _arrays(1.0)), ("n", new, _arrays(2.0)), ("m", old, _arrays(3.0))])
+    assert best["n"][0] == new and best["m"][0] == old  # a restarted process's seq starts again: clock first
+    assert latest_contributions([("n", new, _arrays(2.0)), ("n", same_time, _arrays(4.0))])["n"][0] == same_time
 
 
 def test_taken_slots_and_backoff() -> None:
