@@ -14,6 +14,7 @@ from flwr_serverless.modes.synchronous import Barrier, barrier, check_counts, cu
 from flwr_serverless.node.base import FederatedNode
 from flwr_serverless.node.deadline import Deadline
 from flwr_serverless.node.exchange import KeyframeMiss, is_transient
+from flwr_serverless.node.publisher import Encoded
 from flwr_serverless.stores import ObjectInfo, Store
 from flwr_serverless.strategy.aggregate import Contribution
 from flwr_serverless.wire import layout
@@ -71,7 +72,6 @@ class SyncFederatedNode(FederatedNode):
         self._round_checked = False  # first federation: look up the experiment's current round
         self._incompatible = 0
         self._announced: set[str] = set()  # members already reported as dropped or departed
-        self.publish_only = False  # 0.2's upload_only: publish the round's object, neither wait nor aggregate
         self.sleep = time.sleep  # barrier polling (tests inject their own)
 
     def _deadline(self) -> Deadline:
@@ -131,9 +131,8 @@ class SyncFederatedNode(FederatedNode):
     def _weight(self, header: UpdateHeader) -> float:
         return float(header.num_examples)
 
-    def _federate(
-        self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline
-    ) -> tuple[list[np.ndarray], dict[str, float]]:
+    def _publish_round(self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline) -> Encoded:
+        """Join the experiment's current round (first call) and publish our object for it."""
         if not self._round_checked:
             try:
                 self._enter(deadline)
@@ -144,9 +143,12 @@ class SyncFederatedNode(FederatedNode):
         header.round = self.round
         data = self._encode(arrays, header, deadline, persist=True)
         self._publish(layout.round_key(self.round, self.node_id), data, deadline, persist=True)
-        if self.publish_only:
-            self.round += 1
-            return arrays, self._metrics([Contribution(self.node_id, arrays, 1.0, header.num_examples, header.metrics)])
+        return data
+
+    def _federate(
+        self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        data = self._publish_round(arrays, header, deadline)
         # Our own weights as peers decode them (compression included), without decoding our own object:
         # every member then averages the same values and all hold identical weights.
         own_arrays = self.writer.seen(arrays)
