@@ -22,8 +22,11 @@ import numpy as np
 from flwr.common import Parameters
 from flwr.server.strategy import Strategy
 
-from flwr_serverless import node as _core
+from flwr_serverless.node import AggregateFederatedNode as _Aggregate
+from flwr_serverless.node import AsyncFederatedNode as _Async
 from flwr_serverless.node import FederatedNode
+from flwr_serverless.node import SemiSyncFederatedNode as _SemiSync
+from flwr_serverless.node import SyncFederatedNode as _Sync
 from flwr_serverless.node.exchange import NodeStats
 from flwr_serverless.stores import Store
 from flwr_serverless.wire.layout import MEMBERS as MEMBERS_PREFIX
@@ -83,20 +86,20 @@ class Accepts02Arguments(_NodeBase):
     update_parameters.__doc__ = FederatedNode.update_parameters.__doc__
 
 
-class AsyncFederatedNode(Accepts02Arguments, _core.AsyncFederatedNode):
-    __doc__ = _core.AsyncFederatedNode.__doc__
+class AsyncFederatedNode(Accepts02Arguments, _Async):
+    __doc__ = _Async.__doc__
 
 
-class SyncFederatedNode(Accepts02Arguments, _core.SyncFederatedNode):
-    __doc__ = _core.SyncFederatedNode.__doc__
+class SyncFederatedNode(Accepts02Arguments, _Sync):
+    __doc__ = _Sync.__doc__
 
 
-class SemiSyncFederatedNode(Accepts02Arguments, _core.SemiSyncFederatedNode):
-    __doc__ = _core.SemiSyncFederatedNode.__doc__
+class SemiSyncFederatedNode(Accepts02Arguments, _SemiSync):
+    __doc__ = _SemiSync.__doc__
 
 
-class AggregateFederatedNode(Accepts02Arguments, _core.AggregateFederatedNode):
-    __doc__ = _core.AggregateFederatedNode.__doc__
+class AggregateFederatedNode(Accepts02Arguments, _Aggregate):
+    __doc__ = _Aggregate.__doc__
 
 
 __all__ = [
