@@ -8,6 +8,9 @@ random start spreads the helpers), fetches one beside the aggregate, and folds
 it into its own write if the table still names exactly that base entry. The
 write replaces the entry, so the same change can never match again: a change is
 folded at most once, and only into the aggregate it was computed against.
+
+``Helping`` is the node's component for this, with its own state; whether a
+fetched change is folded into a write is ``modes.aggregate.plan_write``'s call.
 """
 
 from __future__ import annotations
