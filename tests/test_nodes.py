@@ -15,6 +15,9 @@ from flwr_serverless import AsyncFederatedNode, SyncFederatedNode, SyncTimeoutEr
 from flwr_serverless.strategy.factory import STRATEGY_NAMES, make_strategy
 from flwr_serverless.wire.codec import UpdateHeader, encode
 
+# Node logic, not the server: S3 through moto here; test_stores, test_lifecycle and test_aggregate_node run SeaweedFS.
+pytestmark = pytest.mark.s3_servers("moto")
+
 
 def _model(seed: int, scale: float = 1.0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
