@@ -144,7 +144,7 @@ def run(
         ends = [
             final.get(node.node_id) is not None and final[node.node_id].payload_hash == ref.new
             for node in nodes
-            for ref in node._own.values()
+            for ref in node.helper.own.values()
         ]
         result.update(
             conflict_rate=conflicts / writes,

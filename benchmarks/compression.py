@@ -109,20 +109,18 @@ def topk(model: list[np.ndarray], fraction: float, updates: int, scale: float, s
     kinds: list[bool] = []  # True: that update published a keyframe
     for seq in range(1, updates + 1):
         weights = drift(weights, rng, scale)
-        keyframes = writer.keyframes_written
         start = time.perf_counter()
-        data = b"".join(
-            writer.encode(
-                weights,
-                UpdateHeader("bench", seq=seq),
-                None,
-                None,
-                lambda key, blob: side.__setitem__(key, bytes(blob)),
-            )
+        encoded = writer.encode(
+            weights,
+            UpdateHeader("bench", seq=seq),
+            None,
+            None,
+            lambda key, blob: side.__setitem__(key, bytes(blob)),
         )
+        data = b"".join(encoded.parts)
         writer.published("nodes/bench", lambda source, target: None)  # the log copy moves no bytes
         encode_times.append(time.perf_counter() - start)
-        keyframe = writer.keyframes_written > keyframes
+        keyframe = encoded.keyframe
         total_bytes += len(data) + (len(side["keyframes/bench"]) if keyframe else 0)
         kinds.append(keyframe)
         start = time.perf_counter()

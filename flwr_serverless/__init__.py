@@ -17,11 +17,12 @@ from flwr_serverless.errors import (
     StoreError,
     SyncTimeoutError,
 )
-from flwr_serverless.node import (
+from flwr_serverless.node import FederatedNode, Federating
+
+# The nodes of flwr_serverless.node, also accepting 0.2's spellings (shared_folder=, 0.2.0's argument order).
+from flwr_serverless.nodes import (
     AggregateFederatedNode,
     AsyncFederatedNode,
-    FederatedNode,
-    Federating,
     SemiSyncFederatedNode,
     SyncFederatedNode,
 )

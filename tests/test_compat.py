@@ -291,3 +291,20 @@ def test_alias_nodes_refuse_two_folders(shared: Store) -> None:
         AsyncFederatedNode(shared_folder=shared, store=shared)
     with pytest.raises(TypeError, match="shared_folder is required"):
         AsyncFederatedNode(strategy=FedAvg())
+
+
+def test_0_2_spellings_are_translated_by_the_shims_not_known_to_the_core_nodes(tmp_path: Path) -> None:
+    from flwr_serverless import node as core
+
+    url = f"file://{tmp_path}"
+    with pytest.raises(TypeError, match="shared_folder"):
+        core.AsyncFederatedNode(shared_folder=url)  # type: ignore[call-arg]
+    plain = core.SyncFederatedNode(url, num_nodes=1, node_id="core")
+    assert not hasattr(plain, "publish_only") and not hasattr(plain, "_upload_only")
+    with pytest.raises(TypeError, match=r"0\.2\.0's order"):
+        plain.update_parameters(_weights(1.0), 10, 0)  # type: ignore[arg-type]
+    # The package's nodes (and flwr_serverless.nodes, 0.2.0's module) are the core nodes, translating.
+    exported = flwr_serverless.SyncFederatedNode(shared_folder=url, num_nodes=1, node_id="exported", timeout=5)
+    assert isinstance(exported, core.SyncFederatedNode) and exported.store.root == plain.store.root
+    weights, _ = exported.update_parameters(_weights(2.0), 10, 0)  # an int where the metrics go: the epoch
+    assert _values(weights) == [2.0, 2.0] and exported.round == 1

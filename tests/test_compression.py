@@ -143,7 +143,7 @@ class Chain:
 
     def publish(self, arrays: list[np.ndarray]) -> bytes:
         self.seq += 1
-        parts = self.writer.encode(arrays, UpdateHeader("w", seq=self.seq), None, self.secret, self._put)
+        parts = self.writer.encode(arrays, UpdateHeader("w", seq=self.seq), None, self.secret, self._put).parts
         data = b"".join(bytes(p) for p in parts)
         self.writer.published("nodes/w", lambda source, target: self.side.__setitem__(target, data))
         return data

@@ -102,7 +102,7 @@ def _slow_weight(unit: str, k: int = 10) -> tuple[float, float]:
     slow.update_parameters(_w(1), num_examples=100, num_steps=4 * k)  # trained from scratch, saw nothing
     result, _ = fast.update_parameters(_w(0), num_examples=100, num_steps=k)
     slow_header = fast.peers.cached["slow"][1].header
-    return float(result[0][0, 0]), fast.policy.staleness_of(slow_header)
+    return float(result[0][0, 0]), fast.policy.staleness_of(slow_header, fast.policy.last_view)
 
 
 def test_versions_penalise_a_slow_node_more_than_steps():

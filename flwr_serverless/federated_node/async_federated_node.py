@@ -14,7 +14,7 @@ from flwr_serverless.stores import Store
 __all__ = ["AsyncFederatedNode"]
 
 
-class AsyncFederatedNode(LegacyNode, _AsyncFederatedNode):
+class AsyncFederatedNode(LegacyNode, _AsyncFederatedNode):  # type: ignore[misc]  # 0.2.10 adds upload_only
     """``AsyncFederatedNode(shared_folder, strategy, ignore_seen_models=False, node_id=None, **options)``.
 
     ``ignore_seen_models=True`` aggregates each peer object once: a peer that has not

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from flwr.server.strategy import Strategy
 
 from flwr_serverless.federated_node._legacy_node import LegacyNode, open_view
+from flwr_serverless.node.deadline import Deadline
 from flwr_serverless.nodes import SyncFederatedNode as _SyncFederatedNode
 from flwr_serverless.stores import Store
+from flwr_serverless.strategy.aggregate import Contribution
+from flwr_serverless.wire.codec import UpdateHeader
 
 __all__ = ["SyncFederatedNode"]
 
@@ -43,6 +47,7 @@ class SyncFederatedNode(LegacyNode, _SyncFederatedNode):
         super().__init__(
             view, strategy, num_nodes=num_nodes, timeout=timeout, min_nodes=min_nodes, node_id=node_id, **options
         )
+        self._upload_only = False  # this call publishes the round's object, neither waits nor aggregates
 
     def update_parameters(  # type: ignore[override]
         self,
@@ -60,9 +65,19 @@ class SyncFederatedNode(LegacyNode, _SyncFederatedNode):
         """
         if not upload_only:
             return super().update_parameters(local_parameters, num_examples, metrics, epoch, **options)
-        self.publish_only = True  # the real node publishes this round's object and returns without waiting
+        self._upload_only = True
         try:
             super().update_parameters(local_parameters, num_examples, metrics, epoch, upload_only=True, **options)
         finally:
-            self.publish_only = False
+            self._upload_only = False
         return None
+
+    def _federate(
+        self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        """``upload_only``: the real node's publish for the round (joining it first), then on to the next."""
+        if not self._upload_only:
+            return super()._federate(arrays, header, deadline)
+        self._publish_round(arrays, header, deadline)
+        self.round += 1
+        return arrays, self._metrics([Contribution(self.node_id, arrays, 1.0, header.num_examples, header.metrics)])

@@ -15,7 +15,8 @@ A member replaces its own contribution with one compare-and-swap write::
 
     M' = (T M - c_old w_old + c_new w_new) / T'      T = sum of the table's weights, T' = T - c_old + c_new
 
-computed in float64 and stored in the model's float type (at least float32),
+computed in float64 (``strategy.aggregate.weighted_sum``, one slice at a time) and
+stored in the model's float type (at least float32),
 so ``M`` is FedAvg over the table's contributions up to one rounding per
 update. Integer and boolean tensors hold the element-wise maximum of every
 contribution folded so far (FedAvg keeps the maximum of such tensors; for step
@@ -28,26 +29,31 @@ member that wins a write can fold it in with ``M' = (T M + d) / T'``
 entry: the fold replaces it, so no delta is ever folded twice.
 
 Everything here is pure: parsing and checking a table read from the store,
-folding one contribution or delta in, and rebuilding ``M`` from scratch.
+folding one contribution or delta in, rebuilding ``M`` from scratch, and the
+planner of one epoch's attempt (``plan_write``: given what was read, our entry
+and another member's pending change, the write to attempt). The node
+(``node/aggregate_node.py``) does the reads and writes around it.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from flwr_serverless.errors import InvalidObjectError
+from flwr_serverless.strategy.aggregate import weighted_sum
 from flwr_serverless.wire import layout
 from flwr_serverless.wire.header import parse_hash
 
 TABLE = "aggregate"  # the key of the table in the aggregate object's header ``extra``
 MAX_MEMBERS = 100_000
-CHUNK = 1 << 16  # elements per slice of a fold: float64 temporaries stay 512 KiB
+BACKOFF = 0.05  # seconds: the first retry waits up to this, doubling after each conflict
 SHORT_HASH = 16  # hex digits of a payload hash kept in the table (64 bits)
 _SHORT = re.compile(rf"[0-9a-f]{{{SHORT_HASH}}}")
 TensorSpec = tuple[tuple[int, ...], np.dtype]
@@ -173,8 +179,11 @@ def fold(
         if current.dtype.kind != "f":
             out.append(np.maximum(current, fresh.astype(current.dtype)))
             continue
-        previous = None if old is None else np.asarray(old[index])
-        out.append(_fold_tensor(current, before, previous, old_weight, fresh, entry.weight, after))
+        # (before * mean - old_weight * old + new_weight * new) / after, in float64 slices
+        layer, scales = [current], [before]
+        if old is not None:
+            layer, scales = [current, np.asarray(old[index])], [before, -old_weight]
+        out.append(weighted_sum([*layer, fresh], [*scales, entry.weight], current.dtype, divide_by=after))
     return out, updated
 
 
@@ -190,10 +199,10 @@ def delta(
         if dtype.kind != "f":
             out.append(np.ascontiguousarray(fresh, dtype=dtype))
             continue
-        acc = fresh.astype(np.float64) * new_weight
-        if old is not None:
-            acc -= np.asarray(old[index]).astype(np.float64) * old_weight
-        out.append(acc.astype(dtype))
+        if old is None:
+            out.append(weighted_sum([fresh], [new_weight], dtype))
+        else:
+            out.append(weighted_sum([fresh, np.asarray(old[index])], [new_weight, -old_weight], dtype))
     return out
 
 
@@ -222,36 +231,8 @@ def fold_delta(
         if current.dtype.kind != "f":
             out.append(np.maximum(current, d.astype(current.dtype)))
             continue
-        result = np.empty(current.shape, current.dtype)
-        flat, m, n = result.reshape(-1), current.reshape(-1), d.reshape(-1)
-        for start in range(0, m.size, CHUNK):
-            end = start + CHUNK
-            flat[start:end] = (m[start:end].astype(np.float64) * before + n[start:end]) / after
-        out.append(result)
+        out.append(weighted_sum([current, d], [before, 1.0], current.dtype, divide_by=after))
     return out, updated
-
-
-def _fold_tensor(
-    mean: np.ndarray,
-    before: float,
-    old: np.ndarray | None,
-    old_weight: float,
-    new: np.ndarray,
-    new_weight: float,
-    after: float,
-) -> np.ndarray:
-    """(before * mean - old_weight * old + new_weight * new) / after, in float64 slices."""
-    result = np.empty(mean.shape, mean.dtype)
-    flat, m, n = result.reshape(-1), mean.reshape(-1), new.reshape(-1)
-    o = None if old is None else old.reshape(-1)
-    for start in range(0, m.size, CHUNK):
-        end = start + CHUNK
-        acc = m[start:end].astype(np.float64) * before
-        if o is not None:
-            acc -= o[start:end].astype(np.float64) * old_weight
-        acc += n[start:end].astype(np.float64) * new_weight
-        flat[start:end] = acc / after
-    return result
 
 
 def rebuild(contributions: Mapping[str, tuple[Entry, Sequence[np.ndarray]]]) -> tuple[list[np.ndarray], Table]:
@@ -268,8 +249,134 @@ def rebuild(contributions: Mapping[str, tuple[Entry, Sequence[np.ndarray]]]) -> 
         if dtype.kind != "f":
             out.append(np.maximum.reduce([np.asarray(arrays[index]) for _, arrays in ordered]).astype(dtype))
             continue
-        acc = np.zeros(first.shape, np.float64)
-        for entry, arrays in ordered:
-            acc += np.asarray(arrays[index]).astype(np.float64) * (entry.weight / total)
-        out.append(acc.astype(dtype))
+        layer = [np.asarray(arrays[index]) for _, arrays in ordered]
+        out.append(weighted_sum(layer, [entry.weight / total for entry, _ in ordered], dtype))
     return out, table
+
+
+def latest_contributions(
+    found: Iterable[tuple[str, Entry, Sequence[np.ndarray]]],
+) -> dict[str, tuple[Entry, Sequence[np.ndarray]]]:
+    """Each member's newest contribution among its slots (a repair's input to ``rebuild``).
+
+    Newest by the writer's clock, then seq: seq restarts with the process.
+    """
+    best: dict[str, tuple[Entry, Sequence[np.ndarray]]] = {}
+    for node, entry, arrays in found:
+        if node not in best or (entry.timestamp, entry.seq) > (best[node][0].timestamp, best[node][0].seq):
+            best[node] = (entry, arrays)
+    return best
+
+
+def stored_bytes(arrays: Sequence[np.ndarray]) -> int:
+    """Bytes of a model as the aggregate stores it (floats at least float32)."""
+    return sum(a.size * stored_dtype(a.dtype).itemsize for a in map(np.asarray, arrays))
+
+
+# -- pending changes and the write to attempt -----------------------------------------------------
+@dataclass(frozen=True)
+class PendingRef:
+    """What a listed key says: whose change, the entry it replaces (its hash) and the one it adds."""
+
+    key: str
+    node: str
+    base: str | None  # short hash of the entry it replaces; None: the member had none
+    slot: int
+    new: str
+    size: int = 0
+
+    @classmethod
+    def parse(cls, key: str, size: int = 0) -> PendingRef | None:
+        parsed = layout.parse_pending_key(key)
+        return None if parsed is None else cls(key, *parsed, size=size)
+
+    def live_in(self, named: Entry | None) -> bool:
+        """Could still be folded: the table names the entry it replaces."""
+        return (named.payload_hash if named is not None else None) == self.base
+
+
+@dataclass
+class Pending:
+    """A pending change fetched and checked: fold ``change`` in while the table names ``base`` for ``ref.node``."""
+
+    ref: PendingRef
+    base: Entry | None
+    entry: Entry
+    change: list[np.ndarray]
+
+    def applies_to(self, table: Mapping[str, Entry]) -> bool:
+        return table.get(self.ref.node) == self.base
+
+
+def taken_slots(named: Entry | None, own: Iterable[PendingRef]) -> set[int]:
+    """Slots the aggregate may name for a member at its next read: the named one and those of its live changes."""
+    return ({named.slot} if named is not None else set()) | {ref.slot for ref in own if ref.live_in(named)}
+
+
+@dataclass(frozen=True)
+class Write:
+    """The compare-and-swap write to attempt after one read.
+
+    ``mean`` and ``table`` are what to write; ``base`` is the entry the read named for the
+    writer, ``entry`` the one the write names; the writer's contribution must first be PUT
+    to ``put_slot`` (None: it is already in place); ``helped`` is the pending change folded in.
+    """
+
+    mean: list[np.ndarray]
+    table: Table
+    base: Entry | None
+    entry: Entry
+    put_slot: int | None = None
+    helped: Pending | None = None
+
+    @property
+    def changes_own(self) -> bool:
+        """The write replaces the writer's entry: if every attempt loses, its change is worth publishing."""
+        return self.entry != self.base
+
+
+def plan_write(
+    mean: Sequence[np.ndarray] | None,
+    table: Mapping[str, Entry],
+    node: str,
+    old: Sequence[np.ndarray] | None,
+    contribution: Sequence[np.ndarray],
+    new: Entry,
+    taken: set[int],
+    written: int | None = None,
+    helper: Pending | None = None,
+) -> Write | None:
+    """The write to attempt, given what was read, our new entry and another member's pending change.
+
+    ``mean`` and ``table`` were read (``mean`` None: empty), ``old`` are the arrays the table names
+    as ``node``'s; ``contribution`` and ``new`` (its slot is chosen here) replace them. ``taken``
+    are slots the aggregate may name for ``node`` (``taken_slots``), ``written`` the slot the new
+    contribution is already in. ``helper`` is folded in when the table names exactly its base.
+    None: every slot may still be named (a restart found its predecessor's changes), skip the epoch.
+    """
+    named = table.get(node)
+    if (
+        named is not None
+        and mean is not None
+        and (named.seq, named.weight, named.payload_hash)
+        == (
+            new.seq,
+            new.weight,
+            new.payload_hash,
+        )
+    ):
+        return Write(list(mean), dict(table), named, named)  # a repair already folded this very contribution in
+    slot = free_slot(taken, written)
+    if slot is None:
+        return None
+    entry = replace(new, slot=slot)
+    helped = helper if helper is not None and mean is not None and helper.applies_to(table) else None
+    if helped is not None and mean is not None:
+        mean, table = fold_delta(mean, table, helped.ref.node, helped.base, helped.change, helped.entry)
+    folded, updated = fold(mean, table, node, old, contribution, entry)
+    return Write(folded, updated, named, entry, None if written == slot else slot, helped)
+
+
+def backoff(attempt: int, rng: random.Random) -> float:
+    """Seconds to wait before retry ``attempt`` (1, 2, ...): jittered, doubling after each conflict."""
+    return rng.uniform(0, BACKOFF * 2 ** (attempt - 1))

@@ -59,6 +59,7 @@ class AsyncDecision:
     own: Contribution
     peers: list[Contribution]
     fresh: int
+    view: CommunityView  # what staleness is measured against: the headers being aggregated
 
 
 class AsyncMode:
@@ -77,14 +78,16 @@ class AsyncMode:
         fresh = policy.count_new(updates)
         if not policy.ready(fresh):
             return None
-        policy.view = CommunityView.of([own_header, *(u.header for u in updates)])
-        own = self.contribution(own_header, own_arrays)
-        peers = [self.contribution(u.header, u.arrays) for u in updates]
-        return AsyncDecision(own, peers, fresh)
+        view = CommunityView.of([own_header, *(u.header for u in updates)])
+        own = self.contribution(own_header, own_arrays, view)
+        peers = [self.contribution(u.header, u.arrays, view) for u in updates]
+        return AsyncDecision(own, peers, fresh, view)
 
-    def contribution(self, header: UpdateHeader, arrays: Sequence[np.ndarray]) -> Contribution:
-        """Examples times s(u): stale peers count less."""
-        weight = float(header.num_examples) * self.policy.factor(header)
+    def contribution(
+        self, header: UpdateHeader, arrays: Sequence[np.ndarray], view: CommunityView | None = None
+    ) -> Contribution:
+        """Examples times s(u) against ``view`` (None: not stale): stale peers count less."""
+        weight = float(header.num_examples) * self.policy.factor(header, view)
         return Contribution(header.node_id, arrays, weight, header.num_examples, header.metrics)
 
     def after_aggregation(
@@ -95,7 +98,8 @@ class AsyncMode:
         updates: Sequence[DecodedUpdate],
     ) -> list[np.ndarray]:
         """Record what was folded in (FedBuff, staleness) and apply FedAsync mixing."""
-        self.policy.aggregated(updates, decision.fresh)
+        self.policy.aggregated(updates, decision.fresh, decision.view)
         if not decision.peers:
             return result
-        return self.policy.mix(local, result, [u.header for u in updates], [c.weight for c in decision.peers])
+        headers, weights = [u.header for u in updates], [c.weight for c in decision.peers]
+        return self.policy.mix(local, result, headers, weights, decision.view)

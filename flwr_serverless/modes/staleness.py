@@ -212,7 +212,7 @@ class AsyncPolicy:
         self.buffer_size = buffer_size
         self.participation = participation
         self.rng = np.random.default_rng(seed)
-        self.view: CommunityView | None = None
+        self.last_view: CommunityView | None = None  # a record of the last aggregation's view (never read here)
         self.last_seen: dict[str, int] = {}  # peer id -> seq of its update in our last aggregation
         self.new_updates_log: list[int] = []  # new peer updates folded in, per aggregation
         self.skipped = 0  # calls that did not federate (participation)
@@ -240,17 +240,19 @@ class AsyncPolicy:
         self.buffered += 1
         return False
 
-    def aggregated(self, updates: Sequence[object], fresh: int) -> None:
+    def aggregated(self, updates: Sequence[object], fresh: int, view: CommunityView | None = None) -> None:
+        self.last_view = view
         for update in updates:
             header: UpdateHeader = update.header  # type: ignore[attr-defined]
             self.last_seen[header.node_id] = header.seq
         self.new_updates_log.append(fresh)
 
-    def staleness_of(self, header: UpdateHeader) -> float:
-        return staleness(header, self.view, self.unit) if self.view is not None else 0.0
+    def staleness_of(self, header: UpdateHeader, view: CommunityView | None) -> float:
+        """u of ``header`` against ``view`` (the headers being aggregated); 0 without a view."""
+        return staleness(header, view, self.unit) if view is not None else 0.0
 
-    def factor(self, header: UpdateHeader) -> float:
-        return float(self.function(self.staleness_of(header)))
+    def factor(self, header: UpdateHeader, view: CommunityView | None) -> float:
+        return float(self.function(self.staleness_of(header, view)))
 
     def mix(
         self,
@@ -258,12 +260,13 @@ class AsyncPolicy:
         aggregate: list[np.ndarray],
         peer_headers: Sequence[UpdateHeader],
         peer_weights: Sequence[float],
+        view: CommunityView | None,
     ) -> list[np.ndarray]:
         if self.alpha is None:
             return aggregate
         total = math.fsum(peer_weights)
         u_agg = (
-            math.fsum(w * self.staleness_of(h) for h, w in zip(peer_headers, peer_weights)) / total
+            math.fsum(w * self.staleness_of(h, view) for h, w in zip(peer_headers, peer_weights)) / total
             if total > 0
             else 0.0
         )

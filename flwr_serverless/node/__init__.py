@@ -4,7 +4,11 @@ Follow a federation from a callback to the store: the callback calls
 ``update_parameters`` (``Federating`` protocol); the node claims its member
 record, encodes its weights (``codec``), and its mode decides what to read and
 how to weigh it (``modes``); the ``Exchange`` does every store call under the
-call's deadline; ``aggregation`` does the math.
+call's deadline; ``strategy.aggregate`` does the math.
+
+These are the core signatures. 0.2's spellings (``shared_folder=``, 0.2.0's
+argument order) are translated by ``flwr_serverless.nodes``, whose subclasses
+the package exports; 0.2.10's classes are in ``flwr_serverless.federated_node``.
 """
 
 from flwr_serverless.node.aggregate_node import AggregateFederatedNode

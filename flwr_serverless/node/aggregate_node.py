@@ -18,6 +18,9 @@ fold again, while ``max_attempts``, ``max_requests`` (10) and ``max_models_down`
 written and publishes its change as pending (``aggregate_pending``): the next
 member to win a write folds it in, or the node's next epoch replaces it.
 
+What to write after each read is decided by ``modes.aggregate.plan_write`` (pure,
+unit-tested without a store); this module does the reads and writes around it.
+
 Consistency: every successful write is a linearizable step from the aggregate
 it read, so the aggregate is always exactly FedAvg (up to float rounding) over
 one contribution per member: the latest each member managed to fold in. A node
@@ -44,7 +47,7 @@ import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,30 +62,30 @@ from flwr_serverless.errors import (
 from flwr_serverless.modes.aggregate import (
     TABLE,
     Entry,
+    Pending,
     Table,
-    fold,
-    fold_delta,
-    free_slot,
+    Write,
+    backoff,
+    latest_contributions,
     parse_table,
+    plan_write,
     rebuild,
     short_hash,
-    stored_dtype,
+    stored_bytes,
     stored_specs,
     table_json,
     total_weight,
 )
-from flwr_serverless.node.aggregate_pending import RESERVED, Helping, HelpingStats, Pending, PendingRef, Spend
+from flwr_serverless.node.aggregate_pending import RESERVED, Helping, HelpingStats, Spend
 from flwr_serverless.node.base import FederatedNode
 from flwr_serverless.node.deadline import Deadline
 from flwr_serverless.stores import ObjectInfo, Store
 from flwr_serverless.strategy.aggregate import is_linear
 from flwr_serverless.wire import layout
-from flwr_serverless.wire.codec import UpdateHeader, decode, encode, object_ref
+from flwr_serverless.wire.codec import DecodedUpdate, UpdateHeader, decode, encode, object_ref
 from flwr_serverless.wire.header import clean_metrics
 
 logger = logging.getLogger("flwr_serverless")
-
-BACKOFF = 0.05  # seconds: the first retry waits up to this, doubling after each conflict
 
 
 @dataclass
@@ -100,7 +103,7 @@ def _no_keyframes(key: str, data: bytes) -> None:  # pragma: no cover - top-k is
     raise RuntimeError("the aggregate mode publishes no keyframes")
 
 
-class AggregateFederatedNode(Helping, FederatedNode):
+class AggregateFederatedNode(FederatedNode):
     """FedAvgAsync over one shared aggregate kept by compare-and-swap: O(1) requests per epoch at any N.
 
     ``max_attempts`` (3) bounds the compare-and-swap attempts per epoch, ``max_requests``
@@ -160,12 +163,17 @@ class AggregateFederatedNode(Helping, FederatedNode):
         self._named: Entry | None = None  # our entry in the aggregate, as of our last read or write
         self._named_known = False  # False until the first read: then where to PUT before reading is unknown
         self._slots: dict[int, tuple[str, list[np.ndarray]]] = {}  # slot -> (payload hash, arrays) we wrote there
-        self.helping = bool(helping)  # fold one pending change of another member into our writes
-        self.helping_stats = HelpingStats()
-        self._own: dict[str, PendingRef] = {}  # our published changes that may still be folded
-        self._own_listed = False  # whether _own covers what an earlier process of ours published
-        self._members_seen: set[str] = set()  # members of the last table read (random starts of the page)
+        self.helper = Helping(self.exchange, self.random, bool(helping))  # our pending changes, others' we fold
         self._aggregate_size: int | None = None  # bytes of the last aggregate read
+
+    @property
+    def helping(self) -> bool:
+        """Whether this node folds one pending change of another member into its writes."""
+        return self.helper.enabled
+
+    @property
+    def helping_stats(self) -> HelpingStats:
+        return self.helper.stats
 
     def _deadline(self) -> Deadline:
         return Deadline.after(self.timeout, self.clock)
@@ -180,7 +188,7 @@ class AggregateFederatedNode(Helping, FederatedNode):
                 f"mode and must be positive, got {header.num_examples}"
             )
         header.framework = self._framework
-        data = b"".join(self.writer.encode(arrays, header, self._tensor_names, self.secret, _no_keyframes))
+        data = b"".join(self.writer.encode(arrays, header, self._tensor_names, self.secret, _no_keyframes).parts)
         folded = self.writer.seen(arrays)  # what a reader of the contribution decodes: what the mean holds
         entry = Entry(
             0, header.seq, float(header.num_examples), short_hash(object_ref(data).payload_hash), header.timestamp
@@ -207,43 +215,33 @@ class AggregateFederatedNode(Helping, FederatedNode):
     def _update(
         self, data: bytes, folded: list[np.ndarray], new: Entry, deadline: Deadline
     ) -> tuple[list[np.ndarray], Table]:
-        """Read, fold (one pending change of another member too), compare-and-swap; the last mean either way.
+        """Read, plan (``plan_write``), compare-and-swap; the last mean either way.
 
         Beside the read: the contribution's PUT (once the node knows a free slot), and one pending change
         listed just before. Retries stop at ``max_attempts`` or when another would pass 3 models down or
         10 requests this epoch; then the node publishes its own change as pending, for others to fold in.
         """
-        spend = Spend(self, sum(a.size * stored_dtype(a.dtype).itemsize for a in map(np.asarray, folded)))
+        spend = Spend(self.store.stats, self.stats, stored_bytes(folded), self.max_models_down, self.max_requests)
         if self._aggregate_size is None:
             self._aggregate_size = spend.model_bytes + 4096
-        guess = self._guess_slot()
-        result: tuple[list[np.ndarray], Table] | None = None
-        last: tuple[AggregateState, list[np.ndarray] | None, Entry] | None = None
+        helper = self.helper
+        guess = helper.guess_slot(self._named, self._named_known)
+        last: tuple[Write, list[np.ndarray] | None] | None = None  # the last write attempted, and our old arrays
+        written: int | None = None  # the slot our new contribution is in
         with ThreadPoolExecutor(max_workers=2) as pool:
-            upload = (
-                None
-                if guess is None
-                else pool.submit(self._put_contribution, guess, data, folded, new.payload_hash, deadline)
-            )
-            if not self._own_listed:  # a fresh process: changes its predecessor published may still be folded
-                self._own = {
-                    ref.key: ref
-                    for key, info in self.exchange.list(f"{layout.PENDING}{self.node_id}/", deadline).items()
-                    if (ref := PendingRef.parse(key, info.size)) is not None
-                }
-                self._own_listed = True
-            candidate = self._pick_pending(deadline, spend) if self.helping else None
-            written: int | None = None  # the slot our new contribution is in
-            helper: Pending | None = None
+            upload = None if guess is None else pool.submit(self._put_contribution, guess, data, folded, new, deadline)
+            helper.load_own(deadline)  # a fresh process: changes its predecessor published may still be folded
+            candidate = helper.pick(deadline, spend, self._aggregate_size)
+            change: Pending | None = None
             for attempt in range(self.max_attempts):
                 if attempt:
                     if not spend.allows(self._aggregate_size, requests=2):
                         break
-                    self.sleep(min(self.random.uniform(0, BACKOFF * 2 ** (attempt - 1)), deadline.remaining()))
-                fetching = None if candidate is None else pool.submit(self._fetch_pending, candidate, deadline)
+                    self.sleep(min(backoff(attempt, self.random), deadline.remaining()))
+                fetching = None if candidate is None else pool.submit(helper.fetch, candidate, deadline)
                 candidate = None
                 state = self._read(deadline)
-                helper = fetching.result() if fetching is not None else helper
+                change = fetching.result() if fetching is not None else change
                 state, old = self._old_contribution(state, deadline)
                 if upload is not None:
                     upload.result()
@@ -251,61 +249,54 @@ class AggregateFederatedNode(Helping, FederatedNode):
                 named = state.table.get(self.node_id)
                 # Since this read, only our own write or a helper folding one of our live changes moves it.
                 self._named, self._named_known = named, True
-                self._settle_own(named, deadline)
-                mean, table, helped = state.mean, state.table, None
-                if (
-                    named is not None
-                    and mean is not None
-                    and (named.seq, named.weight, named.payload_hash) == (new.seq, new.weight, new.payload_hash)
-                ):
-                    entry = named  # a repair already folded this very contribution in: write what it rebuilt
-                else:
-                    slot = free_slot(self._taken(named), written)
-                    if slot is None:  # a restart found changes of its predecessor that may land in every slot
-                        logger.warning(
-                            "node %s: every contribution slot may still be named; skipping this epoch", self.node_id
-                        )
-                        break
-                    entry = replace(new, slot=slot)
-                    if written != slot:
-                        self._put_contribution(slot, data, folded, new.payload_hash, deadline)
-                        written = slot
-                    helped = helper if helper is not None and mean is not None and helper.applies_to(table) else None
-                    if helped is not None and mean is not None:
-                        mean, table = fold_delta(mean, table, helped.ref.node, helped.base, helped.change, helped.entry)
-                    mean, table = fold(mean, table, self.node_id, old, folded, entry)
-                result, last = (mean, table), (state, old, entry)
-                payload = self._encode_aggregate(mean, table, max(state.version, self.version) + 1)
-                try:
-                    if state.tag is None:
-                        self.exchange.put_if_absent(layout.AGGREGATE, payload, deadline)
-                    else:
-                        self.exchange.put_if_match(layout.AGGREGATE, payload, state.tag, deadline)
-                except PreconditionFailedError:
-                    self.stats.cas_conflicts += 1
-                    continue
-                self.version = max(state.version, self.version) + 1
-                self._named = entry
-                self._settle_own(entry, deadline)  # our write replaced the base of any change still pending
-                if helped is not None:
-                    self.helping_stats.folded_for_others += 1
-                    self.exchange.delete_quietly(helped.ref.key, deadline)
-                return mean, table
+                helper.settle(named, deadline)
+                taken = helper.taken(named)
+                write = plan_write(state.mean, state.table, self.node_id, old, folded, new, taken, written, change)
+                if write is None:  # a restart found changes of its predecessor that may land in every slot
+                    logger.warning(
+                        "node %s: every contribution slot may still be named; skipping this epoch", self.node_id
+                    )
+                    break
+                if write.put_slot is not None:
+                    self._put_contribution(write.put_slot, data, folded, new, deadline)
+                    written = write.put_slot
+                last = (write, old)
+                if self._compare_and_swap(state, write, deadline):
+                    return write.mean, write.table
         self.stats.cas_giveups += 1
-        if last is not None and written is not None and last[2] != last[0].table.get(self.node_id):
-            self._publish_pending(last[0].table.get(self.node_id), last[1], folded, last[2], deadline)
+        if last is not None and written is not None and last[0].changes_own:
+            helper.publish(last[0].base, last[1], folded, last[0].entry, deadline, self.max_attempts)
         else:
-            self.helping_stats.deferred += 1
-        if result is None:
+            helper.stats.deferred += 1
+        if last is None:
             raise StoreError("update", layout.AGGREGATE, "no compare-and-swap attempt was possible")
-        return result
+        return last[0].mean, last[0].table
+
+    def _compare_and_swap(self, state: AggregateState, write: Write, deadline: Deadline) -> bool:
+        """Write ``write`` over the aggregate ``state`` was read from; False when another member wrote first."""
+        version = max(state.version, self.version) + 1
+        payload = self._encode_aggregate(write.mean, write.table, version)
+        try:
+            if state.tag is None:
+                self.exchange.put_if_absent(layout.AGGREGATE, payload, deadline)
+            else:
+                self.exchange.put_if_match(layout.AGGREGATE, payload, state.tag, deadline)
+        except PreconditionFailedError:
+            self.stats.cas_conflicts += 1
+            return False
+        self.version = version
+        self._named = write.entry
+        self.helper.settle(write.entry, deadline)  # our write replaced the base of any change still pending
+        if write.helped is not None:
+            self.helper.folded(write.helped, deadline)
+        return True
 
     def _put_contribution(
-        self, slot: int, data: bytes, folded: list[np.ndarray], payload_hash: str, deadline: Deadline
+        self, slot: int, data: bytes, folded: list[np.ndarray], new: Entry, deadline: Deadline
     ) -> None:
         self._slots.pop(slot, None)  # unknown while the PUT is under way (it may fail half-way)
         self.exchange.put(layout.contribution_key(self.node_id, slot), data, deadline)
-        self._slots[slot] = (payload_hash, folded)
+        self._slots[slot] = (new.payload_hash, folded)
 
     def _encode_aggregate(self, mean: list[np.ndarray], table: Table, version: int) -> bytes:
         header = UpdateHeader(
@@ -349,7 +340,7 @@ class AggregateFederatedNode(Helping, FederatedNode):
             return self._repair(tag, deadline)
         if self._other_run(decoded.header.run):  # an earlier run's mean: ours starts empty, replacing it (CAS)
             return AggregateState(tag, None, {}, decoded.header.seq)
-        self._members_seen = set(table)
+        self.helper.members_seen = set(table)
         return AggregateState(tag, list(decoded.arrays), table, decoded.header.seq)
 
     def _other_run(self, run: str | None) -> bool:
@@ -378,7 +369,7 @@ class AggregateFederatedNode(Helping, FederatedNode):
             return state, held[1]
         key = layout.contribution_key(self.node_id, entry.slot)
         update = self.exchange.fetch(ObjectInfo(key, "", 0), deadline, node_id=self.node_id)
-        if update is not None and short_hash(update.payload_hash) == entry.payload_hash:
+        if isinstance(update, DecodedUpdate) and short_hash(update.payload_hash) == entry.payload_hash:
             return state, list(update.arrays)
         logger.warning(
             "node %s: the aggregate names its contribution %s (%s), which is gone or changed; rebuilding the aggregate",
@@ -403,19 +394,21 @@ class AggregateFederatedNode(Helping, FederatedNode):
             return AggregateState(tag, None, {}, self.version)
         self.stats.repairs += 1
         outcomes = exchange.fetch_many([info for info, _ in found], deadline, [node for _, (node, _) in found])
-        best: dict[str, tuple[Entry, list[np.ndarray]]] = {}
+        candidates = []
         for (_, (node, slot)), outcome in zip(found, outcomes):
-            if isinstance(outcome, StoreError) or outcome is None or outcome.header.num_examples < 1:
-                continue
-            if self._other_run(outcome.header.run):
-                continue
-            h = outcome.header
-            entry = Entry(slot, h.seq, float(h.num_examples), short_hash(outcome.payload_hash), h.timestamp)
-            # The newer of a member's two slots is its latest contribution (seq restarts with the process).
-            if node not in best or (entry.timestamp, entry.seq) > (best[node][0].timestamp, best[node][0].seq):
-                best[node] = (entry, list(outcome.arrays))
+            if (
+                isinstance(outcome, DecodedUpdate)
+                and outcome.header.num_examples >= 1
+                and not self._other_run(outcome.header.run)
+            ):
+                h = outcome.header
+                entry = Entry(slot, h.seq, float(h.num_examples), short_hash(outcome.payload_hash), h.timestamp)
+                candidates.append((node, entry, list(outcome.arrays)))
+        best = latest_contributions(candidates)
         if not best:
             return AggregateState(tag, None, {}, self.version)
         mean, table = rebuild(best)
         logger.warning("node %s rebuilt the aggregate from the contributions of %d member(s)", self.node_id, len(table))
-        return AggregateState(tag, mean, table, self.version, {node: arrays for node, (_, arrays) in best.items()})
+        return AggregateState(
+            tag, mean, table, self.version, {node: list(arrays) for node, (_, arrays) in best.items()}
+        )

@@ -8,6 +8,9 @@ random start spreads the helpers), fetches one beside the aggregate, and folds
 it into its own write if the table still names exactly that base entry. The
 write replaces the entry, so the same change can never match again: a change is
 folded at most once, and only into the aggregate it was computed against.
+
+``Helping`` is the node's component for this, with its own state; whether a
+fetched change is folded into a write is ``modes.aggregate.plan_write``'s call.
 """
 
 from __future__ import annotations
@@ -21,10 +24,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from flwr_serverless.errors import InvalidObjectError, StoreError
-from flwr_serverless.modes.aggregate import Entry, Table, delta, free_slot, parse_entry, stored_specs
+from flwr_serverless.modes.aggregate import (
+    Entry,
+    Pending,
+    PendingRef,
+    delta,
+    free_slot,
+    parse_entry,
+    stored_specs,
+    taken_slots,
+)
 from flwr_serverless.node.deadline import Deadline
 from flwr_serverless.node.exchange import Exchange, NodeStats
-from flwr_serverless.stores import Store
+from flwr_serverless.stores.base import StoreStats
 from flwr_serverless.wire import layout
 from flwr_serverless.wire.codec import UpdateHeader, decode, encode
 
@@ -32,40 +44,6 @@ logger = logging.getLogger("flwr_serverless")
 
 FIELD = "pending"  # the key of the entries in a pending object's header ``extra``
 PAGE = 8  # pending changes listed per epoch: one LIST page of a few hundred bytes per key
-
-
-@dataclass(frozen=True)
-class PendingRef:
-    """What a listed key says: whose change, the entry it replaces (its hash) and the one it adds."""
-
-    key: str
-    node: str
-    base: str | None  # short hash of the entry it replaces; None: the member had none
-    slot: int
-    new: str
-    size: int = 0
-
-    @classmethod
-    def parse(cls, key: str, size: int = 0) -> PendingRef | None:
-        parsed = layout.parse_pending_key(key)
-        return None if parsed is None else cls(key, *parsed, size=size)
-
-    def live_in(self, named: Entry | None) -> bool:
-        """Could still be folded: the table names the entry it replaces."""
-        return (named.payload_hash if named is not None else None) == self.base
-
-
-@dataclass
-class Pending:
-    """A pending change fetched and checked: fold ``change`` in while the table names ``base`` for ``ref.node``."""
-
-    ref: PendingRef
-    base: Entry | None
-    entry: Entry
-    change: list[np.ndarray]
-
-    def applies_to(self, table: Table) -> bool:
-        return table.get(self.ref.node) == self.base
 
 
 def encode_pending(
@@ -130,70 +108,87 @@ class HelpingStats:
 class Spend:
     """Requests and bytes down of one epoch so far, against the node's ``max_requests`` and ``max_models_down``."""
 
-    def __init__(self, node: Helping, model_bytes: int) -> None:
-        self.node, self.model_bytes = node, model_bytes
-        self.limit = math.inf if node.max_models_down is None else node.max_models_down * model_bytes
-        self.requests = math.inf if node.max_requests is None else node.max_requests
-        stats = node.store.stats
-        self.start = (stats.requests + node.stats.cas_conflicts, stats.bytes_down)
+    def __init__(
+        self,
+        store_stats: StoreStats,
+        node_stats: NodeStats,
+        model_bytes: int,
+        max_models_down: float | None,
+        max_requests: int | None,
+    ) -> None:
+        self.store_stats, self.node_stats, self.model_bytes = store_stats, node_stats, model_bytes
+        self.limit = math.inf if max_models_down is None else max_models_down * model_bytes
+        self.requests = math.inf if max_requests is None else max_requests
+        self.start = (store_stats.requests + node_stats.cas_conflicts, store_stats.bytes_down)
         self.listing = 0
 
     def listed(self, keys: int) -> None:
         self.listing += LIST_ENTRY_BYTES * (keys + 1)
 
     def allows(self, more_bytes: float, requests: int) -> bool:
-        stats = self.node.store.stats
-        spent = stats.requests + self.node.stats.cas_conflicts - self.start[0]
-        down = stats.bytes_down - self.start[1] + self.listing
+        spent = self.store_stats.requests + self.node_stats.cas_conflicts - self.start[0]
+        down = self.store_stats.bytes_down - self.start[1] + self.listing
         return down + more_bytes <= self.limit and spent + requests + RESERVED <= self.requests
 
 
 class Helping:
-    """The aggregate node's side of helping: its published changes, the page it lists, what it fetches."""
+    """The aggregate node's side of helping, with its own state: the changes it published that may still be
+    folded, the members it lists pending changes from, and what became of them (``stats``).
 
-    node_id: str
-    exchange: Exchange
-    store: Store
-    stats: NodeStats
-    random: random.Random
-    secret: bytes | None
-    _tensor_names: list[str] | None
-    _framework: str | None
-    _named: Entry | None
-    _named_known: bool
-    helping_stats: HelpingStats
-    max_models_down: float | None
-    max_requests: int | None
-    _own: dict[str, PendingRef]
-    _own_listed: bool
-    _members_seen: set[str]
-    _aggregate_size: int | None
+    Every store call goes through the node's ``exchange`` (which also names the node and its codec settings).
+    """
 
-    def _taken(self, named: Entry | None) -> set[int]:
+    def __init__(self, exchange: Exchange, rng: random.Random, enabled: bool = True) -> None:
+        self.exchange = exchange
+        self.random = rng  # the node's generator: picks which page and which change
+        self.enabled = enabled  # fold one pending change of another member into our writes
+        self.stats = HelpingStats()
+        self.own: dict[str, PendingRef] = {}  # our published changes that may still be folded
+        self.own_listed = False  # whether ``own`` covers what an earlier process of ours published
+        self.members_seen: set[str] = set()  # members of the last table read (random starts of the page)
+
+    @property
+    def node_id(self) -> str:
+        return self.exchange.node_id
+
+    def taken(self, named: Entry | None) -> set[int]:
         """Slots the aggregate may name for us at the next read: the named one and those of live changes."""
-        return ({named.slot} if named is not None else set()) | {r.slot for r in self._own.values() if r.live_in(named)}
+        return taken_slots(named, self.own.values())
 
-    def _guess_slot(self) -> int | None:
+    def guess_slot(self, named: Entry | None, named_known: bool) -> int | None:
         """Where to PUT the contribution before reading: free whatever helpers did since (None: unknown)."""
-        if not self._named_known or not self._own_listed:
+        if not named_known or not self.own_listed:
             return None
-        return free_slot(self._taken(self._named))
+        return free_slot(self.taken(named))
 
-    def _settle_own(self, named: Entry | None, deadline: Deadline) -> None:
+    def load_own(self, deadline: Deadline) -> None:
+        """Once per process: the changes an earlier process of ours published may still be folded."""
+        if self.own_listed:
+            return
+        self.own = {
+            ref.key: ref
+            for key, info in self.exchange.list(f"{layout.PENDING}{self.node_id}/", deadline).items()
+            if (ref := PendingRef.parse(key, info.size)) is not None
+        }
+        self.own_listed = True
+
+    def settle(self, named: Entry | None, deadline: Deadline) -> None:
         """Forget our published changes that can no longer be folded; count what became of them."""
-        for key, ref in list(self._own.items()):
+        for key, ref in list(self.own.items()):
             if ref.live_in(named):
                 continue
-            del self._own[key]
+            del self.own[key]
             if named is not None and named.payload_hash == ref.new and named.slot == ref.slot:
-                self.helping_stats.folded_by_helper += 1  # the helper deleted it
+                self.stats.folded_by_helper += 1  # the helper deleted it
             else:
-                self.helping_stats.deferred += 1  # replaced before anyone folded it
+                self.stats.deferred += 1  # replaced before anyone folded it
                 self.exchange.delete_quietly(key, deadline)
 
-    def _pick_pending(self, deadline: Deadline, spend: Spend) -> PendingRef | None:
+    def pick(self, deadline: Deadline, spend: Spend, aggregate_size: int) -> PendingRef | None:
         """One page of pending changes from a random point; one of another member's, if the budget allows."""
-        members = sorted(self._members_seen)
+        if not self.enabled:
+            return None
+        members = sorted(self.members_seen)
         start = f"{layout.PENDING}{self.random.choice(members)}" if members and self.random.random() < 0.8 else ""
         try:
             page = self.exchange.list_page(layout.PENDING, start, PAGE, deadline)
@@ -209,48 +204,56 @@ class Helping:
         if not refs:
             return None
         ref = self.random.choice(refs)
-        return ref if spend.allows(self._aggregate_size + ref.size, requests=3) else None
+        return ref if spend.allows(aggregate_size + ref.size, requests=3) else None
 
-    def _fetch_pending(self, ref: PendingRef, deadline: Deadline) -> Pending | None:
+    def fetch(self, ref: PendingRef, deadline: Deadline) -> Pending | None:
         exchange = self.exchange
         try:
             got = exchange.get_tagged(ref.key, deadline)
             if got is None:
                 return None
             names = exchange.expected_names if exchange.framework == "torch" else None
-            return decode_pending(got[0], ref, exchange.expected, names, self.secret, exchange.framework)
+            return decode_pending(got[0], ref, exchange.expected, names, exchange.secret, exchange.framework)
         except InvalidObjectError as exc:
             exchange.reject(exc)
         except StoreError as exc:
             logger.info("node %s could not fetch %s: %s", self.node_id, ref.key, exc)
         return None
 
-    def _publish_pending(
+    def folded(self, change: Pending, deadline: Deadline) -> None:
+        """Our write folded ``change`` in: it can never match again, delete it."""
+        self.stats.folded_for_others += 1
+        self.exchange.delete_quietly(change.ref.key, deadline)
+
+    def publish(
         self,
         named: Entry | None,
         old: list[np.ndarray] | None,
         folded: list[np.ndarray],
         entry: Entry,
         deadline: Deadline,
+        attempts: int,
     ) -> None:
         """Our change since ``named`` (the entry the last read named), for another member to fold in."""
-        if any(ref.live_in(named) for ref in self._own.values()):
-            self.helping_stats.deferred += 1  # an older change on the same base may still land: never two
+        if any(ref.live_in(named) for ref in self.own.values()):
+            self.stats.deferred += 1  # an older change on the same base may still land: never two
             return
+        exchange = self.exchange
         base_hash = None if named is None else named.payload_hash
         key = layout.pending_key(self.node_id, base_hash, entry.slot, entry.payload_hash)
         change = delta(old, 0.0 if named is None else named.weight, folded, entry.weight)
-        data = encode_pending(self.node_id, named, entry, change, self._tensor_names, self.secret, self._framework)
+        names, secret, framework = exchange.expected_names, exchange.secret, exchange.framework
+        data = encode_pending(self.node_id, named, entry, change, names, secret, framework)
         try:
-            self.exchange.put(key, data, deadline)
+            exchange.put(key, data, deadline)
         except StoreError as exc:
             logger.info("node %s could not publish its pending change: %s", self.node_id, exc)
-            self.helping_stats.deferred += 1
+            self.stats.deferred += 1
             return
-        self._own[key] = PendingRef(key, self.node_id, base_hash, entry.slot, entry.payload_hash, len(data))
-        self.helping_stats.published += 1
+        self.own[key] = PendingRef(key, self.node_id, base_hash, entry.slot, entry.payload_hash, len(data))
+        self.stats.published += 1
         logger.info(
             "node %s: %d compare-and-swap attempts lost; its change is pending for others to fold in",
             self.node_id,
-            self.max_attempts,
+            attempts,
         )

@@ -111,7 +111,7 @@ class AsyncFederatedNode(FederatedNode):
         for peer, outcome in fetched:
             if isinstance(outcome, StoreError):
                 exchange.store_failure(wanted[peer].key, outcome, "this epoch")
-            elif outcome is not None:
+            elif isinstance(outcome, DecodedUpdate):
                 run, record = outcome.header.run, records.get(peer)
                 if self.run is not None and (
                     (run is not None and run != self.run)

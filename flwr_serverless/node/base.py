@@ -34,7 +34,7 @@ from flwr_serverless.node.membership import (
     choose_run,
     new_owner_token,
 )
-from flwr_serverless.node.publisher import UpdateWriter
+from flwr_serverless.node.publisher import Encoded, UpdateWriter
 from flwr_serverless.stores import Store, open_store
 from flwr_serverless.strategy.aggregate import Contribution, aggregate, mean_metrics
 from flwr_serverless.wire import layout
@@ -74,13 +74,13 @@ def resolve_strategy(strategy: Strategy | str | None) -> Strategy:
     return strategy
 
 
-def _split_metrics_epoch(metrics: Any, epoch: Any) -> tuple[Mapping[str, Any] | None, int | None]:
-    """Accept this project's 0.2.0 order ``(parameters, num_examples, epoch, metrics)`` too."""
-    if isinstance(metrics, (int, np.integer)) and not isinstance(metrics, bool):
-        metrics, epoch = (epoch if isinstance(epoch, Mapping) else None), metrics
+def _check_metrics(metrics: Any) -> Mapping[str, Any] | None:
     if metrics is not None and not isinstance(metrics, Mapping):
-        raise TypeError(f"metrics must be a mapping of names to numbers, got {type(metrics).__name__}")
-    return metrics, None if epoch is None else int(epoch)
+        hint = ""
+        if isinstance(metrics, (int, np.integer)) and not isinstance(metrics, bool):
+            hint = " (0.2.0's order, an epoch in its place, is taken by the nodes of flwr_serverless and .nodes)"
+        raise TypeError(f"metrics must be a mapping of names to numbers, got {type(metrics).__name__}{hint}")
+    return metrics
 
 
 class FederatedNode(ABC):
@@ -92,7 +92,6 @@ class FederatedNode(ABC):
         strategy: Strategy | str | None = None,
         *,
         node_id: str | None = None,
-        shared_folder: Store | str | None = None,
         storage_options: Mapping[str, Any] | None = None,
         secret: str | bytes | None = None,
         max_object_bytes: int | None = None,
@@ -106,9 +105,8 @@ class FederatedNode(ABC):
         topk_max_error: float | None = None,
         topk_keyframe: str | None = None,
     ) -> None:
-        store = store if store is not None else shared_folder  # `shared_folder` is the original's name
         if store is None:
-            raise TypeError("a store (or shared_folder) is required: a Store or a URL such as s3://bucket/prefix")
+            raise TypeError("a store is required: a Store or a URL such as s3://bucket/prefix")
         self.node_id = layout.check_node_id(node_id if node_id is not None else f"node-{uuid.uuid4().hex[:8]}")
         self.strategy: Strategy = resolve_strategy(strategy)
         # None | "fp16" | "bf16" | "int8" | "topk:<fraction>": what this node publishes (any reader decodes all).
@@ -181,7 +179,7 @@ class FederatedNode(ABC):
         ``local_steps`` that step-based staleness reads; ``tensor_names`` and ``framework``
         ("keras", "torch") name the tensors so mismatches are reported by layer.
         """
-        metrics, epoch = _split_metrics_epoch(metrics, epoch)
+        metrics, epoch = _check_metrics(metrics), None if epoch is None else int(epoch)
         arrays, convert = _to_arrays(parameters)
         self._check_local_spec(arrays, tensor_names, framework)
         self.local_steps += int(num_steps) if num_steps is not None else 0
@@ -275,7 +273,7 @@ class FederatedNode(ABC):
         deadline: Deadline = NO_DEADLINE,
         *,
         persist: bool = False,
-    ) -> list[bytes | memoryview]:
+    ) -> Encoded:
         """The object to publish, compressed as configured; a due top-k keyframe is PUT first (``persist``:
         through store outages until ``deadline``, as a barrier's publish)."""
         header.framework = self._framework
@@ -284,13 +282,11 @@ class FederatedNode(ABC):
             arrays, header, self._tensor_names, self.secret, lambda key, data: put(key, data, deadline)
         )
 
-    def _publish(
-        self, key: str, data: list[bytes | memoryview], deadline: Deadline = NO_DEADLINE, *, persist: bool = False
-    ) -> str:
+    def _publish(self, key: str, data: Encoded, deadline: Deadline = NO_DEADLINE, *, persist: bool = False) -> str:
         """PUT the encoded object at ``key`` (``persist``: through store outages until ``deadline``); then the
         writer logs a top-k delta with a copy inside the store."""
         exchange = self.exchange
-        tag = (exchange.publish if persist else exchange.put)(key, data, deadline)
+        tag = (exchange.publish if persist else exchange.put)(key, data.parts, deadline)
 
         def copy(source: str, target: str) -> object:
             if persist:

@@ -1,8 +1,15 @@
-"""The node's only door to the store: publish, list, fetch many; each call under an explicit deadline.
+"""The node's door to the store for its data: publish, list, fetch many; each call under an explicit deadline.
 
-It owns what every mode needs around I/O: spooling peer objects to disk,
-validating them (codec), remembering objects already rejected, counting, and
-the one retry policy for waits that outlast a store outage.
+It owns every read and write of the objects a mode federates with (``nodes/``,
+``rounds/``, the aggregate mode's objects, top-k keyframes and logs), and what
+every mode needs around them: spooling peer objects to disk, validating them
+(codec), remembering objects already rejected, counting, and the one retry
+policy for waits that outlast a store outage. Fetches answer with facts (an
+update, a ``KeyframeMiss``, a ``StoreError``), not with counters to compare.
+
+It does not own the member records: ``Membership`` and ``Roster``
+(``node/membership.py``) read and write ``members/`` on the store directly,
+with their own compare-and-swap rules; they share the store and its stats.
 """
 
 from __future__ import annotations
@@ -71,7 +78,15 @@ class NodeStats:
         }
 
 
-Outcome = DecodedUpdate | StoreError | None  # None: gone, or rejected (already logged and counted)
+@dataclass(frozen=True)
+class KeyframeMiss:
+    """A top-k peer object skipped this time: a link of its chain is gone or newer (counted and logged)."""
+
+    key: str
+    chain: int
+
+
+Outcome = DecodedUpdate | KeyframeMiss | StoreError | None  # None: gone, or rejected (already logged and counted)
 
 
 class Exchange:
@@ -152,12 +167,12 @@ class Exchange:
     # -- peers ----------------------------------------------------------------------------
     def fetch(
         self, info: ObjectInfo, deadline: Deadline = NO_DEADLINE, node_id: str | None = None
-    ) -> DecodedUpdate | None:
-        """GET and validate one peer object; a bad object is logged, counted, remembered and skipped.
+    ) -> DecodedUpdate | KeyframeMiss | None:
+        """GET and validate one peer object; a bad object is logged, counted, remembered and skipped (None).
 
         A top-k delta is decoded onto the peer's state we hold. If that is not the
         state it follows, we catch up first (``_catch_up``); if the chain changed
-        meanwhile, the peer is skipped this time and its next object is usable.
+        meanwhile, the peer is skipped this time (``KeyframeMiss``) and its next object is usable.
         """
         key = info.key
         try:
@@ -172,8 +187,7 @@ class Exchange:
             except KeyframeRequiredError as required:
                 base = self._catch_up(peer, required, deadline)
                 if base is None:
-                    self._keyframe_miss(info, required)
-                    return None
+                    return self._keyframe_miss(info, required)
                 update = self._decode(data, key, base)
             if update.header.node_id != peer:
                 raise InvalidObjectError(key, f"header says node {update.header.node_id!r}, key says {peer!r}")
@@ -274,7 +288,7 @@ class Exchange:
             raise InvalidObjectError(key, f"header says node {state.header.node_id!r}, key says {peer!r}")
         return state
 
-    def _keyframe_miss(self, info: ObjectInfo, required: KeyframeRequiredError) -> None:
+    def _keyframe_miss(self, info: ObjectInfo, required: KeyframeRequiredError) -> KeyframeMiss:
         """A link of the delta's chain is gone (a new chain began, or it is missing): skip the peer this time."""
         self.stats.keyframe_misses += 1
         self.bad_tags[info.key] = info.tag  # not a rejection: a protocol writer's next object is usable
@@ -286,6 +300,7 @@ class Exchange:
             required.chain,
             required.ref.seq,
         )
+        return KeyframeMiss(info.key, required.chain)
 
     def fetch_many(
         self, infos: Sequence[ObjectInfo], deadline: Deadline = NO_DEADLINE, node_ids: Sequence[str] | None = None
@@ -366,4 +381,4 @@ class Exchange:
             return self.store.list_page(prefix, start_after, max_keys)
 
 
-__all__ = ["Exchange", "NodeStats", "Outcome", "is_transient"]
+__all__ = ["Exchange", "KeyframeMiss", "NodeStats", "Outcome", "is_transient"]

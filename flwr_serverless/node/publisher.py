@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,6 +36,15 @@ KEYFRAME_CODECS = ("lossless", "fp16", "bf16", "int8")
 DEFAULT_KEYFRAME_CODEC = "int8"
 
 PutFirst = Callable[[str, bytes | list[bytes | memoryview]], object]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """What ``UpdateWriter.encode`` produced: the object's buffers, and whether it starts a new top-k chain
+    (its keyframe was PUT first)."""
+
+    parts: list[bytes | memoryview]
+    keyframe: bool = False
 
 
 def _check_topk_option(name: str, value: object, integer: bool) -> None:
@@ -101,13 +111,13 @@ class UpdateWriter:
         names: Sequence[str] | None,
         secret: bytes | None,
         put_first: PutFirst,
-    ) -> list[bytes | memoryview]:
+    ) -> Encoded:
         """The object to publish as buffers (stores write them without a join); for top-k, a due keyframe is
         stored with ``put_first(key, data)`` before. Call ``published`` once the object is in the store."""
         if self.topk is None:
             items = [encode_tensor(np.asarray(a), self.codec) for a in arrays]
             self._items = items
-            return encode_parts(items, header, names, secret)
+            return Encoded(encode_parts(items, header, names, secret))
         topk = self.topk
         if self._pending is not None or self._restart:  # the last delta was not (certainly) published and logged
             topk.reset()
@@ -125,10 +135,11 @@ class UpdateWriter:
             self._published = topk.state
             self.keyframes_written += 1
             self._items = items
-            return encode_parts(items, header, names, secret, keyframe=topk.keyframe_ref, chain=0)
+            return Encoded(encode_parts(items, header, names, secret, keyframe=topk.keyframe_ref, chain=0), True)
         self._pending, self._node_id = pending, header.node_id
         self._items = pending.items
-        return encode_parts(pending.items, header, names, secret, keyframe=topk.keyframe_ref, chain=pending.chain)
+        parts = encode_parts(pending.items, header, names, secret, keyframe=topk.keyframe_ref, chain=pending.chain)
+        return Encoded(parts)
 
     def published(self, key: str, copy: Callable[[str, str], object]) -> None:
         """The object last encoded is at ``key``: log a top-k delta there with ``copy(key, log_key)`` (a copy

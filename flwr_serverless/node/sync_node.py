@@ -13,7 +13,8 @@ from flwr_serverless.errors import IncompatiblePeersError, InvalidObjectError, S
 from flwr_serverless.modes.synchronous import Barrier, barrier, check_counts, current_members, entry_round
 from flwr_serverless.node.base import FederatedNode
 from flwr_serverless.node.deadline import Deadline
-from flwr_serverless.node.exchange import is_transient
+from flwr_serverless.node.exchange import KeyframeMiss, is_transient
+from flwr_serverless.node.publisher import Encoded
 from flwr_serverless.stores import ObjectInfo, Store
 from flwr_serverless.strategy.aggregate import Contribution
 from flwr_serverless.wire import layout
@@ -72,7 +73,6 @@ class SyncFederatedNode(FederatedNode):
         self._round_checked = False  # first federation: look up the experiment's current round
         self._incompatible = 0
         self._announced: set[str] = set()  # members already reported as dropped or departed
-        self.publish_only = False  # 0.2's upload_only: publish the round's object, neither wait nor aggregate
         self.sleep = time.sleep  # barrier polling (tests inject their own)
 
     def _deadline(self) -> Deadline:
@@ -126,9 +126,8 @@ class SyncFederatedNode(FederatedNode):
     def _weight(self, header: UpdateHeader) -> float:
         return float(header.num_examples)
 
-    def _federate(
-        self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline
-    ) -> tuple[list[np.ndarray], dict[str, float]]:
+    def _publish_round(self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline) -> Encoded:
+        """Join the experiment's current round (first call) and publish our object for it."""
         if not self._round_checked:
             try:
                 self._enter(deadline)
@@ -136,15 +135,16 @@ class SyncFederatedNode(FederatedNode):
                 if not is_transient(exc):
                     raise
                 logger.warning("node %s could not look up the current round (will retry): %s", self.node_id, exc)
+        header.round = self.round
+        data = self._encode(arrays, header, deadline, persist=True)
+        self._publish(layout.round_key(self.round, self.node_id), data, deadline, persist=True)
+        return data
+
+    def _federate(
+        self, arrays: list[np.ndarray], header: UpdateHeader, deadline: Deadline
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
         while True:
-            header.round = self.round
-            keyframes = self.writer.keyframes_written
-            data = self._encode(arrays, header, deadline, persist=True)
-            self._publish(layout.round_key(self.round, self.node_id), data, deadline, persist=True)
-            if self.publish_only:
-                self.round += 1
-                own = Contribution(self.node_id, arrays, 1.0, header.num_examples, header.metrics)
-                return arrays, self._metrics([own])
+            data = self._publish_round(arrays, header, deadline)
             # Our own weights as peers decode them (compression included), without decoding our own object:
             # every member then averages the same values and all hold identical weights.
             own_arrays = self.writer.seen(arrays)
@@ -154,19 +154,16 @@ class SyncFederatedNode(FederatedNode):
                 break
             self.writer.restart()  # we left the round for the peers' one: they never saw our chain's last link
         others = [listing[layout.round_key(self.round, n)] for n in sorted(state.counted - {self.node_id})]
-        misses = self.stats.keyframe_misses
-        peers, headers, chains = self._gather(others, deadline)
+        peers, headers, chains, missed = self._gather(others, deadline)
         self._check_compatibility(others, peers)
         own = Contribution(self.node_id, own_arrays, self._weight(header), header.num_examples, header.metrics)
         result = self._aggregate(own, peers, [header, *headers])
-        missed = self.stats.keyframe_misses > misses
-        own_keyframe = self.writer.keyframes_written > keyframes
         self._rebase(
             result[0],
             chains,
             len(peers),
             arrays,
-            diverged=missed or (any(c == 0 for c in chains.values()) and not own_keyframe),
+            diverged=missed or (any(c == 0 for c in chains.values()) and not data.keyframe),
         )
         if self.round >= 2:
             self.exchange.delete_quietly(layout.round_key(self.round - 2, self.node_id), deadline)
@@ -206,14 +203,18 @@ class SyncFederatedNode(FederatedNode):
 
     def _gather(
         self, others: list[ObjectInfo], deadline: Deadline
-    ) -> tuple[list[Contribution], list[UpdateHeader], dict[str, int]]:
-        """The usable peer objects, their headers, and the chain position of each top-k peer's object."""
+    ) -> tuple[list[Contribution], list[UpdateHeader], dict[str, int], bool]:
+        """The usable peer objects, their headers, the chain position of each top-k peer's object, and whether
+        a top-k peer could not be followed (a keyframe miss)."""
         peers: list[Contribution] = []
         headers: list[UpdateHeader] = []
         chains: dict[str, int] = {}
+        missed = False
         for info, outcome in zip(others, self.exchange.fetch_many(others, deadline)):
             if isinstance(outcome, StoreError):
                 self.exchange.store_failure(info.key, outcome, f"in round {self.round}")
+            elif isinstance(outcome, KeyframeMiss):
+                missed = True
             elif outcome is not None and outcome.header.round not in (None, self.round):
                 self.exchange.reject(
                     InvalidObjectError(info.key, f"its header says round {outcome.header.round}"), info.tag
@@ -234,7 +235,7 @@ class SyncFederatedNode(FederatedNode):
                 headers.append(h)
                 if outcome.chain is not None:
                     chains[h.node_id] = outcome.chain
-        return peers, headers, chains
+        return peers, headers, chains, missed
 
     def _check_compatibility(self, others: list[ObjectInfo], peers: list[Contribution]) -> None:
         """Peers present but none usable, round after round: say so instead of training alone."""

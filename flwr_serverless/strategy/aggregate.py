@@ -64,12 +64,17 @@ def weighted_mean(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[flo
 
 
 def weighted_sum(
-    layer: Sequence[np.ndarray], scales: Sequence[float], dtype: np.dtype, chunk: int = CHUNK_ELEMENTS
+    layer: Sequence[np.ndarray],
+    scales: Sequence[float],
+    dtype: np.dtype,
+    chunk: int = CHUNK_ELEMENTS,
+    divide_by: float | None = None,
 ) -> np.ndarray:
-    """sum(scale_k * tensor_k) slice by slice: float64 temporaries of one slice, not of the whole tensor.
+    """sum(scale_k * tensor_k) [/ divide_by] slice by slice: float64 temporaries of one slice, not of the tensor.
 
     Each slice is widened by a plain copy, then scaled in place: the same bits as a
-    widening multiply, in simpler (faster) loops.
+    widening multiply, in simpler (faster) loops. ``divide_by`` divides the float64 sum
+    before the cast (the aggregate mode's running mean: ``(T M - c_old w_old + c_new w_new) / T'``).
     """
     bf16 = is_bf16(dtype)  # bfloat16 bits: widened slice by slice, rounded back to nearest even
     out = np.empty(layer[0].shape, dtype=dtype)
@@ -89,6 +94,8 @@ def weighted_sum(
             target *= scale
             if index:
                 acc[: stop - start] += target
+        if divide_by is not None:
+            acc[: stop - start] /= divide_by
         flat_out[start:stop] = float_to_bf16(acc[: stop - start]) if bf16 else acc[: stop - start]
     return out
 
