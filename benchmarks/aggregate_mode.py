@@ -219,9 +219,10 @@ def plot(out: dict[str, Any], path: Path) -> None:
         axis.set_ylabel(label)
         axis.set_yscale("log")
         axis.legend(fontsize=8)
+    lengths = "/".join(f"{x:g}" for x in sorted({r["epoch_seconds"] for r in out["sweep"]}))
     fig.suptitle(
         f"Aggregate mode vs all-peers FedAvgAsync: {out['setup']['params']} params, "
-        f"{out['setup']['epoch_seconds']} s epochs, {out['setup'].get('store', 'moto S3')}, threads",
+        f"{lengths} s epochs (per N: see JSON), {out['setup'].get('store', 'moto S3')}, threads",
         fontsize=9,
     )
     fig.tight_layout()
