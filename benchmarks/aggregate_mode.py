@@ -233,16 +233,26 @@ def markdown_table(results: dict[str, Any]) -> str:
     """The results file as a Markdown table (docs pages are generated from this, never typed)."""
     lines = [
         "| mode | N | epochs | requests / node-epoch (max) | models down / node-epoch (max) | s per federation "
-        "(median, p95) | conflict rate | lost all attempts | folded by a helper | deferred |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(median, p95) | conflict rate | lost all attempts | folded by a helper | deferred | members in the final "
+        "aggregate (with their latest) | load average before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in [*results["sweep"], *results.get("contention", [])]:
+        aggregate = r["mode"] == "aggregate"
+        load = r.get("load_average_before")
         lines.append(
             f"| {r['mode']} ({r['epoch_seconds']:g} s epochs) | {r['nodes']} | "
             f"{r.get('epochs', results['setup']['epochs'])} | {r['requests_mean']:.2f} ({r['requests_max']}) | "
             f"{r['models_down_mean']:.2f} ({r['models_down_max']:.2f}) | "
             f"{r['seconds_median']:.3f}, {r['seconds_p95']:.3f} | {r.get('conflict_rate', 0):.2f} | "
-            f"{r.get('lost_all_attempts', '-')} | {r.get('folded_by_helper', '-')} | {r.get('deferred_epochs', '-')} |"
+            f"{r.get('lost_all_attempts', '-')} | {r.get('folded_by_helper', '-')} | "
+            + (f"{r['deferred_epochs']} of {r['node_epochs_all']} | " if "node_epochs_all" in r else "- | ")
+            + (
+                f"{r['members_in_table']} of {r['nodes']} ({r['members_latest_folded']}) | "
+                if aggregate and "members_in_table" in r
+                else "- | "
+            )
+            + (f"{load[0]:g} |" if load else "- |")
         )
     return "\n".join(lines)
 
