@@ -221,7 +221,7 @@ def markdown_table(results: dict[str, Any] | list[dict[str, Any]]) -> str:
             f"| {r.get('server', 'moto')} | {shaping} | {r['backend']} | {r['model_mb']:.0f} | {r['nodes']} | "
             f"{r['federation_s_median']:.3f} | {r['floor_s_median']:.3f} | {r['ratio']:.2f} | "
             + (f"{parallel:.3f} | {r['ratio_vs_parallel_floor']:.2f} | " if parallel is not None else "- | - | ")
-            + f"{r['requests_per_node_epoch']:.0f} | {', '.join(f'{x:g}' for x in load) if load else '-'} |"
+            + f"{r['requests_per_node_epoch']:g} | {', '.join(f'{x:g}' for x in load) if load else '-'} |"
         )
     return "\n".join(lines)
 
