@@ -1,9 +1,11 @@
 """O(1) reads per node-epoch: the aggregate mode against all-peers FedAvgAsync, N = 5, 20, 50, 100 nodes.
 
-Every node is a thread with its own boto3 store handle on a moto S3 server
-running as a separate process on 127.0.0.1 (conditional writes decided
-atomically, as on S3). Each node "trains" for ``--epoch-seconds`` (+-20%,
-a sleep), then federates a ``--params`` float32 model; ``--epochs`` times.
+Every node is a thread with its own boto3 store handle on an S3 server
+running as a separate process on 127.0.0.1 (moto, or SeaweedFS with
+``--server seaweedfs``; conditional writes decided atomically, as on S3),
+optionally through the shaping proxy (``--latency-ms``, ``--bandwidth-mbps``).
+Each node "trains" for ``--epoch-seconds`` (+-20%, a sleep), then federates
+a ``--params`` float32 model; ``--epochs`` times.
 Per mode and N it reports, over the steady-state epochs (the first, which
 also claims ``members/<id>``, is reported apart): HTTP requests (412s included) and bytes down per
 node-epoch (mean and max; bytes in model sizes, so the floor is 1 for the
@@ -12,9 +14,11 @@ federation call, and for the aggregate mode the compare-and-swap conflict rate
 (412s per write attempt), the epochs deferred after ``max_attempts``, and the
 largest relative difference between the final aggregate and an exact FedAvg of
 the contributions its table names. A contention sweep runs the aggregate mode
-at the largest N with shorter epochs. JSON and a PNG go to benchmarks/results/.
+at the largest N with shorter epochs. JSON and a PNG go to benchmarks/results/
+(``--append`` merges a run into an existing results file, one N at a time).
 
     python benchmarks/aggregate_mode.py [--nodes 5,20,50,100] [--params 10000] [--epochs 4] [--epoch-seconds 5]
+        [--server moto|seaweedfs] [--latency-ms 20 --bandwidth-mbps 100] [--out NAME] [--append]
 """
 
 from __future__ import annotations
