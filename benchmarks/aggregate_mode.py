@@ -322,7 +322,7 @@ def main() -> None:
     }
     path = RESULTS / f"{name}.json"
     with s3_endpoint(args) as (endpoint, client, store, proxy):
-        out["setup"]["store"] = store
+        out["setup"]["store"] = f"{store}, boto3"
         for n in sizes:
             for mode in modes:
                 row = run(mode, n, args, args.epoch_seconds, endpoint, client)

@@ -2,8 +2,8 @@
 
 The hook registers them with ``RENDERERS.update(doc_tables.renderers(load, source_line))``; a page then writes
 ``<!-- table: aggregate_mode_rows aggregate_mode_shaped -->`` (one results file of aggregate_mode.py) or
-``<!-- table: store_overhead_rows store_overhead_boto3_shaped -->`` (every store_overhead.py results file
-whose name starts so, one row each). The tables themselves come from each script's ``markdown_table``.
+``<!-- table: store_overhead_rows shaped -->`` (every ``store_overhead_*shaped*.json``, one row each).
+The tables themselves come from each script's ``markdown_table``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def renderers(load: Callable[[str], Any], source_line: Callable[..., str]) -> di
         return aggregate_mode.markdown_table(load(name)) + source_line(name)
 
     def store_overhead_rows(argument: str) -> str:
-        names = sorted(path.name for path in (HERE / "results").glob(f"{argument}*.json"))
+        names = sorted(path.name for path in (HERE / "results").glob(f"store_overhead_*{argument}*.json"))
         if not names:
-            raise FileNotFoundError(f"no benchmarks/results/{argument}*.json for the store_overhead_rows table")
+            raise FileNotFoundError(f"no benchmarks/results/store_overhead_*{argument}*.json for store_overhead_rows")
         return store_overhead.markdown_table([load(name) for name in names]) + source_line(*names)
 
     return {"aggregate_mode_rows": aggregate_mode_rows, "store_overhead_rows": store_overhead_rows}

@@ -139,7 +139,7 @@ def main() -> None:
         "ratio": fed / floor,
         "parallel_floor_s_median": parallel_floor,
         "ratio_vs_parallel_floor": fed / parallel_floor,
-        "store": store_description,
+        "store": f"{store_description}, {args.backend}",
         "server": args.server,
         "latency_ms": args.latency_ms,
         "bandwidth_mbps_per_stream": args.bandwidth_mbps,
