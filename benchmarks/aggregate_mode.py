@@ -1,9 +1,11 @@
 """O(1) reads per node-epoch: the aggregate mode against all-peers FedAvgAsync, N = 5, 20, 50, 100 nodes.
 
-Every node is a thread with its own boto3 store handle on a moto S3 server
-running as a separate process on 127.0.0.1 (conditional writes decided
-atomically, as on S3). Each node "trains" for ``--epoch-seconds`` (+-20%,
-a sleep), then federates a ``--params`` float32 model; ``--epochs`` times.
+Every node is a thread with its own boto3 store handle on an S3 server
+running as a separate process on 127.0.0.1 (moto, or SeaweedFS with
+``--server seaweedfs``; conditional writes decided atomically, as on S3),
+optionally through the shaping proxy (``--latency-ms``, ``--bandwidth-mbps``).
+Each node "trains" for ``--epoch-seconds`` (+-20%, a sleep), then federates
+a ``--params`` float32 model; ``--epochs`` times.
 Per mode and N it reports, over the steady-state epochs (the first, which
 also claims ``members/<id>``, is reported apart): HTTP requests (412s included) and bytes down per
 node-epoch (mean and max; bytes in model sizes, so the floor is 1 for the
@@ -12,9 +14,11 @@ federation call, and for the aggregate mode the compare-and-swap conflict rate
 (412s per write attempt), the epochs deferred after ``max_attempts``, and the
 largest relative difference between the final aggregate and an exact FedAvg of
 the contributions its table names. A contention sweep runs the aggregate mode
-at the largest N with shorter epochs. JSON and a PNG go to benchmarks/results/.
+at the largest N with shorter epochs. JSON and a PNG go to benchmarks/results/
+(``--append`` merges a run into an existing results file, one N at a time).
 
     python benchmarks/aggregate_mode.py [--nodes 5,20,50,100] [--params 10000] [--epochs 4] [--epoch-seconds 5]
+        [--server moto|seaweedfs] [--latency-ms 20 --bandwidth-mbps 100] [--out NAME] [--append]
 """
 
 from __future__ import annotations
@@ -219,9 +223,10 @@ def plot(out: dict[str, Any], path: Path) -> None:
         axis.set_ylabel(label)
         axis.set_yscale("log")
         axis.legend(fontsize=8)
+    lengths = "/".join(f"{x:g}" for x in sorted({r["epoch_seconds"] for r in out["sweep"]}))
     fig.suptitle(
         f"Aggregate mode vs all-peers FedAvgAsync: {out['setup']['params']} params, "
-        f"{out['setup']['epoch_seconds']} s epochs, {out['setup'].get('store', 'moto S3')}, threads",
+        f"{lengths} s epochs (per N: see JSON), {out['setup'].get('store', 'moto S3')}, threads",
         fontsize=9,
     )
     fig.tight_layout()
@@ -232,16 +237,26 @@ def markdown_table(results: dict[str, Any]) -> str:
     """The results file as a Markdown table (docs pages are generated from this, never typed)."""
     lines = [
         "| mode | N | epochs | requests / node-epoch (max) | models down / node-epoch (max) | s per federation "
-        "(median, p95) | conflict rate | lost all attempts | folded by a helper | deferred |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(median, p95) | conflict rate | lost all attempts | folded by a helper | deferred | members in the final "
+        "aggregate (with their latest) | load average before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in [*results["sweep"], *results.get("contention", [])]:
+        aggregate = r["mode"] == "aggregate"
+        load = r.get("load_average_before")
         lines.append(
             f"| {r['mode']} ({r['epoch_seconds']:g} s epochs) | {r['nodes']} | "
             f"{r.get('epochs', results['setup']['epochs'])} | {r['requests_mean']:.2f} ({r['requests_max']}) | "
             f"{r['models_down_mean']:.2f} ({r['models_down_max']:.2f}) | "
             f"{r['seconds_median']:.3f}, {r['seconds_p95']:.3f} | {r.get('conflict_rate', 0):.2f} | "
-            f"{r.get('lost_all_attempts', '-')} | {r.get('folded_by_helper', '-')} | {r.get('deferred_epochs', '-')} |"
+            f"{r.get('lost_all_attempts', '-')} | {r.get('folded_by_helper', '-')} | "
+            + (f"{r['deferred_epochs']} of {r['node_epochs_all']} | " if "node_epochs_all" in r else "- | ")
+            + (
+                f"{r['members_in_table']} of {r['nodes']} ({r['members_latest_folded']}) | "
+                if aggregate and "members_in_table" in r
+                else "- | "
+            )
+            + (f"{load[0]:g} |" if load else "- |")
         )
     return "\n".join(lines)
 
@@ -307,7 +322,7 @@ def main() -> None:
     }
     path = RESULTS / f"{name}.json"
     with s3_endpoint(args) as (endpoint, client, store, proxy):
-        out["setup"]["store"] = store
+        out["setup"]["store"] = f"{store}, boto3"
         for n in sizes:
             for mode in modes:
                 row = run(mode, n, args, args.epoch_seconds, endpoint, client)

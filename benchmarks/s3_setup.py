@@ -96,12 +96,12 @@ def s3_endpoint(args: argparse.Namespace) -> Iterator[tuple[str, Any, str, Any]]
             ):
                 os.environ[name] = value
             create_bucket(server, "warm-up")  # a fresh SeaweedFS refuses buckets until its volumes are up
-            endpoint, client, store = server.endpoint, boto3_client(server), "SeaweedFS (weed mini) process, boto3"
+            endpoint, client, store = server.endpoint, boto3_client(server), "SeaweedFS (weed mini) process"
         else:
             process, endpoint, client = start_server()
             stack.callback(process.wait)
             stack.callback(process.kill)
-            store = "moto S3 server process, boto3"
+            store = "moto S3 server process"
         proxy = None
         if shaped(args):
             from shaping_proxy import ProxyProcess

@@ -49,7 +49,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -215,11 +215,10 @@ class ShapingProxy:
     def stats(self) -> dict[str, Any]:
         return asdict(self._stats)
 
-    def _call(self, coroutine: Awaitable[None]) -> None:
+    def _call(self, coroutine: Coroutine[Any, Any, None]) -> None:
         if self._loop is None:
             raise RuntimeError("the proxy is not started")
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)  # type: ignore[arg-type]
-        future.result(CONTROL_TIMEOUT_S)
+        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(CONTROL_TIMEOUT_S)
 
     async def _cut(self, mode: str) -> None:
         self._state = mode
@@ -266,14 +265,15 @@ class ShapingProxy:
         connection = _Connection(client=writer)
         self._connections.add(connection)
         try:
-            up_reader, connection.upstream = await asyncio.wait_for(
+            up_reader, upstream = await asyncio.wait_for(
                 asyncio.open_connection(*self.upstream, limit=CHUNK), CONNECT_TIMEOUT_S
             )
+            connection.upstream = upstream
             if connection not in self._connections:  # cut while connecting
-                _reset(connection.upstream)
+                _reset(upstream)
                 return
             await asyncio.gather(
-                self._pump(connection, reader, connection.upstream, "up"),
+                self._pump(connection, reader, upstream, "up"),
                 self._pump(connection, up_reader, writer, "down"),
             )
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):

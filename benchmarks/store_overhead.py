@@ -139,7 +139,7 @@ def main() -> None:
         "ratio": fed / floor,
         "parallel_floor_s_median": parallel_floor,
         "ratio_vs_parallel_floor": fed / parallel_floor,
-        "store": store_description,
+        "store": f"{store_description}, {args.backend}",
         "server": args.server,
         "latency_ms": args.latency_ms,
         "bandwidth_mbps_per_stream": args.bandwidth_mbps,
@@ -205,18 +205,23 @@ def markdown_table(results: dict[str, Any] | list[dict[str, Any]]) -> str:
     """One row per results file (a dict, or a list of them): the docs' tables are generated from this."""
     rows = results if isinstance(results, list) else [results]
     lines = [
-        "| store | backend | model MB | nodes | federation s (median) | sequential floor s | ratio | "
+        "| server | shaping | backend | model MB | nodes | federation s (median) | sequential floor s | ratio | "
         "parallel floor s | ratio vs parallel floor | requests / node-epoch | load average (1, 5, 15 min) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         parallel = r.get("parallel_floor_s_median")
         load = r.get("load_average_end")
+        shaping = (
+            f"{r['latency_ms']:g} ms/request, {r['bandwidth_mbps_per_stream']:g} MB/s/stream"
+            if r.get("latency_ms") or r.get("bandwidth_mbps_per_stream")
+            else "none"
+        )
         lines.append(
-            f"| {r.get('store', 'moto S3 server process')} | {r['backend']} | {r['model_mb']:.0f} | {r['nodes']} | "
+            f"| {r.get('server', 'moto')} | {shaping} | {r['backend']} | {r['model_mb']:.0f} | {r['nodes']} | "
             f"{r['federation_s_median']:.3f} | {r['floor_s_median']:.3f} | {r['ratio']:.2f} | "
             + (f"{parallel:.3f} | {r['ratio_vs_parallel_floor']:.2f} | " if parallel is not None else "- | - | ")
-            + f"{r['requests_per_node_epoch']:.0f} | {', '.join(f'{x:g}' for x in load) if load else '-'} |"
+            + f"{r['requests_per_node_epoch']:g} | {', '.join(f'{x:g}' for x in load) if load else '-'} |"
         )
     return "\n".join(lines)
 
