@@ -413,8 +413,6 @@ def heterogeneous(_: str) -> str:
 
 # marker name -> (script in benchmarks/, the results file it renders)
 SCRIPT_TABLES = {
-    "aggregate_mode_shaped": ("aggregate_mode", "aggregate_mode_shaped.json"),
-    "store_overhead_shaped": ("store_overhead", "store_overhead_boto3_shaped.json"),
     "large_model": ("large_model", "large_model.json"),
     "large_model_sweep": ("large_model", "large_model_sweep.json"),
     "language_model_quick": ("language_model_report", "language_model_quick.json"),
@@ -464,6 +462,19 @@ RENDERERS: dict[str, Callable[[str], str]] = {
     "heterogeneous": heterogeneous,
     **{name: script_table(name) for name in SCRIPT_TABLES},
 }
+
+
+def _shaped_renderers() -> dict[str, Callable[[str], str]]:
+    """The latency-shaped tables, rendered by ``benchmarks/doc_tables.py`` (rows of several results files)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import doc_tables
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return doc_tables.renderers(load, source_line)
+
+
+RENDERERS.update(_shaped_renderers())
 
 
 def render_markers(markdown: str, where: str) -> str:
