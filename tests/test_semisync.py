@@ -48,7 +48,7 @@ def _train(node: SemiSyncFederatedNode, factor: float, rounds: int, seed: int, e
     import keras
 
     from flwr_serverless.callbacks.keras import FlwrFederatedCallback
-    from flwr_serverless.simulation.heterogeneity import make_slowdown_callback
+    from flwr_serverless.simulation.keras_callbacks import make_slowdown_callback
 
     class StopAfterRounds(keras.callbacks.Callback):
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:

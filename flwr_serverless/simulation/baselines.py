@@ -1,4 +1,4 @@
-"""A disk cache of baseline results, so a sweep trains each standalone and centralized baseline once.
+"""A disk cache of baseline results (``simulate --baseline-cache``): each baseline is trained once.
 
 A standalone baseline depends on the data, the seed, the partition, the epochs
 and the model; the centralized one on the same minus the partition (so the

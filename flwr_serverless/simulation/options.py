@@ -163,6 +163,8 @@ class Evaluation:
 
 
 ENGINES = ("local", "ray")
+#: modes whose nodes never wait for each other (no --timeout, --min-nodes)
+NON_WAITING_MODES = ("async", "aggregate")
 
 
 def check_execution(

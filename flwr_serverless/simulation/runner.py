@@ -20,9 +20,10 @@ import numpy as np
 
 from flwr_serverless.simulation.baselines import BaselineCache, centralized_key, standalone_key
 from flwr_serverless.simulation.data import load_dataset, partition_label_skew
-from flwr_serverless.simulation.execution import WORKERS, run_tasks
+from flwr_serverless.simulation.execution import WORKERS, run_locally
 from flwr_serverless.simulation.options import (
     FEDPROX_DEFAULT_MU,
+    NON_WAITING_MODES,
     AsyncOptions,
     Evaluation,
     Heterogeneity,
@@ -38,8 +39,6 @@ from flwr_serverless.simulation.update_options import CompressionOptions, check_
 ProgressFn = Callable[[dict[str, Any]], None]
 
 MODES = ("async", "sync", "semisync", "aggregate")
-#: modes whose nodes never wait for each other (no --timeout, --min-nodes)
-NON_WAITING_MODES = ("async", "aggregate")
 DEFAULT_SYNC_TIMEOUT = 120.0
 #: node kwargs the simulation sets itself; ``node_options`` may not override them
 RESERVED_NODE_OPTIONS = frozenset(
@@ -214,6 +213,15 @@ def make_run_url(base: str) -> str:
 def default_store_url() -> str:
     """A new local folder under the temp dir (what the CLI uses without ``--store``)."""
     return tempfile.mkdtemp(prefix="flwr-serverless-sim-")
+
+
+def run_tasks(tasks: list[NodeTask], use_processes: bool, progress: ProgressFn) -> list[dict[str, Any]]:
+    """Train ``tasks`` on this machine or as Ray tasks; one plain-dict row per task, in order (errors become rows)."""
+    if tasks and tasks[0].config.engine == "ray":
+        from flwr_serverless.simulation.ray_engine import run_on_ray
+
+        return run_on_ray(tasks, progress)
+    return run_locally(tasks, use_processes, progress)
 
 
 def _training_indices(config: SimulationConfig, num_train: int) -> np.ndarray:
