@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from flwr_serverless.validation import check_positive_int
 
 __all__ = [
     "ProximalTerm",
@@ -103,11 +103,7 @@ class ProximalTerm:
 
 def check_positive(option: str, value: Any, allow_none: bool = True) -> int | None:
     """``value`` as a positive int (or ``None`` when allowed); a clear error naming the option otherwise."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{option} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
-    return int(value)
+    return check_positive_int(option, value, none=allow_none)
 
 
 def check_given_with(option: str, value: Any, required: str, required_value: Any) -> None:

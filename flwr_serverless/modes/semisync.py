@@ -20,13 +20,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from flwr_serverless.validation import check_positive
 from flwr_serverless.wire.codec import UpdateHeader
 
 
 def check_lambda(lambda_: object) -> float:
-    if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not lambda_ > 0:
-        raise ValueError(f"lambda_ must be a positive number, got {lambda_!r}")
-    return float(lambda_)
+    return check_positive("lambda_", lambda_)
 
 
 def plan_budgets(profiles: Mapping[str, Mapping[str, Any]], lambda_: float) -> tuple[float, dict[str, int]]:

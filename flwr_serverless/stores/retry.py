@@ -28,6 +28,7 @@ from flwr_serverless.stores.backend_errors import (  # re-exported: callers impo
     TRANSIENT_STATUS,
     is_transient,
 )
+from flwr_serverless.validation import check_number, check_positive_int
 
 if TYPE_CHECKING:
     from flwr_serverless.stores.base import Store
@@ -63,10 +64,9 @@ class RetryPolicy:
     max_delay: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError("attempts must be at least 1")
-        if self.max_time < 0 or self.base_delay < 0 or self.max_delay < 0:
-            raise ValueError("retry times must not be negative")
+        check_positive_int("retry attempts", self.attempts)
+        for name in ("max_time", "base_delay", "max_delay"):
+            check_number(f"retry {name}", getattr(self, name), 0.0)
 
 
 DEFAULT_POLICY = RetryPolicy()
