@@ -23,8 +23,9 @@ from flwr_serverless.simulation.options import (
     parse_factors,
     parse_seeds,
 )
-from flwr_serverless.simulation.report import ProgressPrinter, execution_label, format_report
-from flwr_serverless.simulation.runner import MODES, WORKERS, SimulationConfig
+from flwr_serverless.simulation.partitions import Partitioning
+from flwr_serverless.simulation.report import ProgressPrinter, execution_label, format_report, partition_label
+from flwr_serverless.simulation.runner import DEFAULT_SKEW, MODES, WORKERS, SimulationConfig
 from flwr_serverless.simulation.update_options import CompressionOptions, topk_option_names
 from flwr_serverless.strategy.factory import STRATEGY_NAMES
 
@@ -77,7 +78,29 @@ def add_simulate_arguments(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--dataset", choices=DATASETS, default="digits")
     sim.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files (fashion_mnist, mnist)")
     sim.add_argument("--max-train-examples", type=int, default=None, help="subsample the training set")
-    sim.add_argument("--skew", type=float, default=0.9, help="label skew in [0, 1]; 0 is IID (default 0.9)")
+    sim.add_argument(
+        "--skew",
+        type=float,
+        default=None,
+        help=f"label skew in [0, 1] of the paper's split (--partitioner skew); 0 is IID (default {DEFAULT_SKEW})",
+    )
+    sim.add_argument(
+        "--partitioner",
+        default="skew",
+        metavar="KIND",
+        help="how the training set is split: skew (the paper's label skew, the default), or a Flower Datasets "
+        "partitioner: iid, dirichlet:ALPHA, pathological:K (K classes per node), shard:K (K shards per node); "
+        "needs pip install flwr-datasets",
+    )
+    sim.add_argument(
+        "--partitioner-option",
+        action="append",
+        type=key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="another argument of the Flower Datasets partitioner, e.g. min_partition_size=20 (dirichlet), "
+        "class_assignment_mode=deterministic (pathological), shard_size=50 (shard); repeatable",
+    )
     sim.add_argument("--batch-size", type=int, default=32)
     sim.add_argument("--learning-rate", type=float, default=1e-3)
     sim.add_argument("--seed", type=int, default=0)
@@ -289,6 +312,9 @@ def _config(args: argparse.Namespace, out: TextIO) -> SimulationConfig:
     )
     semisync_given = _given(lambda_=args.lambda_, reestimate=False if args.no_reestimate else None)
     check_mode_flags(args.mode, async_given, semisync_given)
+    partitioning = Partitioning(args.partitioner, dict(args.partitioner_option))
+    if args.skew is not None and partitioning.kind != "skew":
+        raise ValueError(f"option skew (--skew) applies to --partitioner skew only, not {partitioning.kind}")
     return SimulationConfig(
         num_nodes=args.nodes,
         mode=args.mode,
@@ -299,7 +325,8 @@ def _config(args: argparse.Namespace, out: TextIO) -> SimulationConfig:
         epochs=args.epochs,
         dataset=args.dataset,
         data_dir=args.data_dir,
-        skew=args.skew,
+        skew=args.skew if args.skew is not None else DEFAULT_SKEW,
+        partitioning=partitioning,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
@@ -340,7 +367,7 @@ def run_simulate(args: argparse.Namespace, out: TextIO) -> int:
     seeds = args.seeds if args.seeds is not None else [config.seed]
     print(
         f"flwr-serverless simulate: {config.num_nodes} {config.mode} nodes, {config.strategy}, {config.dataset} "
-        f"(skew {config.skew}), {config.epochs} epochs, {execution_label(config)}"
+        f"({partition_label(config)}), {config.epochs} epochs, {execution_label(config)}"
         + (f", seeds {', '.join(map(str, seeds))}" if args.seeds is not None else ""),
         file=out,
     )

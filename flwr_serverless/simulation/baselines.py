@@ -53,7 +53,11 @@ def standalone_key(config: SimulationConfig) -> dict[str, Any]:
     return {
         "kind": "standalone",
         **_common(config),
-        "partition": {"num_nodes": config.num_nodes, "skew": config.skew},
+        "partition": {
+            "num_nodes": config.num_nodes,
+            "skew": config.skew,
+            **({} if config.partitioning.key() is None else {"partitioner": config.partitioning.key()}),
+        },
         "slowdown": list(config.heterogeneity.slowdown),
         "batch_seconds": config.heterogeneity.batch_seconds,
     }

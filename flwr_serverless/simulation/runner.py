@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from flwr_serverless.simulation.baselines import BaselineCache, centralized_key, standalone_key
-from flwr_serverless.simulation.data import load_dataset, partition_label_skew
+from flwr_serverless.simulation.data import load_dataset
 from flwr_serverless.simulation.execution import WORKERS, run_locally
 from flwr_serverless.simulation.options import (
     FEDPROX_DEFAULT_MU,
@@ -34,6 +34,7 @@ from flwr_serverless.simulation.options import (
     option_name,
     strategy_key,
 )
+from flwr_serverless.simulation.partitions import Partitioning
 from flwr_serverless.simulation.results import NodeResult, SimulationResult
 from flwr_serverless.simulation.update_options import CompressionOptions, check_aggregate
 from flwr_serverless.validation import check_choice, check_int, check_number, check_positive, check_positive_int
@@ -41,6 +42,7 @@ from flwr_serverless.validation import check_choice, check_int, check_number, ch
 ProgressFn = Callable[[dict[str, Any]], None]
 
 MODES = ("async", "sync", "semisync", "aggregate")
+DEFAULT_SKEW = 0.9
 DEFAULT_SYNC_TIMEOUT = 120.0
 #: node kwargs the simulation sets itself; ``node_options`` may not override them
 RESERVED_NODE_OPTIONS = frozenset(
@@ -78,7 +80,8 @@ class SimulationConfig:
     epochs: int = 5
     dataset: str = "digits"
     data_dir: str | None = None
-    skew: float = 0.9
+    skew: float = DEFAULT_SKEW  # label skew of the default partitioner ("skew", the paper's split)
+    partitioning: Partitioning = field(default_factory=Partitioning)  # or a Flower Datasets partitioner
     batch_size: int = 32
     learning_rate: float = 1e-3
     seed: int = 0
@@ -108,6 +111,7 @@ class SimulationConfig:
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)
         check_number("skew", self.skew, 0.0, 1.0)
+        self.partitioning.validate(self.skew, DEFAULT_SKEW)
         check_positive("learning_rate", self.learning_rate)
         check_positive_int("max_train_examples", self.max_train_examples, none=True)
         if self.use_processes and self.store_url is not None and self.store_url.startswith("memory://"):
@@ -275,10 +279,12 @@ def run_simulation(config: SimulationConfig, progress: ProgressFn | None = None)
     started = time.monotonic()
     _, y_train, _, _ = load_dataset(config.dataset, config.data_dir)
     pool = _training_indices(config, len(y_train))
-    parts = [pool[p] for p in partition_label_skew(y_train[pool], config.num_nodes, config.skew, config.seed)]
+    split = config.partitioning.split(y_train[pool], config.num_nodes, config.skew, config.seed)
+    parts = [pool[p] for p in split]
     empty = [f"node-{i}" for i, p in enumerate(parts) if len(p) == 0]
     if empty:
-        raise ValueError(f"{', '.join(empty)} would get no training data; use fewer nodes or a lower skew")
+        remedy = "a lower skew" if config.partitioning.kind == "skew" else "other partitioner options"
+        raise ValueError(f"{', '.join(empty)} would get no training data; use fewer nodes or {remedy}")
 
     base_url = config.store_url if config.store_url is not None else default_store_url()
     run_url = make_run_url(base_url)
