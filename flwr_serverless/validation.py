@@ -48,14 +48,12 @@ def check_int(
         expected = f"an integer >= {low}"
     else:
         expected = "an integer" if high is None else f"an integer <= {high}"
-    if (
-        not isinstance(value, numbers.Integral)
-        or isinstance(value, bool)
-        or (low is not None and value < low)
-        or (high is not None and value > high)
-    ):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise _fail(name, expected, value, none, error)
-    return int(value)
+    number = int(value)
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise _fail(name, expected, value, none, error)
+    return number
 
 
 def check_positive_int(name: str, value: Any, *, none: bool = False, error: type[Exception] = ValueError) -> Any:
@@ -86,15 +84,16 @@ def check_number(
         expected = f"{'<' if open_high else '<='} {high:g}"
     else:
         expected = "a finite number"
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise _fail(name, expected, value, none, error)
+    number = float(value)
     if (
-        not isinstance(value, numbers.Real)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or (low is not None and (value <= low if open_low else value < low))
-        or (high is not None and (value >= high if open_high else value > high))
+        not math.isfinite(number)
+        or (low is not None and (number <= low if open_low else number < low))
+        or (high is not None and (number >= high if open_high else number > high))
     ):
         raise _fail(name, expected, value, none, error)
-    return float(value)
+    return number
 
 
 def check_positive(
@@ -103,9 +102,13 @@ def check_positive(
     """A finite number > 0; ``unit`` ("seconds") goes into the message."""
     if value is None and none:
         return None
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not (math.isfinite(value) and value > 0):
-        raise _fail(name, f"a positive number{f' of {unit}' if unit else ''}", value, none, error)
-    return float(value)
+    expected = f"a positive number{f' of {unit}' if unit else ''}"
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise _fail(name, expected, value, none, error)
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise _fail(name, expected, value, none, error)
+    return number
 
 
 def check_fraction(name: str, value: Any, *, none: bool = False, error: type[Exception] = ValueError) -> Any:

@@ -127,7 +127,12 @@ class AsyncFederatedNode(FederatedNode):
         for key, info in listing.items():
             peer = layout.parse_node_key(key)
             record = records.get(peer) if peer is not None else None
-            if peer != self.node_id and record is not None and ended_before(record, membership.joined_at):
+            if (
+                peer is not None
+                and peer != self.node_id
+                and record is not None
+                and ended_before(record, membership.joined_at)
+            ):
                 self.peers.leftovers[peer] = info.tag
                 skipped.append(
                     f"{peer} ({record.status}, last heard {membership.joined_at - record.heartbeat:.0f}s "

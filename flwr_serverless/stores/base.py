@@ -128,7 +128,8 @@ class Store(ABC):
         retry layer of its own (botocore, s3fs) sizes that layer by it, so the two never multiply.
         The default ignores it and calls ``cls(url, **options)``.
         """
-        return cls(url, **options)
+        build: Callable[..., Store] = cls  # every concrete store takes the URL (Store itself takes nothing)
+        return build(url, **options)
 
     # -- public API -------------------------------------------------------
     # Stats count requests that succeeded; retried failures go to ``stats.retries``.

@@ -188,7 +188,7 @@ def state_ref(round_number: int, arrays: Sequence[np.ndarray]) -> KeyframeRef:
     hasher = blake3.blake3()
     for array in arrays:
         array = np.asarray(array)
-        hasher.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8))
+        hasher.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8).data)
     return KeyframeRef(round_number, f"blake3:{hasher.hexdigest()}")
 
 
