@@ -21,11 +21,23 @@ __all__ = [
     "check_number",
     "check_positive",
     "check_positive_int",
+    "parse_number",
 ]
 
 
 def _fail(name: str, expected: str, value: Any, none: bool, error: type[Exception]) -> Exception:
     return error(f"{name} must be {expected}{' or None' if none else ''}, got {value!r}")
+
+
+def parse_number(text: str) -> int | float:
+    """``"5"`` -> 5, ``"0.1"`` -> 0.1 (a flag's text), so the option's check says which kind it needs."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
 
 
 def check_int(

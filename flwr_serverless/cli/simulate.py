@@ -28,6 +28,7 @@ from flwr_serverless.simulation.report import ProgressPrinter, execution_label, 
 from flwr_serverless.simulation.runner import DEFAULT_SKEW, MODES, WORKERS, SimulationConfig
 from flwr_serverless.simulation.update_options import CompressionOptions, topk_option_names
 from flwr_serverless.strategy.factory import STRATEGY_NAMES
+from flwr_serverless.validation import parse_number
 
 
 def add_simulate_arguments(sim: argparse.ArgumentParser) -> None:
@@ -227,15 +228,8 @@ def add_simulate_arguments(sim: argparse.ArgumentParser) -> None:
     _add_compression_flags(sim)
 
 
-def _number(text: str) -> int | float:
-    """``"5"`` -> 5, ``"0.1"`` -> 0.1: the node checks which it needs and says so naming the flag."""
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+#: ``"5"`` -> 5, ``"0.1"`` -> 0.1: the node checks which it needs and says so naming the flag
+_number = typed(parse_number)
 
 
 def _compression(text: str) -> str:

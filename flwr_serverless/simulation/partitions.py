@@ -18,7 +18,14 @@ import numpy as np
 
 from flwr_serverless.simulation.data import partition_label_skew
 from flwr_serverless.simulation.options import option_name
-from flwr_serverless.validation import check_bool, check_choice, check_int, check_positive, check_positive_int
+from flwr_serverless.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_positive,
+    check_positive_int,
+    parse_number,
+)
 
 PARTITIONERS = ("skew", "iid", "dirichlet", "pathological", "shard")
 #: the argument ``--partitioner KIND:VALUE`` sets
@@ -48,14 +55,11 @@ ARGUMENTS: dict[str, dict[str, _Check]] = {
 REQUIRED = {"dirichlet": "alpha", "pathological": "num_classes_per_partition"}
 
 
-def _number(text: str) -> int | float:
+def _number(text: str) -> int | float | str:
     try:
-        return int(text)
+        return parse_number(text)
     except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            return text  # type: ignore[return-value]  # the argument's check names it
+        return text  # the argument's check says what it needs, naming the flag
 
 
 @dataclass(frozen=True)
