@@ -211,3 +211,10 @@ def test_the_semisync_claim_is_judged_run_by_run() -> None:
     table["rows"]["async"] = row(None, 60.0)
     table["rows"]["sync"] = row(None, None)
     assert hetero_claims(table)[0]["verdict"] == REPRODUCES
+
+
+def test_the_paper_command_checks_its_tables_before_running(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.paper.run import main
+
+    assert main(["--tables", "table1,nope", "--cache", "/nonexistent"]) == 2
+    assert "unknown table(s) nope; choose from table1, table2, hetero" in capsys.readouterr().err
