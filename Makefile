@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # constraints.txt pins the versions this repo is tested with, so pip resolves in seconds, not minutes.
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint bench data paper paper-quick clean
+.PHONY: install demo test test-slow lint docs bench data paper paper-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,16 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
+# ruff check and the format check over the code, the docs' hook and the Python blocks of the Markdown pages.
+LINT_PATHS := flwr_serverless tests benchmarks examples docs README.md CONTRIBUTING.md
 lint: install
-	$(VENV)/bin/ruff check flwr_serverless tests benchmarks examples
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+# The docs site (mkdocs.yml, docs/): strict, so a broken link, a page missing from the nav or a benchmark
+# table that no longer renders from benchmarks/results/*.json fails the build.
+docs: install
+	$(VENV)/bin/mkdocs build --strict -d site
 
 bench: install
 	$(PY) benchmarks/store_overhead.py
@@ -51,4 +59,4 @@ paper-quick: install
 	$(PY) benchmarks/paper/run.py --quick
 
 clean:
-	rm -rf $(VENV) demo-store .pytest_cache
+	rm -rf $(VENV) demo-store site .pytest_cache

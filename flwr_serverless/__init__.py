@@ -1,7 +1,8 @@
 """flwr-serverless: federated learning without a server, through a shared weight store.
 
-Importing this package never imports TensorFlow or torch; the framework
-callbacks live in ``flwr_serverless.callbacks.keras`` and ``...lightning``.
+Importing this package never imports TensorFlow, torch or transformers; the framework
+callbacks live in ``flwr_serverless.keras``, ``...lightning`` and ``...transformers``, the
+plain PyTorch helper in ``flwr_serverless.torch``.
 """
 
 from __future__ import annotations

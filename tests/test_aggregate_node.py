@@ -278,7 +278,8 @@ def test_a_node_dying_with_a_pending_change_loses_nothing_and_its_restart_avoids
     _close(got, _fedavg(_named_contributions(helper.store, _aggregate_of(helper.store, _model(0))[1])))
 
 
-@pytest.mark.parametrize("kind", ["memory", "boto3"])
+# Real races: moto (serialised by the suite) and SeaweedFS (no lock: the server's own If-Match), both clients.
+@pytest.mark.parametrize("kind", ["memory", "moto-boto3", "seaweedfs-boto3", "seaweedfs-s3fs"])
 def test_concurrent_writers_keep_the_aggregate_equal_to_fedavg_of_the_named_contributions(store_url_factory, kind):
     url = store_url_factory(kind)
     # 5 ms per store call: all eight read before the first write lands, so most writes lose a race.

@@ -34,6 +34,7 @@ from flwr_serverless.wire.codec import decode
 from tests.threads import in_background
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.s3_servers("moto")  # the 0.2 API over a Store, not the server (see test_stores)
 
 # -- module paths and version ------------------------------------------------------------------
 

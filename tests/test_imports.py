@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HEAVY = ("tensorflow", "keras", "torch", "lightning", "pytorch_lightning")
+HEAVY = ("tensorflow", "keras", "torch", "lightning", "pytorch_lightning", "transformers", "peft", "accelerate")
 
 
 def _loaded_after(statement: str) -> list[str]:
@@ -19,6 +19,12 @@ def test_package_simulation_and_cli_imports_stay_light() -> None:
     assert _loaded_after("import flwr_serverless, flwr_serverless.simulation, flwr_serverless.cli") == []
     assert _loaded_after("from flwr_serverless.simulation import run_simulation, SimulationConfig") == []
     assert _loaded_after("import flwr_serverless.callbacks") == []
+
+
+def test_torch_and_transformers_entry_points_import_only_what_they_need() -> None:
+    loaded = _loaded_after("import flwr_serverless.torch")
+    assert "torch" in loaded and not {"transformers", "peft", "tensorflow"} & set(loaded)
+    assert "transformers" in _loaded_after("from flwr_serverless.transformers import FlwrFederatedCallback")
 
 
 def test_keras_shim_imports_the_callback() -> None:

@@ -305,14 +305,6 @@ def test_layout_builds_and_parses_every_key() -> None:
         assert not any(p(bad) for p in (layout.parse_round_key, layout.parse_node_key, layout.parse_profile_key))
 
 
-def test_readme_store_layout_lists_every_key_of_the_protocol() -> None:
-    with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as fh:
-        readme = fh.read()
-    section = readme.split("## Store layout", 1)[1].split("\n## ", 1)[0]
-    for pattern, _ in layout.LAYOUT:
-        assert pattern in section, pattern
-
-
 def test_member_record_round_trips_and_rejects_garbage() -> None:
     record = _record("a", 5.0)
     assert MemberRecord.parse(record.to_bytes()) == record

@@ -17,6 +17,9 @@ from flwr_serverless.wire.codec import UpdateHeader, encode
 from tests.fakes import FakeClock
 from tests.threads import run_in_threads
 
+# Node logic, not the server: S3 through moto here; test_stores, test_lifecycle and test_aggregate_node run SeaweedFS.
+pytestmark = pytest.mark.s3_servers("moto")
+
 
 def _model(seed: int, scale: float = 1.0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -29,6 +30,7 @@ from flwr_serverless.stores.fsspec_store import TEMP_PREFIX
 from flwr_serverless.stores.retry import call_with_retries, is_transient
 from flwr_serverless.wire.codec import decode
 from tests.fakes import FakeClock
+from tests.s3_servers import S3Server, create_bucket, free_port, seaweedfs
 from tests.threads import in_background
 
 WORKER = str(Path(__file__).with_name("reliability_worker.py"))
@@ -241,8 +243,9 @@ def test_soak_small_local(tmp_path: Path) -> None:
     _run_soak(str(tmp_path / "store"), {}, tmp_path, nodes=3, epochs=5, params=20_000)
 
 
-def test_soak_small_s3(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> None:
-    _run_soak(f"s3://{s3_bucket}/soak", {"endpoint_url": moto_endpoint}, tmp_path, nodes=3, epochs=5, params=20_000)
+def test_soak_small_s3(tmp_path: Path, s3_server: str, store_url_factory: Any) -> None:
+    url, options = store_url_factory(f"{s3_server}-boto3")
+    _run_soak(url, options, tmp_path, nodes=3, epochs=5, params=20_000)
 
 
 @pytest.mark.slow
@@ -251,8 +254,9 @@ def test_soak_8_processes_30_epochs_1m_parameters(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_soak_8_processes_30_epochs_1m_parameters_s3(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> None:
-    _run_soak(f"s3://{s3_bucket}/soak", {"endpoint_url": moto_endpoint}, tmp_path, nodes=8, epochs=30, params=1_000_000)
+def test_soak_8_processes_30_epochs_1m_parameters_s3(tmp_path: Path, s3_server: str, store_url_factory: Any) -> None:
+    url, options = store_url_factory(f"{s3_server}-boto3")
+    _run_soak(url, options, tmp_path, nodes=8, epochs=30, params=1_000_000)
 
 
 # -- kill -9 mid-write --------------------------------------------------------------------------
@@ -319,21 +323,16 @@ def test_kill_9_mid_write_local_folder(tmp_path: Path) -> None:
     assert counts["kills"] == 4 and counts["reads"] > 0 and counts["failures"] == 0
 
 
-def test_kill_9_mid_write_s3(moto_endpoint: str, s3_bucket: str) -> None:
-    counts = _kill_writer_repeatedly(
-        f"s3://{s3_bucket}/kill", {"endpoint_url": moto_endpoint}, kills=3, params=2_000_000
-    )
+def test_kill_9_mid_write_s3(s3_server: str, store_url_factory: Any) -> None:
+    url, options = store_url_factory(f"{s3_server}-boto3")
+    counts = _kill_writer_repeatedly(url, options, kills=3, params=2_000_000)
     assert counts["kills"] == 3 and counts["reads"] > 0 and counts["failures"] == 0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["file", "s3"])
-def test_kill_9_mid_write_ten_times(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    if kind == "file":
-        url, options = str(tmp_path / "store"), {}
-    else:
-        endpoint, bucket = request.getfixturevalue("moto_endpoint"), request.getfixturevalue("s3_bucket")
-        url, options = f"s3://{bucket}/kill", {"endpoint_url": endpoint}
+@pytest.mark.parametrize("kind", ["file", "moto-boto3", "seaweedfs-boto3"])
+def test_kill_9_mid_write_ten_times(kind: str, tmp_path: Path, store_url_factory: Any) -> None:
+    url, options = store_url_factory(kind)
     counts = _kill_writer_repeatedly(url, options, kills=10, params=4_000_000)
     assert counts["kills"] == 10 and counts["failures"] == 0
 
@@ -390,9 +389,31 @@ def restartable_moto(moto_endpoint: str) -> Any:
     stop()
 
 
-def test_s3_outage_async_nodes_finish_every_epoch(restartable_moto: dict[str, Any], s3_bucket: str) -> None:
-    options = {"endpoint_url": restartable_moto["endpoint"], "retry": FAST, "max_attempts": 1}
-    url = f"s3://{s3_bucket}/outage"
+@pytest.fixture(params=["moto", "seaweedfs"])
+def restartable_s3(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """An S3 server a test may stop and start on the same port and data: a second moto, or a SeaweedFS of its own.
+
+    Keys: endpoint, bucket, options (endpoint and credentials for open_store), stop(), start().
+    """
+    if request.param == "moto":
+        state = request.getfixturevalue("restartable_moto")
+        return {**state, "bucket": request.getfixturevalue("s3_bucket"), "options": {"endpoint_url": state["endpoint"]}}
+    port, stack = free_port(), contextlib.ExitStack()
+
+    def start() -> None:
+        stack.enter_context(seaweedfs(data_dir=tmp_path / "weed", port=port))
+
+    start()
+    request.addfinalizer(stack.close)
+    server = S3Server(endpoint=f"http://127.0.0.1:{port}")
+    create_bucket(server, "outage")
+    options = {"endpoint_url": server.endpoint, "key": server.access_key, "secret": server.secret_key}
+    return {"endpoint": server.endpoint, "bucket": "outage", "options": options, "stop": stack.close, "start": start}
+
+
+def test_s3_outage_async_nodes_finish_every_epoch(restartable_s3: dict[str, Any]) -> None:
+    options = {**restartable_s3["options"], "retry": FAST, "max_attempts": 1}
+    url = f"s3://{restartable_s3['bucket']}/outage"
     epochs = 16
     nodes = [AsyncFederatedNode(url, node_id=f"a{i}", storage_options=options) for i in range(2)]
     kept: list[bool] = []
@@ -413,23 +434,23 @@ def test_s3_outage_async_nodes_finish_every_epoch(restartable_moto: dict[str, An
 
     training = [in_background(functools.partial(train, n, 10.0 * i)) for i, n in enumerate(nodes)]
     time.sleep(0.7)
-    restartable_moto["stop"]()
+    restartable_s3["stop"]()
     time.sleep(3.5)  # longer than FAST's 2 s retry bound: some epochs must fail over to local weights
-    restartable_moto["start"]()
+    restartable_s3["start"]()
     restarted.set()
     for job in training:
         job.result()
     assert done == {"a0": epochs, "a1": epochs}
     assert kept and all(kept)  # every epoch hit by the outage kept its own training
     assert sum(n.stats.store_failures for n in nodes) > 0  # (the other may have retried through it)
-    store = open_store(url, endpoint_url=restartable_moto["endpoint"])
+    store = open_store(url, **restartable_s3["options"])
     for key in store.list("nodes/"):
         assert decode(store.get(key), key).header.epoch == epochs - 1  # the bucket survived the restart
 
 
-def test_s3_outage_sync_nodes_complete_or_time_out(restartable_moto: dict[str, Any], s3_bucket: str) -> None:
-    options = {"endpoint_url": restartable_moto["endpoint"], "retry": FAST, "max_attempts": 1}
-    url = f"s3://{s3_bucket}/sync-outage"
+def test_s3_outage_sync_nodes_complete_or_time_out(restartable_s3: dict[str, Any]) -> None:
+    options = {**restartable_s3["options"], "retry": FAST, "max_attempts": 1}
+    url = f"s3://{restartable_s3['bucket']}/sync-outage"
     nodes = [
         SyncFederatedNode(url, num_nodes=2, timeout=15, node_id=f"s{i}", storage_options=options) for i in range(2)
     ]
@@ -442,10 +463,10 @@ def test_s3_outage_sync_nodes_complete_or_time_out(restartable_moto: dict[str, A
 
     first = in_background(lambda: train(nodes[0], 0.0))
     time.sleep(0.3)
-    restartable_moto["stop"]()  # s0 waits at the barrier of round 0 through the outage
+    restartable_s3["stop"]()  # s0 waits at the barrier of round 0 through the outage
     second = in_background(lambda: train(nodes[1], 0.0))
     time.sleep(2.0)
-    restartable_moto["start"]()
+    restartable_s3["start"]()
     first.result(timeout=60)
     second.result(timeout=60)
     assert nodes[0].round == nodes[1].round == 3
@@ -456,10 +477,10 @@ def test_s3_outage_sync_nodes_complete_or_time_out(restartable_moto: dict[str, A
     lonely = SyncFederatedNode(url, num_nodes=3, timeout=1.5, node_id="s2", storage_options=fake_time)
     lonely.clock, lonely.sleep = clock.now, clock.sleep
     lonely.round = 3
-    restartable_moto["stop"]()
+    restartable_s3["stop"]()
     try:
         with pytest.raises((SyncTimeoutError, StoreError)):
             lonely.update_parameters([np.zeros(4)], num_examples=1)
     finally:
-        restartable_moto["start"]()
+        restartable_s3["start"]()
     assert 0 < clock.t <= 1.5 + FAST.max_time  # retried, then gave up within timeout + the first join's retry bound

@@ -24,6 +24,7 @@ import torch
 
 from flwr_serverless.callbacks.core import FederatedCallbackCore, Payload
 from flwr_serverless.callbacks.parts import RunningMean, check_given_with, leading_dim
+from flwr_serverless.callbacks.torch_state import native_bf16, to_numpy, to_torch
 from flwr_serverless.validation import check_positive_int
 
 __all__ = ["FlwrFederatedCallback", "make_callback_class"]
@@ -206,13 +207,9 @@ class _LightningFederation(FederatedCallbackCore):
 
     def _get_arrays(self) -> list[np.ndarray]:
         state = self._module.state_dict()
-        arrays = []
-        for name in self.federated_names(self._module):
-            tensor = state[name].detach()
-            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; restored to bf16 on load
-                tensor = tensor.float()
-            arrays.append(tensor.cpu().numpy().copy())
-        return arrays
+        # bfloat16 travels as its raw bits (numpy has none), float16 as float16: nothing is upcast on the wire
+        bits = native_bf16(self.node)
+        return [to_numpy(state[name], bits) for name in self.federated_names(self._module)]
 
     def _tensor_names(self) -> list[str]:
         return self.federated_names(self._module)
@@ -221,8 +218,7 @@ class _LightningFederation(FederatedCallbackCore):
         state = self._module.state_dict()
         with torch.no_grad():
             for name, array in zip(self.federated_names(self._module), arrays):
-                # copy_ keeps the tensor's dtype and device; np.require copies read-only arrays only
-                state[name].copy_(torch.from_numpy(np.require(array, requirements=["C", "W"])))
+                state[name].copy_(to_torch(array))  # copy_ keeps the tensor's dtype and device
 
     def _named_trainables(self) -> Iterable[tuple[str, Any]]:
         module = self._module

@@ -19,6 +19,8 @@ import numpy as np
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg, Strategy
 
+from flwr_serverless.wire.dtypes import bf16_to_float32, float_to_bf16, is_bf16
+
 WEIGHT_SCALE = 2**40
 CHUNK_ELEMENTS = 1 << 16  # elements per slice of a weighted sum: two 512 KiB float64 temporaries
 
@@ -54,7 +56,7 @@ def weighted_mean(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[flo
     result: list[np.ndarray] = []
     for layer in zip(*tensors):
         dtype = layer[0].dtype
-        if dtype.kind not in "fc":
+        if dtype.kind not in "fc" and not is_bf16(dtype):
             result.append(np.maximum.reduce([np.asarray(t) for t in layer]))
             continue
         result.append(weighted_sum([np.asarray(t) for t in layer], scales, dtype))
@@ -69,24 +71,25 @@ def weighted_sum(
     Each slice is widened by a plain copy, then scaled in place: the same bits as a
     widening multiply, in simpler (faster) loops.
     """
+    bf16 = is_bf16(dtype)  # bfloat16 bits: widened slice by slice, rounded back to nearest even
     out = np.empty(layer[0].shape, dtype=dtype)
     flat_out = out.reshape(-1)
     terms = [(t.reshape(-1), scale) for t, scale in zip(layer, scales) if scale]
     if not terms:
-        flat_out[...] = 0
+        (flat_out.view("<u2") if bf16 else flat_out)[...] = 0
         return out
-    wide = np.result_type(dtype, np.float64)
+    wide = np.float64 if bf16 else np.result_type(dtype, np.float64)
     acc = np.empty(min(chunk, flat_out.size), dtype=wide)
     term = np.empty_like(acc)
     for start in range(0, flat_out.size, chunk):
         stop = min(start + chunk, flat_out.size)
         for index, (flat, scale) in enumerate(terms):
             target = acc[: stop - start] if index == 0 else term[: stop - start]
-            target[...] = flat[start:stop]
+            target[...] = bf16_to_float32(flat[start:stop]) if bf16 else flat[start:stop]
             target *= scale
             if index:
                 acc[: stop - start] += target
-        flat_out[start:stop] = acc[: stop - start]
+        flat_out[start:stop] = float_to_bf16(acc[: stop - start]) if bf16 else acc[: stop - start]
     return out
 
 
@@ -159,10 +162,11 @@ def aggregate(strategy: Strategy, server_round: int, contributions: Sequence[Con
         raise ValueError("no contribution has a positive weight")
     if is_linear(strategy):
         return weighted_mean([c.arrays for c in live], [c.weight for c in live])
+    reference = live[0].arrays
+    live = [_widened(c) for c in live]  # Flower's strategies compute on numpy floats: bfloat16 bits as float32
     if is_message_api(strategy):
-        reference = live[0].arrays
         arrays = _aggregate_messages(strategy, server_round, live)
-        return [np.asarray(a).astype(r.dtype, copy=False).reshape(r.shape) for a, r in zip(arrays, reference)]
+        return [_like(a, r) for a, r in zip(arrays, reference)]
 
     ok = Status(code=Code.OK, message="")
     results = [
@@ -173,5 +177,23 @@ def aggregate(strategy: Strategy, server_round: int, contributions: Sequence[Con
     if parameters is None:
         raise RuntimeError(f"{type(strategy).__name__}.aggregate_fit returned no parameters")
     arrays = parameters_to_ndarrays(parameters) if isinstance(parameters, Parameters) else list(parameters)
-    reference = live[0].arrays
-    return [np.asarray(a).astype(r.dtype, copy=False).reshape(r.shape) for a, r in zip(arrays, reference)]
+    return [_like(a, r) for a, r in zip(arrays, reference)]
+
+
+def _widened(contribution: Contribution) -> Contribution:
+    """``contribution`` with its bfloat16 tensors as float32 (the same object when it has none)."""
+    arrays = [np.asarray(a) for a in contribution.arrays]
+    if not any(is_bf16(a.dtype) for a in arrays):
+        return contribution
+    wide = [bf16_to_float32(a) if is_bf16(a.dtype) else a for a in arrays]
+    return Contribution(
+        contribution.node_id, wide, contribution.weight, contribution.num_examples, contribution.metrics
+    )
+
+
+def _like(array: Any, reference: np.ndarray) -> np.ndarray:
+    """A strategy's output in the dtype and shape of the contribution it stands for (bfloat16 rounded back)."""
+    array = np.asarray(array)
+    if is_bf16(reference.dtype):
+        return float_to_bf16(array.astype(np.float32, copy=False)).reshape(reference.shape)
+    return array.astype(reference.dtype, copy=False).reshape(reference.shape)

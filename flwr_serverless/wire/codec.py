@@ -43,7 +43,7 @@ from flwr_serverless.wire.compression import (
     parse_spec,
     part_suffixes,
 )
-from flwr_serverless.wire.dtypes import DTYPES, dtype_name
+from flwr_serverless.wire.dtypes import DTYPES, bf16_finite, dtype_name, is_bf16
 from flwr_serverless.wire.header import (
     FORMAT,
     FORMAT_V1,
@@ -308,7 +308,9 @@ def decode(
     arrays = _rebuild(names, specs, parts, header, (ref, chain), base, key)
     if check_finite:
         for name, array in zip(names, arrays):
-            if array.dtype.kind == "f" and not _all_finite(array):
+            if (array.dtype.kind == "f" and not _all_finite(array)) or (
+                is_bf16(array.dtype) and not bf16_finite(array)
+            ):
                 raise InvalidObjectError(key, f"tensor {name!r} contains NaN or Inf")
     return DecodedUpdate(
         header=header,

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from flwr_serverless.errors import InvalidObjectError
-from flwr_serverless.wire.dtypes import DTYPES, dtype_name
+from flwr_serverless.wire.dtypes import DTYPES, dtype_name, from_bf16_bits, to_bf16_bits
 
 CODECS = ("fp16", "bf16", "int8", "delta")
 
@@ -144,17 +144,6 @@ def encode_tensor(array: np.ndarray, codec: str | None, chunk: int = DEFAULT_CHU
 def _fits_fp16(array: np.ndarray) -> bool:
     """Two reductions, no temporary array (NaN fails too: a reader would reject it anyway)."""
     return bool(float(array.max()) <= _FP16_MAX and float(array.min()) >= -_FP16_MAX)
-
-
-def to_bf16_bits(array: np.ndarray) -> np.ndarray:
-    """float -> bfloat16 bits as uint16, rounding to nearest even (the rounding torch and TPUs use)."""
-    bits = np.ascontiguousarray(array, dtype="<f4").view("<u4")
-    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
-    return (rounded >> np.uint32(16)).astype("<u2")
-
-
-def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype("<u4") << np.uint32(16)).view("<f4")
 
 
 def quantize_int8(array: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
