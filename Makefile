@@ -53,10 +53,10 @@ data:
 
 # The paper tables and plots (benchmarks/results/paper_default.*): ~40 min on 2 idle cores; runs are cached.
 paper: install
-	$(VENV)/bin/flwr-serverless experiment paper
+	$(PY) benchmarks/paper/run.py
 
 paper-quick: install
-	$(VENV)/bin/flwr-serverless experiment paper --quick
+	$(PY) benchmarks/paper/run.py --quick
 
 clean:
 	rm -rf $(VENV) demo-store site .pytest_cache

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from flwr_serverless.simulation.sweep import mean_ci
+from flwr_serverless.simulation.seeds import mean_ci
 
 #: The paper's Table 7 (WikiText, Pythia-14M): only its centralized figure is quoted in our sources.
 PAPER = {"centralized": 0.279}

@@ -1,17 +1,18 @@
-"""Regenerate the paper tables and plots: the same as ``flwr-serverless experiment paper``.
+"""Regenerate the paper tables and plots: the same as ``make paper`` (kept for the old command line).
 
     python benchmarks/paper_tables.py [--quick] [--dataset digits|fashion_mnist] [--tables table1,table2,hetero]
 
-The grid, the strategy settings and the claims checked are in
-``flwr_serverless/simulation/paper.py`` (and ``paper_report.py``, ``paper_claims.py``);
-outputs go to benchmarks/results/paper_<grid>.{json,csv,md} and PNGs.
+The harness lives in ``benchmarks/paper/`` (grid, tables, claims, plots, run).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from flwr_serverless.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.paper.run import main
 
 if __name__ == "__main__":
-    sys.exit(main(["experiment", "paper", *sys.argv[1:]]))
+    sys.exit(main())

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from flwr_serverless.callbacks.core import FederatedCallbackCore, Payload
-from flwr_serverless.callbacks.parts import check_positive
 from flwr_serverless.callbacks.torch_state import TorchTensors, native_bf16, on_main_process
+from flwr_serverless.validation import check_positive_int
 
 __all__ = ["TorchFederation", "federate"]
 
@@ -89,8 +89,8 @@ class TorchFederation(FederatedCallbackCore):
         num_steps: int | None = None,
     ) -> dict[str, float]:
         """Federate now; returns the figures logged (``<name><postfix>`` -> value)."""
-        self._examples = check_positive("num_examples", num_examples, allow_none=False) or 0
-        self._steps = check_positive("num_steps", num_steps)
+        self._examples = check_positive_int("num_examples", num_examples)
+        self._steps = check_positive_int("num_steps", num_steps, none=True)
         self._batches = 1  # the core resets it; a call always has something to federate
         if epoch is None:
             epoch = self._node.state_dict().get("federations", 0)

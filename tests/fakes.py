@@ -10,6 +10,19 @@ import numpy as np
 from flwr_serverless.nodes import AsyncFederatedNode
 
 
+class FakeClock:
+    """An injected monotonic clock: sleeping advances it at once."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += max(seconds, 0.0)
+
+
 class RecordingNode:
     """Records every call in ``events``; returns the weights shifted by ``shift`` and fixed or echoed metrics.
 

@@ -7,6 +7,7 @@ races retried or deferred, crashes and lost or hostile objects repaired.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from flwr_serverless.modes.aggregate import TABLE, Entry, fold, parse_table, reb
 from flwr_serverless.stores.faults import FaultyStore
 from flwr_serverless.wire.codec import UpdateHeader, decode, encode
 from tests.objects import rewrite
+from tests.threads import run_in_threads
 
 
 def _model(seed: int) -> list[np.ndarray]:
@@ -293,24 +295,15 @@ def test_concurrent_writers_keep_the_aggregate_equal_to_fedavg_of_the_named_cont
         for i in range(8)
     ]
     start = threading.Barrier(len(nodes))
-    errors: list[BaseException] = []
     last: dict[str, list[np.ndarray]] = {}
 
     def work(index: int, node: AggregateFederatedNode) -> None:
-        try:
-            for epoch in range(4):
-                start.wait(30)  # everyone writes at once: races are the point
-                last[node.node_id] = _model(100 * index + epoch)
-                node.update_parameters(last[node.node_id], 10 + index, epoch=epoch)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+        for epoch in range(4):
+            start.wait(30)  # everyone writes at once: races are the point
+            last[node.node_id] = _model(100 * index + epoch)
+            node.update_parameters(last[node.node_id], 10 + index, epoch=epoch)
 
-    threads = [threading.Thread(target=work, args=(i, n)) for i, n in enumerate(nodes)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors, errors
+    run_in_threads(*(functools.partial(work, i, n) for i, n in enumerate(nodes)))
     assert sum(n.stats.cas_giveups for n in nodes) == 0 and sum(n.stats.cas_conflicts for n in nodes) >= 7
     mean, table = _aggregate_of(nodes[0].store, _model(0))
     _close(mean, _fedavg([(last[n.node_id], 10 + i) for i, n in enumerate(nodes)]), rtol=1e-5)

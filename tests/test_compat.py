@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -32,6 +31,7 @@ from flwr_serverless.shared_folder.local_folder import LocalFolder, LocalFolderW
 from flwr_serverless.shared_folder.s3_folder import S3FolderWithBytes, S3FolderWithPickle
 from flwr_serverless.stores import FsspecStore, Store
 from flwr_serverless.wire.codec import decode
+from tests.threads import in_background
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.s3_servers("moto")  # the 0.2 API over a Store, not the server (see test_stores)
@@ -266,24 +266,17 @@ def test_sync_node_requires_num_nodes_as_in_the_original(shared: Store) -> None:
 def test_sync_round_reports_counts_and_upload_only_does_not_wait(shared: Store) -> None:
     a = SyncFederatedNode(shared, FedAvg(), 2, timeout=20, node_id="node-a")
     b = SyncFederatedNode(shared, FedAvg(), 2, timeout=20, node_id="node-b")
-    results: dict[str, Any] = {}
-    waiting = threading.Thread(target=lambda: results.update(b=b.update_parameters(_weights(3.0), 30, {}, 0)))
-    waiting.start()  # b waits at round 0's barrier for a
+    waiting = in_background(lambda: b.update_parameters(_weights(3.0), 30, {}, 0))  # b waits at round 0's barrier
     # a's first call only uploads: it joins b's round, publishes and returns at once (a wait would time out)
     assert a.update_parameters(_weights(1.0), 10, {}, 0, upload_only=True) is None
-    waiting.join(timeout=30)
-    assert not waiting.is_alive()
-    weights, metrics = results["b"]
+    weights, metrics = waiting.result(timeout=30)
     assert _values(weights) == pytest.approx([2.5, 2.5])  # b aggregated a's uploaded object
     assert metrics == {"num_examples": 40, "num_nodes": 2}
     assert a.num_nodes == 2 and a.counter == 0 and b.counter == 1 and a.round == b.round == 1
     # The next round is a full barrier for both again.
-    second: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: second.update(b=b.update_parameters(_weights(0.0), 10, {}, 1)))
-    thread.start()
+    second = in_background(lambda: b.update_parameters(_weights(0.0), 10, {}, 1))
     weights, metrics = a.update_parameters(_weights(2.0), 10, {}, 1)
-    thread.join(timeout=30)
-    assert _values(weights) == _values(second["b"][0]) == [1.0, 1.0] and metrics["num_nodes"] == 2
+    assert _values(weights) == _values(second.result(timeout=30)[0]) == [1.0, 1.0] and metrics["num_nodes"] == 2
 
 
 def test_alias_nodes_refuse_two_folders(shared: Store) -> None:

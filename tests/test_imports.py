@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 HEAVY = ("tensorflow", "keras", "torch", "lightning", "pytorch_lightning", "transformers", "peft", "accelerate")
 
@@ -36,3 +37,29 @@ def test_python_dash_m_runs_the_cli() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "--nodes" in done.stdout and "--strategy" in done.stdout
+
+
+def test_inspect_and_clean_import_neither_a_framework_nor_the_simulation(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    code = (
+        "import sys\n"
+        "from flwr_serverless.cli import main\n"
+        f"assert main(['inspect', {str(store)!r}]) == 0\n"
+        f"assert main(['clean', {str(store)!r}, '--dry-run']) == 0\n"
+        f"heavy = {(*HEAVY, 'flwr_serverless.simulation')!r}\n"
+        "print('LOADED=' + ','.join(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "LOADED=\n" in done.stdout, done.stdout
+    assert "would delete 0 object(s)" in done.stdout
+
+
+def test_the_paper_command_moved_out_of_the_package() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "flwr_serverless", "experiment", "paper", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "make paper" in done.stderr

@@ -231,11 +231,11 @@ def test_python_counter_counts_batches_drawn_from_an_iterator_as_on_jax() -> Non
     assert count.take() == 11 and count.take() == 0
 
 
-_TORCH_SCRIPT = """
-import json, numpy as np, keras
+_BACKEND_SCRIPT = """
+import json, os, numpy as np, keras
 from fakes import PlannedNode, RecordingNode
 from flwr_serverless.callbacks.keras import FlwrFederatedCallback
-assert keras.backend.backend() == "torch"
+assert keras.backend.backend() == os.environ["KERAS_BACKEND"]
 rng = np.random.default_rng(0)
 x, y = rng.random((103, 4), dtype=np.float32), rng.integers(0, 3, 103)
 model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
@@ -254,22 +254,62 @@ print(json.dumps({"examples": [c["num_examples"] for c in node.calls], "steps": 
 """
 
 
-def test_torch_backend_counts_examples_federates_evaluates_applies_fedprox_and_leaves() -> None:
-    pytest.importorskip("torch")
+def _run_on_backend(backend: str, script: str) -> dict[str, Any]:
+    """Run ``script`` in a fresh interpreter with ``KERAS_BACKEND`` set (it must be before keras is imported)."""
+    pytest.importorskip(backend)
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_TORCH_SCRIPT)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=root,
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=240, cwd=root
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_backend_counts_examples_federates_evaluates_applies_fedprox_and_leaves(backend: str) -> None:
+    out = _run_on_backend(backend, _BACKEND_SCRIPT)
     assert out["examples"] == [103, 40, 40, 23] and out["steps"] == [11, 4, 4, 3]  # 22 batches, 3 flushed
     assert out["names"] == ["sequential/dense/kernel", "sequential/dense/bias"]
     assert out["events"] == ["update"] * 4 + ["leave"] and out["shifted"]
     assert len(out["fed"]) == 2 and out["last"] == pytest.approx(out["final"])
-    assert out["prox_error"] < 1e-6  # FedProx's step on torch tensors matches the hand computation
+    assert out["prox_error"] < 1e-6  # FedProx's step on the backend's tensors matches the hand computation
+
+
+_JAX_FEDERATION_SCRIPT = """
+import json, sys, numpy as np, keras
+from flwr_serverless import SyncFederatedNode
+from flwr_serverless.callbacks.keras import FlwrFederatedCallback
+from threads import run_in_threads
+assert keras.backend.backend() == "jax"
+store = sys.argv[1]
+
+
+def train(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.random((96, 4), dtype=np.float32)
+    y = (x[:, 0] > 0.5).astype("int32") if seed == 0 else (x[:, 1] > 0.5).astype("int32")  # different tasks
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    node = SyncFederatedNode(store, num_nodes=2, timeout=60, node_id=f"jax-{seed}")
+    callback = FlwrFederatedCallback(node, x_test=x, y_test=y)
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[callback])
+    return model.get_weights(), history.history, node.round
+
+
+(weights_a, history_a, round_a), (weights_b, history_b, round_b) = run_in_threads(lambda: train(0), lambda: train(1))
+print(json.dumps({
+    "same": all(bool(np.array_equal(a, b)) for a, b in zip(weights_a, weights_b)),
+    "rounds": [round_a, round_b],
+    "fed": [history_a["accuracy_fed"], history_b["accuracy_fed"]],
+}))
+"""
+
+
+def test_keras_callback_federates_for_real_on_the_jax_backend(tmp_path: Path) -> None:
+    """Two Keras 3 models on JAX, each with the callback and a sync node on a local folder store."""
+    out = _run_on_backend("jax", _JAX_FEDERATION_SCRIPT.replace("sys.argv[1]", repr(str(tmp_path / "store"))))
+    assert out["rounds"] == [3, 3]  # a barrier after every epoch
+    assert out["same"]  # both models end on the same FedAvg of the last round
+    assert all(len(fed) == 3 for fed in out["fed"])

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import replace
@@ -29,6 +28,7 @@ from flwr_serverless.stores.retry import RetryPolicy, _local, with_retries
 from flwr_serverless.wire import layout
 from flwr_serverless.wire.codec import UpdateHeader, encode
 from tests.store_time import backdate, can_backdate
+from tests.threads import outcomes
 
 
 def _w(value: float) -> list[np.ndarray]:
@@ -38,25 +38,6 @@ def _w(value: float) -> list[np.ndarray]:
 def _open(store_url: tuple[str, dict[str, Any]]) -> Any:
     url, options = store_url
     return open_store(url, **options)
-
-
-def _in_threads(*calls: Any) -> list[Any]:
-    """Run each call in a thread; return results (an exception is returned, not raised)."""
-    results: list[Any] = [None] * len(calls)
-
-    def run(i: int, call: Any) -> None:
-        try:
-            results[i] = call()
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(calls)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a node hung"
-    return results
 
 
 def _train(node: Any, rounds: int, value: float, leave: bool = True) -> list[np.ndarray]:
@@ -80,7 +61,7 @@ class _NoLeave:
 def test_sync_peer_that_finishes_early_leaves_and_the_other_goes_on(store_url: Any, min_nodes: int | None) -> None:
     short = SyncFederatedNode(_open(store_url), num_nodes=2, timeout=30, min_nodes=min_nodes, node_id="short")
     long = SyncFederatedNode(_open(store_url), num_nodes=2, timeout=30, min_nodes=min_nodes, node_id="long")
-    results = _in_threads(lambda: _train(short, 2, 1.0), lambda: _train(long, 4, 3.0))
+    results = outcomes(lambda: _train(short, 2, 1.0), lambda: _train(long, 4, 3.0))
     assert not any(isinstance(r, BaseException) for r in results), results
     assert long.round == 4 and short.round == 2
     assert long.stats.partial_rounds == 0  # rounds 2 and 3 completed at once: the only live member had published
@@ -93,7 +74,7 @@ def test_sync_node_whose_peer_stops_heartbeating_is_dropped_after_the_lease() ->
     url = f"memory://life-{uuid.uuid4().hex[:8]}"
     a = SyncFederatedNode(url, num_nodes=2, timeout=60, node_id="a", member_lease=0.6)
     b = SyncFederatedNode(url, num_nodes=2, timeout=60, node_id="b", member_lease=0.6)
-    _in_threads(lambda: _train(a, 1, 1.0, leave=False), lambda: _train(b, 1, 2.0, leave=False))
+    outcomes(lambda: _train(a, 1, 1.0, leave=False), lambda: _train(b, 1, 2.0, leave=False))
     weights, _ = a.update_parameters(_w(5.0), num_examples=10)  # b is silent from now on ("killed")
     np.testing.assert_array_equal(weights[0], _w(5.0)[0])  # round 1 went on without b, after b's lease
     assert a.stats.dropped_members == 1 and a.round == 2
@@ -188,7 +169,7 @@ def test_sync_rerun_ignores_round_objects_of_a_crashed_run(store_url: Any) -> No
     backdate(store, layout.member_key("a"), 30 * 60)
     a = SyncFederatedNode(_open(store_url), num_nodes=2, timeout=30, node_id="a")
     b = SyncFederatedNode(_open(store_url), num_nodes=2, timeout=30, node_id="b")
-    results = _in_threads(lambda: _train(a, 3, 1.0), lambda: _train(b, 3, 3.0))
+    results = outcomes(lambda: _train(a, 3, 1.0), lambda: _train(b, 3, 3.0))
     assert not any(isinstance(r, BaseException) for r in results), results
     assert a.round == b.round == 3
     np.testing.assert_array_equal(results[0][0], results[1][0])
@@ -209,7 +190,7 @@ def test_three_sync_nodes_with_num_nodes_two_still_wait_for_the_third_member() -
     nodes = [SyncFederatedNode(url, num_nodes=2, timeout=30, node_id=f"n{i}") for i in range(3)]
     for node in nodes:  # all three joined before training (the members exist)
         node._ensure_joined(node._deadline())
-    results = _in_threads(*(lambda n=n, i=i: _train(n, 3, float(i)) for i, n in enumerate(nodes)))
+    results = outcomes(*(lambda n=n, i=i: _train(n, 3, float(i)) for i, n in enumerate(nodes)))
     assert not any(isinstance(r, BaseException) for r in results), results
     for other in results[1:]:
         np.testing.assert_array_equal(other[0], results[0][0])
@@ -238,7 +219,7 @@ def test_sync_deadline_is_carried_into_download_threads_and_profile_puts() -> No
     for spy in spies:
         spy.zero_copy_get = False  # spool through get_into, in the download threads
     nodes = [SemiSyncFederatedNode(spy, num_nodes=3, timeout=20, node_id=f"s{i}") for i, spy in enumerate(spies)]
-    _in_threads(*(lambda n=n: _train(n, 1, 1.0, leave=False) for n in nodes))
+    outcomes(*(lambda n=n: _train(n, 1, 1.0, leave=False) for n in nodes))
     for spy in spies:
         assert spy.seen["get"] and all(d is not None for d in spy.seen["get"])  # 2 peers, each under the deadline
         assert spy.seen["profiles"] and all(d is not None for d in spy.seen["profiles"])
@@ -252,7 +233,7 @@ def test_failing_downloads_end_at_the_sync_deadline_not_the_store_retry_bound() 
     )
     failing.zero_copy_get = False
     node = SyncFederatedNode(failing, num_nodes=2, timeout=1.0, min_nodes=1, node_id="me")
-    results = _in_threads(
+    results = outcomes(
         lambda: peer.update_parameters(_w(1.0), num_examples=1), lambda: node.update_parameters(_w(0.0), num_examples=1)
     )
     assert not isinstance(results[1], BaseException), results[1]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import functools
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +19,7 @@ from flwr_serverless.callbacks.lightning import FlwrFederatedCallback  # noqa: E
 from flwr_serverless.nodes import SyncFederatedNode  # noqa: E402
 from flwr_serverless.simulation import SimulationConfig, run_simulation  # noqa: E402
 from flwr_serverless.stores import open_store  # noqa: E402
+from tests.threads import run_in_threads  # noqa: E402
 
 
 class Net(pl.LightningModule):
@@ -143,11 +144,7 @@ def test_sync_nodes_hold_identical_state_dicts_after_every_round() -> None:
         node = SyncFederatedNode(open_store(url), num_nodes=2, timeout=60, node_id=name)
         _trainer([FlwrFederatedCallback(node), Snapshot(name)], epochs=3).fit(Net(seed=seed), _loader(seed=seed))
 
-    threads = [threading.Thread(target=run, args=(n, s)) for n, s in (("a", 1), ("b", 2))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_in_threads(*(functools.partial(run, n, s) for n, s in (("a", 1), ("b", 2))))
     assert len(snapshots["a"]) == len(snapshots["b"]) == 3
     for round_a, round_b in zip(snapshots["a"], snapshots["b"]):
         assert round_a.keys() == round_b.keys()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
-import threading
 import time
 
 import numpy as np
@@ -14,6 +14,8 @@ from flwr.server.strategy.aggregate import aggregate as flower_fedavg
 from flwr_serverless import AsyncFederatedNode, SyncFederatedNode, SyncTimeoutError, open_store
 from flwr_serverless.strategy.factory import STRATEGY_NAMES, make_strategy
 from flwr_serverless.wire.codec import UpdateHeader, encode
+from tests.fakes import FakeClock
+from tests.threads import run_in_threads
 
 # Node logic, not the server: S3 through moto here; test_stores, test_lifecycle and test_aggregate_node run SeaweedFS.
 pytestmark = pytest.mark.s3_servers("moto")
@@ -29,12 +31,15 @@ def _open(store_url):
     return open_store(url, **options)
 
 
-def test_lonely_async_node_returns_own_weights_without_waiting(store):
+def test_lonely_async_node_returns_own_weights_without_waiting(store, monkeypatch):
     node = AsyncFederatedNode(store, node_id="alone")
     weights = _model(0)
-    start = time.monotonic()
+
+    def no_waiting(seconds: float) -> None:
+        raise AssertionError(f"an async node alone must not wait, slept {seconds}s")
+
+    monkeypatch.setattr(time, "sleep", no_waiting)
     result, metrics = node.update_parameters(weights, num_examples=10, epoch=0, metrics={"loss": 0.5})
-    assert time.monotonic() - start < 5
     assert all(np.array_equal(a, b) for a, b in zip(result, weights))
     assert metrics == {"loss": 0.5}
 
@@ -69,22 +74,11 @@ def test_flower_parameters_in_flower_parameters_out(store):
 
 
 def _run_sync_round(nodes, inputs, counts):
-    results: dict[str, list[np.ndarray]] = {}
-    errors: list[BaseException] = []
-
     def work(node):
-        try:
-            results[node.node_id], _ = node.update_parameters(inputs[node.node_id], counts[node.node_id], 0)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+        return node.update_parameters(inputs[node.node_id], counts[node.node_id], 0)[0]
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    return results
+    outputs = run_in_threads(*(functools.partial(work, n) for n in nodes), timeout=60)
+    return {node.node_id: output for node, output in zip(nodes, outputs)}
 
 
 def test_sync_nodes_hold_identical_weights_equal_to_fedavg(store_url):
@@ -102,19 +96,6 @@ def test_sync_nodes_hold_identical_weights_equal_to_fedavg(store_url):
     # rounds older than r-2 were cleaned up by their writers
     remaining = sorted({k.split("/")[1] for k in nodes[0].store.list("rounds/")})
     assert remaining == ["00000001", "00000002"]
-
-
-class FakeClock:
-    """An injected monotonic clock: sleeping advances it at once."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += max(seconds, 0.0)
 
 
 def test_sync_node_with_dead_peer_times_out_naming_it(store_url):

@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flwr_serverless.simulation import paper
+from benchmarks.paper import grid as paper
+from benchmarks.paper.claims import FAILS, INCONCLUSIVE, REPRODUCES, claims
+from benchmarks.paper.run import write_outputs
+from benchmarks.paper.tables import table1
 from flwr_serverless.simulation.options import parse_seeds
-from flwr_serverless.simulation.paper_claims import FAILS, INCONCLUSIVE, REPRODUCES, claims
-from flwr_serverless.simulation.paper_report import table1, write_outputs
 from flwr_serverless.simulation.runner import NodeResult, SimulationConfig, SimulationResult
-from flwr_serverless.simulation.sweep import mean_ci
+from flwr_serverless.simulation.seeds import mean_ci
 
 
 def test_mean_ci_uses_students_t() -> None:
@@ -185,7 +186,7 @@ def test_outputs_put_the_papers_numbers_beside_ours(tmp_path: Path) -> None:
 
 
 def test_a_direction_claim_needs_the_gap_to_beat_the_intervals() -> None:
-    from flwr_serverless.simulation.paper_claims import _lower
+    from benchmarks.paper.claims import _lower
 
     def stat(mean: float, ci: float) -> dict[str, float]:
         return {"mean": mean, "ci95": ci}
@@ -197,7 +198,7 @@ def test_a_direction_claim_needs_the_gap_to_beat_the_intervals() -> None:
 
 
 def test_the_semisync_claim_is_judged_run_by_run() -> None:
-    from flwr_serverless.simulation.paper_claims import PARTLY, hetero_claims
+    from benchmarks.paper.claims import PARTLY, hetero_claims
 
     def row(*times: float | None) -> dict[str, Any]:
         final = mean_ci([0.7, 0.72])
@@ -210,3 +211,10 @@ def test_the_semisync_claim_is_judged_run_by_run() -> None:
     table["rows"]["async"] = row(None, 60.0)
     table["rows"]["sync"] = row(None, None)
     assert hetero_claims(table)[0]["verdict"] == REPRODUCES
+
+
+def test_the_paper_command_checks_its_tables_before_running(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.paper.run import main
+
+    assert main(["--tables", "table1,nope", "--cache", "/nonexistent"]) == 2
+    assert "unknown table(s) nope; choose from table1, table2, hetero" in capsys.readouterr().err

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import threading
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 
 from flwr_serverless.nodes import AsyncFederatedNode, SyncFederatedNode
 from flwr_serverless.stores import open_store
+from tests.threads import in_background
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -20,29 +19,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def _url() -> str:
     return f"memory://resume-{uuid.uuid4().hex[:8]}"
-
-
-def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """Run ``fn`` in a thread; its return value or exception lands in the dict."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
-
-
-def _finish(thread: threading.Thread, out: dict[str, Any], timeout: float = 120) -> Any:
-    thread.join(timeout)
-    assert not thread.is_alive(), "peer deadlocked"
-    if "error" in out:
-        raise out["error"]
-    return out.get("result")
 
 
 def test_node_state_dict_round_trips() -> None:
@@ -68,12 +44,12 @@ def test_restarted_sync_node_rejoins_at_the_round_its_peer_waits_in() -> None:
     def rounds(node: SyncFederatedNode, value: float, count: int) -> list[np.ndarray]:
         return [node.update_parameters([o * value for o in ones], 1)[0][0] for _ in range(count)]
 
-    thread, out = _in_thread(lambda: rounds(a, 1.0, 5))
+    peer_run = in_background(lambda: rounds(a, 1.0, 5))
     rounds(b, 3.0, 2)  # b takes part in rounds 0 and 1, then "crashes"
     b2 = SyncFederatedNode(open_store(url), num_nodes=2, timeout=30, node_id="b", member_lease=60)
     b2.load_state_dict(b.state_dict())
     got_b = rounds(b2, 3.0, 3)  # a waits in round 2: b2 must publish there, not in round 0
-    got_a = _finish(thread, out)
+    got_a = peer_run.result()
     assert a.round == b2.round == 5
     for x, y in zip(got_a[2:], got_b):
         np.testing.assert_array_equal(x, y)
@@ -127,14 +103,14 @@ def test_lightning_node_restarted_from_checkpoint_continues_as_the_same_node(mod
         return trainer.current_epoch
 
     peer = make_node("peer")
-    thread, out = _in_thread(lambda: fit(peer, 5))
+    peer_run = in_background(lambda: fit(peer, 5))
     first = make_node()  # a random id, as a job without a configured id gets
     checkpoint = str(tmp_path / "node.ckpt")
     fit(first, 2, save=checkpoint, leave=False)  # the job "crashes" after 2 epochs: it does not leave
     restarted = make_node()  # the new process knows nothing ...
     assert restarted.node_id != first.node_id
     assert fit(restarted, 5, ckpt=checkpoint) == 5  # ... until the checkpoint restores the node
-    assert _finish(thread, out) == 5
+    assert peer_run.result() == 5
     assert restarted.node_id == first.node_id
     assert restarted.stats.federations == 5 and peer.stats.federations == 5
     assert sorted(k.split("/", 1)[1] for k in peer.store.list("members/")) == sorted(["peer", first.node_id])
@@ -154,7 +130,7 @@ def test_keras_state_path_rejoins_a_sync_experiment(tmp_path: Any) -> None:
     url = _url()
     peer = SyncFederatedNode(open_store(url), num_nodes=2, timeout=60, node_id="peer")
     start = model.get_weights()
-    thread, out = _in_thread(lambda: [peer.update_parameters(start, 10) for _ in range(4)])
+    peer_run = in_background(lambda: [peer.update_parameters(start, 10) for _ in range(4)])
     state_path = tmp_path / "ckpt" / "federation.json"
 
     first = SyncFederatedNode(open_store(url), num_nodes=2, timeout=60)
@@ -169,7 +145,7 @@ def test_keras_state_path_rejoins_a_sync_experiment(tmp_path: Any) -> None:
     assert state_path.exists()
     restarted = SyncFederatedNode(open_store(url), num_nodes=2, timeout=60)  # new process, new random id
     model.fit(x, y, epochs=2, verbose=0, callbacks=[FlwrFederatedCallback(restarted, state_path=state_path)])
-    _finish(thread, out)
+    peer_run.result()
     assert restarted.node_id == first.node_id
     assert restarted.round == peer.round == 4
     assert restarted.local_steps == first.local_steps * 2

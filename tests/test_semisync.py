@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import functools
 import time
 import uuid
 from typing import Any
@@ -12,6 +12,7 @@ import pytest
 
 from flwr_serverless.semisync import SemiSyncFederatedNode, plan_budgets
 from flwr_serverless.stores import open_store
+from tests.threads import run_in_threads
 
 
 def test_plan_budgets_follow_the_paper():
@@ -32,42 +33,32 @@ def test_semisync_node_publishes_profiles_and_plans_after_cold_start():
             node.record_batch_time(t_k, ended_at=100.0 + i * t_k)
     assert nodes[0].steps_until_federation() is None  # cold start: epoch end
     weights = [np.zeros(3, dtype=np.float32)]
-    threads = [
-        threading.Thread(target=n.update_parameters, args=(weights, 300), kwargs={"num_steps": 10}) for n in nodes
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(*(functools.partial(n.update_parameters, weights, 300, num_steps=10) for n in nodes), timeout=60)
     assert sorted(store.list("profiles/")) == ["profiles/n0.json", "profiles/n1.json"]
     assert nodes[0].t_max == pytest.approx(0.3)  # 1.0 * 10 batches * 0.03 s
     assert (nodes[0].steps_until_federation(), nodes[1].steps_until_federation()) == (30, 10)
 
 
-def _train(node: SemiSyncFederatedNode, factor: float, rounds: int, seed: int, errors: list) -> None:
+def _train(node: SemiSyncFederatedNode, factor: float, rounds: int, seed: int) -> None:
     import keras
 
     from flwr_serverless.callbacks.keras import FlwrFederatedCallback
-    from flwr_serverless.simulation.heterogeneity import make_slowdown_callback
+    from flwr_serverless.simulation.keras_callbacks import make_slowdown_callback
 
     class StopAfterRounds(keras.callbacks.Callback):
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             if node.round >= rounds:
                 self.model.stop_training = True
 
-    try:
-        rng = np.random.default_rng(seed)
-        x = rng.normal(size=(640, 16)).astype("float32")
-        y = (x[:, 0] > 0).astype("int32")
-        model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(2)])
-        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        # Batches padded to factor x 15 ms: the emulated speeds hold however the two threads share the cores.
-        slowdown = make_slowdown_callback(factor, batch_seconds=0.015)
-        callbacks = [slowdown, FlwrFederatedCallback(node), StopAfterRounds()]
-        model.fit(x, y, batch_size=64, epochs=1000, callbacks=callbacks, verbose=0)
-    except BaseException as exc:  # surfaced by the test
-        errors.append(exc)
-        raise
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(640, 16)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(2)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # Batches padded to factor x 15 ms: the emulated speeds hold however the two threads share the cores.
+    slowdown = make_slowdown_callback(factor, batch_seconds=0.015)
+    callbacks = [slowdown, FlwrFederatedCallback(node), StopAfterRounds()]
+    model.fit(x, y, batch_size=64, epochs=1000, callbacks=callbacks, verbose=0)
 
 
 def _race_fast_and_slow(train: Any, rounds: int, join_timeout: float, **options: Any) -> list:
@@ -76,16 +67,10 @@ def _race_fast_and_slow(train: Any, rounds: int, join_timeout: float, **options:
     nodes = [
         SemiSyncFederatedNode(store, lambda_=2.0, num_nodes=2, node_id=f"n{i}", timeout=60, **options) for i in range(2)
     ]
-    errors: list = []
-    threads = [
-        threading.Thread(target=train, args=(node, factor, rounds, i, errors))
-        for i, (node, factor) in enumerate(zip(nodes, (1.0, 4.0)))
+    calls = [
+        functools.partial(train, node, factor, rounds, i) for i, (node, factor) in enumerate(zip(nodes, (1.0, 4.0)))
     ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=join_timeout)
-    assert not errors, errors
+    run_in_threads(*calls, timeout=join_timeout)
     return nodes
 
 
@@ -109,20 +94,15 @@ def test_semisync_fast_node_does_more_steps_and_nodes_meet_at_the_barrier():
     assert fast.stats.partial_rounds == slow.stats.partial_rounds == 0
 
 
-def _sleep_training(
-    node: SemiSyncFederatedNode, seconds_per_batch: float, epoch_batches: int, rounds: int, errors: list
-) -> None:
+def _sleep_training(node: SemiSyncFederatedNode, seconds_per_batch: float, epoch_batches: int, rounds: int) -> None:
     """A node whose batches are sleeps: timing without TF, so the test does not depend on CPU contention."""
-    try:
-        weights = [np.zeros(4, dtype=np.float32)]
-        while node.round < rounds:
-            budget = node.steps_until_federation() or epoch_batches  # cold start: one epoch
-            for _ in range(budget):
-                time.sleep(seconds_per_batch)
-                node.record_batch_time(seconds_per_batch)
-            weights, _ = node.update_parameters(weights, budget * 32, node.round, num_steps=budget)
-    except BaseException as exc:  # surfaced by the test
-        errors.append(exc)
+    weights = [np.zeros(4, dtype=np.float32)]
+    while node.round < rounds:
+        budget = node.steps_until_federation() or epoch_batches  # cold start: one epoch
+        for _ in range(budget):
+            time.sleep(seconds_per_batch)
+            node.record_batch_time(seconds_per_batch)
+        weights, _ = node.update_parameters(weights, budget * 32, node.round, num_steps=budget)
 
 
 @pytest.mark.slow  # asserts wall-clock ratios and waits: noisy on a loaded 2-core machine
@@ -131,16 +111,9 @@ def test_semisync_budgets_match_batch_times_and_nobody_waits_long():
     store = open_store(f"memory://semisync-{uuid.uuid4().hex[:8]}")
     rounds = 5
     nodes = [SemiSyncFederatedNode(store, lambda_=2.0, num_nodes=2, node_id=f"n{i}", timeout=30) for i in range(2)]
-    errors: list = []
-    threads = [
-        threading.Thread(target=_sleep_training, args=(node, t, 10, rounds, errors))
-        for node, t in zip(nodes, (0.010, 0.040))
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors, errors
+    run_in_threads(
+        *(functools.partial(_sleep_training, n, t, 10, rounds) for n, t in zip(nodes, (0.010, 0.040))), timeout=60
+    )
     fast, slow = nodes
     t_fast, t_slow = (fast.profiles[n]["seconds_per_batch"] for n in ("n0", "n1"))
     assert fast.budget / slow.budget == pytest.approx(t_slow / t_fast, rel=0.1)
@@ -153,7 +126,7 @@ def test_semisync_budgets_match_batch_times_and_nobody_waits_long():
     assert max(waits) < t_slow + 0.1, (waits, t_slow)
 
 
-def _lightning_training(node: SemiSyncFederatedNode, factor: float, rounds: int, seed: int, errors: list) -> None:
+def _lightning_training(node: SemiSyncFederatedNode, factor: float, rounds: int, seed: int) -> None:
     import lightning.pytorch as pl
     import torch
 
@@ -177,31 +150,29 @@ def _lightning_training(node: SemiSyncFederatedNode, factor: float, rounds: int,
             if node.round >= rounds:
                 trainer.should_stop = True
 
-    try:
-        gen = torch.Generator().manual_seed(seed)
-        x, y = torch.rand(320, 8, generator=gen), torch.randint(0, 2, (320,), generator=gen)
-        data = torch.utils.data.TensorDataset(x, y)
-        loader = torch.utils.data.DataLoader(data, batch_size=32)  # 10 batches an epoch
-        callbacks = [
-            make_lightning_slowdown_callback(pl, factor, batch_seconds=0.015),
-            FlwrFederatedCallback(node),
-            StopAfterRounds(),
-        ]
-        trainer = pl.Trainer(
-            max_epochs=1000,
-            accelerator="cpu",
-            devices=1,
-            callbacks=callbacks,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-        )
-        trainer.fit(Net(), loader)
-    except BaseException as exc:  # surfaced by the test
-        errors.append(exc)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.rand(320, 8, generator=gen), torch.randint(0, 2, (320,), generator=gen)
+    data = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(data, batch_size=32)  # 10 batches an epoch
+    callbacks = [
+        make_lightning_slowdown_callback(pl, factor, batch_seconds=0.015),
+        FlwrFederatedCallback(node),
+        StopAfterRounds(),
+    ]
+    trainer = pl.Trainer(
+        max_epochs=1000,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Net(), loader)
 
 
+@pytest.mark.slow  # asserts wall-clock ratios (measured batch times): noisy on a loaded 2-core machine
 def test_lightning_callback_federates_after_the_semisync_step_budget():
     """Lightning nodes of 15 ms and 60 ms batches: after the cold-start epoch each federates after its budget."""
     pytest.importorskip("lightning")
@@ -241,11 +212,7 @@ def test_semisync_weighs_nodes_by_dataset_size_not_by_examples_processed():
         ((0, 1, 1.0, 3000, 94), (1, 1, 3.0, 300, 10)),
     ]  # node 0 went through its data 30 times
     for calls in rounds:
-        threads = [threading.Thread(target=federate, args=call) for call in calls]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=20)
+        run_in_threads(*(functools.partial(federate, *call) for call in calls), timeout=20)
     expected = (100 * 1.0 + 300 * 3.0) / 400  # by dataset size; by examples it would be about 1.18
     for index in (0, 1):
         assert np.allclose(results[index, 1][0], expected)

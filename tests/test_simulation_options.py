@@ -256,7 +256,7 @@ def test_proximal_mu_reaches_the_lightning_callback(
         ({"async_options": AsyncOptions(alpha=1.5)}, r"option alpha \(--alpha\) must be in \(0, 1\]"),
         ({"async_options": AsyncOptions(staleness="cubic")}, r"option staleness \(--staleness\) is invalid"),
         ({"async_options": AsyncOptions(staleness_unit="hours")}, r"staleness_unit \(--staleness-unit\)"),
-        ({"async_options": AsyncOptions(buffer_size=0)}, r"buffer_size \(--buffer-size\) must be an integer >= 1"),
+        ({"async_options": AsyncOptions(buffer_size=0)}, r"buffer_size \(--buffer-size\) must be a positive integer"),
         ({"async_options": AsyncOptions(participation=0.0)}, r"participation \(--participation\)"),
         (
             {"mode": "sync", "async_options": AsyncOptions(staleness="poly:0.5")},
@@ -268,7 +268,7 @@ def test_proximal_mu_reaches_the_lightning_callback(
         ),
         ({"mode": "semisync", "semisync": SemiSyncOptions(lambda_=0.0)}, r"lambda_ \(--lambda\) must be a positive"),
         ({"mode": "async", "sync_timeout": 5.0}, r"sync_timeout \(--timeout\) applies to --mode sync and semisync"),
-        ({"mode": "sync", "min_nodes": 3}, r"min_nodes \(--min-nodes\) must be between 1 and 2"),
+        ({"mode": "sync", "min_nodes": 3}, r"min_nodes \(--min-nodes\) must be an integer in \[1, 2\]"),
         ({"heterogeneity": Heterogeneity(slowdown=(1.0, 0.5))}, r"slowdown \(--slowdown\) factors must be >= 1"),
         ({"heterogeneity": Heterogeneity(slowdown=(1.0, 2.0, 3.0))}, r"has 3 factors for 2 nodes"),
         ({"heterogeneity": Heterogeneity(time_budget=-1.0)}, r"time_budget \(--time-budget\) must be a positive"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 import warnings
@@ -30,6 +31,7 @@ from flwr_serverless.stores import (
     Store,
     open_store,
 )
+from tests.threads import in_background, run_in_threads
 
 MB = 1024 * 1024
 
@@ -155,25 +157,15 @@ def test_a_backend_without_copy_gets_and_puts() -> None:
 
 
 def test_one_handle_is_safe_to_share_between_threads(store: Store) -> None:
-    errors: list[BaseException] = []
-
     def work(index: int) -> None:
-        try:
-            for round_number in range(5):
-                key = f"t{index}/r{round_number}"
-                payload = f"{index}-{round_number}".encode() * 1000
-                store.put(key, payload)
-                assert store.get(key) == payload
-                assert key in store.list(f"t{index}/")
-        except BaseException as exc:
-            errors.append(exc)
+        for round_number in range(5):
+            key = f"t{index}/r{round_number}"
+            payload = f"{index}-{round_number}".encode() * 1000
+            store.put(key, payload)
+            assert store.get(key) == payload
+            assert key in store.list(f"t{index}/")
 
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=60)
-    assert not errors, errors
+    run_in_threads(*(functools.partial(work, i) for i in range(8)), timeout=60)
     assert len(store.list()) == 40
     assert store.stats.puts == 40 and store.stats.gets == 40
 
@@ -237,30 +229,21 @@ def test_racing_compare_and_swap_increments_all_land(store_url: tuple[str, dict[
     if not stores[0].supports_conditional_writes:
         pytest.skip("backend has no conditional writes")
     stores[0].put_if_absent("counter", b"0")
-    errors: list[BaseException] = []
     conflicts = [0] * threads_n
 
     def work(index: int) -> None:
         handle = stores[index]
-        try:
-            for _ in range(increments):
-                while True:
-                    tag = handle.list("counter")["counter"].tag  # tag first, then GET: never pairs a new value
-                    value = int(handle.get("counter"))  # with an older tag
-                    try:
-                        handle.put_if_match("counter", str(value + 1).encode(), tag)
-                        break
-                    except PreconditionFailedError:
-                        conflicts[index] += 1
-        except BaseException as exc:
-            errors.append(exc)
+        for _ in range(increments):
+            while True:
+                tag = handle.list("counter")["counter"].tag  # tag first, then GET: never pairs a new value
+                value = int(handle.get("counter"))  # with an older tag
+                try:
+                    handle.put_if_match("counter", str(value + 1).encode(), tag)
+                    break
+                except PreconditionFailedError:
+                    conflicts[index] += 1
 
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads_n)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-    assert not errors, errors
+    run_in_threads(*(functools.partial(work, i) for i in range(threads_n)))
     assert int(stores[0].get("counter")) == threads_n * increments
     for handle in stores:
         handle.close()
@@ -287,14 +270,13 @@ def test_concurrent_reader_never_sees_a_torn_object(store_url: tuple[str, dict[s
             if not 0 <= i < rewrites or data != version(i):
                 bad.append(f"read {reads[0]}: {len(data)} bytes, not a written version")
 
-    thread = threading.Thread(target=read_loop)
-    thread.start()
+    reading = in_background(read_loop)
     try:
         for i in range(1, rewrites):
             writer.put("model", version(i))
     finally:
         done.set()
-        thread.join(timeout=60)
+        reading.result(timeout=60)  # a read that raised fails the test too
     assert not bad, bad[:3]
     assert reads[0] > 0
     assert reader.get("model") == version(rewrites - 1)

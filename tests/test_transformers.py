@@ -28,6 +28,7 @@ from flwr_serverless.callbacks.transformers import STATE_FILE  # noqa: E402
 from flwr_serverless.nodes import AsyncFederatedNode, SyncFederatedNode  # noqa: E402
 from flwr_serverless.stores import open_store  # noqa: E402
 from flwr_serverless.transformers import FlwrFederatedCallback  # noqa: E402
+from tests.threads import run_in_threads  # noqa: E402
 
 VOCAB = 64
 
@@ -87,25 +88,8 @@ def _args(tmp: Path, name: str, seed: int, epochs: int = 2, **overrides: Any) ->
 
 
 def _in_threads(jobs: dict[str, Callable[[], Any]]) -> dict[str, Any]:
-    """Run each job in its own thread (two nodes federating together); re-raise the first failure."""
-    results: dict[str, Any] = {}
-    errors: list[BaseException] = []
-
-    def run(name: str, job: Callable[[], Any]) -> None:
-        try:
-            results[name] = job()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=item) for item in jobs.items()]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a trainer thread did not finish"
-    if errors:
-        raise errors[0]
-    return results
+    """Run each job in its own thread (two nodes federating together); a failure fails the test."""
+    return dict(zip(jobs, run_in_threads(*jobs.values())))
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -9,7 +9,6 @@ Each callback supplies the framework half through a few ``_hook`` methods.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -22,12 +21,12 @@ import numpy as np
 
 from flwr_serverless.callbacks.parts import (
     ProximalTerm,
-    check_positive,
     federated_logs,
     numeric_metrics,
     write_atomically,
 )
 from flwr_serverless.node.protocol import Federating
+from flwr_serverless.validation import check_number, check_positive_int
 from flwr_serverless.wire import layout
 
 __all__ = ["FederatedCallbackCore", "Payload", "as_federating"]
@@ -83,9 +82,8 @@ class FederatedCallbackCore:
         """Validate and keep the options both callbacks take (same names as their keyword arguments)."""
         self._node = as_federating(node)
         self.node = node
-        self.num_examples_per_epoch = check_positive("num_examples_per_epoch", num_examples_per_epoch)
-        if not (isinstance(proximal_mu, (int, float)) and math.isfinite(proximal_mu) and proximal_mu >= 0):
-            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu!r}")
+        self.num_examples_per_epoch = check_positive_int("num_examples_per_epoch", num_examples_per_epoch, none=True)
+        check_number("proximal_mu", proximal_mu, 0.0)
         if not isinstance(postfix_for_federated_metrics, str) or not postfix_for_federated_metrics:
             raise ValueError(
                 f"postfix_for_federated_metrics must be a non-empty string, got {postfix_for_federated_metrics!r}"

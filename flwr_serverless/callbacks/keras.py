@@ -18,7 +18,8 @@ import keras
 import numpy as np
 
 from flwr_serverless.callbacks.core import FederatedCallbackCore
-from flwr_serverless.callbacks.parts import check_given_with, check_positive, leading_dim, numeric_metrics
+from flwr_serverless.callbacks.parts import check_given_with, leading_dim, numeric_metrics
+from flwr_serverless.validation import check_positive_int
 
 __all__ = ["FlwrFederatedCallback"]
 
@@ -217,8 +218,8 @@ class FlwrFederatedCallback(keras.callbacks.Callback, FederatedCallbackCore):
         )
         check_given_with("y_test", y_test, "x_test", x_test)
         self.x_test, self.y_test = x_test, y_test
-        self.test_batch_size = check_positive("test_batch_size", test_batch_size, allow_none=False)
-        self.test_steps = check_positive("test_steps", test_steps)
+        self.test_batch_size = check_positive_int("test_batch_size", test_batch_size)
+        self.test_steps = check_positive_int("test_steps", test_steps, none=True)
         #: JSON file keeping the node's identity and round across restarts (next to the model checkpoint).
         self.state_path = None if state_path is None else Path(state_path)
         unknown = sorted(set(future_options) - self.KNOWN_OPTIONS)

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from flwr_serverless.callbacks.core import FederatedCallbackCore, Payload
-from flwr_serverless.callbacks.parts import RunningMean, check_given_with, check_positive, leading_dim
+from flwr_serverless.callbacks.parts import RunningMean, check_given_with, leading_dim
 from flwr_serverless.callbacks.torch_state import native_bf16, to_numpy, to_torch
+from flwr_serverless.validation import check_positive_int
 
 __all__ = ["FlwrFederatedCallback", "make_callback_class"]
 
@@ -125,7 +126,7 @@ class _LightningFederation(FederatedCallbackCore):
         self.include_buffers = include_buffers
         self.log_metrics = log_metrics
         self.eval_dataloader = eval_dataloader
-        self.eval_steps = check_positive("eval_steps", eval_steps)
+        self.eval_steps = check_positive_int("eval_steps", eval_steps, none=True)
         self.eval_fn = eval_fn
         self._trainer: Any = None
         self._module: Any = None

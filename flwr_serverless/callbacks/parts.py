@@ -11,13 +11,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 __all__ = [
     "ProximalTerm",
     "RunningMean",
     "check_given_with",
-    "check_positive",
     "federated_logs",
     "leading_dim",
     "numeric_metrics",
@@ -99,15 +96,6 @@ class ProximalTerm:
         """The value after the proximal step, or ``None`` for a tensor without an anchor."""
         anchor = self.anchor.get(name)
         return None if anchor is None else value - (lr * self.mu) * (value - anchor)
-
-
-def check_positive(option: str, value: Any, allow_none: bool = True) -> int | None:
-    """``value`` as a positive int (or ``None`` when allowed); a clear error naming the option otherwise."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{option} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
-    return int(value)
 
 
 def check_given_with(option: str, value: Any, required: str, required_value: Any) -> None:

@@ -18,8 +18,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from flwr_serverless.callbacks.core import FederatedCallbackCore, Payload
-from flwr_serverless.callbacks.parts import check_positive, numeric_metrics
+from flwr_serverless.callbacks.parts import numeric_metrics
 from flwr_serverless.callbacks.torch_state import TorchTensors, _broadcast_object, broadcast_from_main, native_bf16
+from flwr_serverless.validation import check_positive_int
 
 __all__ = ["FlwrFederatedCallback"]
 
@@ -88,7 +89,7 @@ class FlwrFederatedCallback(FederatedCallbackCore, TrainerCallback):
             checkpoint_dir,
             leave_on_train_end,
         )
-        self.federate_every_steps = check_positive("federate_every_steps", federate_every_steps)
+        self.federate_every_steps = check_positive_int("federate_every_steps", federate_every_steps, none=True)
         self.trainable_only = None if trainable_only is None else bool(trainable_only)
         self.include_buffers = bool(include_buffers)
         self.evaluate_federated_model = bool(evaluate_federated_model)

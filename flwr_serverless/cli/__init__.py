@@ -1,4 +1,4 @@
-"""The ``flwr-serverless`` command line: simulate, experiment, inspect, clean."""
+"""The ``flwr-serverless`` command line: simulate, inspect, clean."""
 
 from flwr_serverless.cli.main import build_parser, main
 

@@ -18,15 +18,14 @@ import math
 import statistics
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
+from flwr_serverless.validation import check_positive
 from flwr_serverless.wire.codec import UpdateHeader
 
 
 def check_lambda(lambda_: object) -> float:
-    if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not lambda_ > 0:
-        raise ValueError(f"lambda_ must be a positive number, got {lambda_!r}")
-    return float(lambda_)
+    return check_positive("lambda_", lambda_)
 
 
 def plan_budgets(profiles: Mapping[str, Mapping[str, Any]], lambda_: float) -> tuple[float, dict[str, int]]:
@@ -36,7 +35,7 @@ def plan_budgets(profiles: Mapping[str, Mapping[str, Any]], lambda_: float) -> t
     return t_max, {node: max(1, round(t_max / p["seconds_per_batch"])) for node, p in profiles.items()}
 
 
-def valid_profile(data: object) -> bool:
+def valid_profile(data: object) -> TypeGuard[dict[str, Any]]:
     """A profile a planner may use: positive sizes and a positive, finite batch time."""
     if not isinstance(data, dict):
         return False

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flwr_serverless.strategy.aggregate import weighted_sum
+from flwr_serverless.validation import check_choice, check_fraction, check_positive_int
 from flwr_serverless.wire.codec import UpdateHeader
 
 STALENESS_UNITS = ("steps", "versions")
@@ -198,14 +199,10 @@ class AsyncPolicy:
         participation: float = 1.0,
         seed: int | None = None,
     ) -> None:
-        if unit not in STALENESS_UNITS:
-            raise ValueError(f"staleness_unit must be one of {', '.join(STALENESS_UNITS)}, got {unit!r}")
-        if alpha is not None and not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        if buffer_size is not None and buffer_size < 1:
-            raise ValueError(f"buffer_size must be at least 1, got {buffer_size}")
-        if not 0.0 < participation <= 1.0:
-            raise ValueError(f"participation must be in (0, 1], got {participation}")
+        check_choice("staleness_unit", unit, STALENESS_UNITS)
+        check_fraction("alpha", alpha, none=True)
+        check_positive_int("buffer_size", buffer_size, none=True)
+        check_fraction("participation", participation)
         self.function = parse_staleness(staleness)
         self.unit = unit
         self.alpha = alpha

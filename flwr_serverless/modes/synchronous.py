@@ -15,19 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flwr_serverless.node.membership import LIVE, MemberRecord, in_run, member_state
+from flwr_serverless.validation import check_int, check_positive_int
 
 
 def check_counts(num_nodes: object, min_nodes: object) -> tuple[int, int | None]:
     """Validate ``num_nodes`` (required) and ``min_nodes`` at construction, naming the option."""
     if num_nodes is None:
         raise TypeError("num_nodes is required for synchronous nodes: how many nodes must join to start")
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
-        raise ValueError(f"num_nodes must be a positive integer, got {num_nodes!r}")
-    if min_nodes is not None and (
-        isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or not 1 <= min_nodes <= num_nodes
-    ):
-        raise ValueError(f"min_nodes must be an integer between 1 and num_nodes ({num_nodes}), got {min_nodes!r}")
-    return num_nodes, min_nodes
+    count = check_positive_int("num_nodes", num_nodes)
+    return count, check_int(f"min_nodes (with num_nodes={count})", min_nodes, 1, count, none=True)
 
 
 @dataclass(frozen=True)

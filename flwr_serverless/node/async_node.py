@@ -17,6 +17,7 @@ from flwr_serverless.node.deadline import Deadline
 from flwr_serverless.node.exchange import Outcome
 from flwr_serverless.node.membership import in_run
 from flwr_serverless.stores import Store
+from flwr_serverless.validation import check_positive
 from flwr_serverless.wire import layout
 from flwr_serverless.wire.codec import DecodedUpdate, UpdateHeader
 
@@ -48,9 +49,7 @@ class AsyncFederatedNode(FederatedNode):
         **options: Any,
     ) -> None:
         super().__init__(store, strategy, **options)
-        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-        self.timeout = timeout
+        self.timeout = check_positive("timeout", timeout, unit="seconds", none=True)
         # Staleness weighting, FedAsync mixing, FedBuff and client sampling (all off by default).
         self.policy = AsyncPolicy(staleness, staleness_unit, alpha, buffer_size, participation, seed)
         self.mode = AsyncMode(self.policy)

@@ -34,10 +34,7 @@ class Deadline:
     @contextmanager
     def applied(self) -> Iterator[None]:
         """Cap the store's retries in this thread at the deadline (store retries read a thread-local)."""
-        if self.at is None or self.clock is not time.monotonic:
-            yield  # an injected clock cannot bound real sleeps; store retries keep their own bound
-            return
-        with retry_deadline(self.at):
+        with retry_deadline(self.at, self.clock):  # binds the retries whose policy runs on the same clock
             yield
 
 

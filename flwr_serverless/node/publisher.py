@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flwr_serverless.errors import StoreError
+from flwr_serverless.validation import check_choice, check_positive, check_positive_int
 from flwr_serverless.wire import layout
 from flwr_serverless.wire.codec import UpdateHeader, encode, encode_parts, object_ref
 from flwr_serverless.wire.compression import (
@@ -47,13 +48,6 @@ class Encoded:
     keyframe: bool = False
 
 
-def _check_topk_option(name: str, value: object, integer: bool) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
-        what = "a positive integer" if integer else "a positive number"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-
-
 class UpdateWriter:
     """Encodes one node's weights with its compression option; remembers what peers will decode."""
 
@@ -69,7 +63,7 @@ class UpdateWriter:
         self.option = compression
         self.topk: TopKCompressor | None = None
         if topk_keyframe is not None and topk_keyframe not in KEYFRAME_CODECS:
-            raise ValueError(f"topk_keyframe must be one of {', '.join(KEYFRAME_CODECS)}, got {topk_keyframe!r}")
+            check_choice("topk_keyframe", topk_keyframe, KEYFRAME_CODECS)
         # A keyframe only starts a chain: error feedback sends what its encoding rounded, so int8 is the default.
         self.keyframe_codec = None if topk_keyframe == "lossless" else (topk_keyframe or DEFAULT_KEYFRAME_CODEC)
         topk_options = {
@@ -85,7 +79,7 @@ class UpdateWriter:
         if self.codec == "topk" and fraction is not None:
             options: dict[str, float] = {}
             if topk_keyframe_every is not None:
-                _check_topk_option("topk_keyframe_every", topk_keyframe_every, integer=True)
+                check_positive_int("topk_keyframe_every", topk_keyframe_every)
                 if topk_keyframe_every > MAX_CHAIN:
                     raise ValueError(
                         f"topk_keyframe_every must be at most {MAX_CHAIN} (readers refuse longer chains), "
@@ -93,8 +87,7 @@ class UpdateWriter:
                     )
                 options["keyframe_every"] = topk_keyframe_every
             if topk_max_error is not None:
-                _check_topk_option("topk_max_error", topk_max_error, integer=False)
-                options["max_error"] = float(topk_max_error)
+                options["max_error"] = check_positive("topk_max_error", topk_max_error)
             self.topk = TopKCompressor(fraction, **options)  # type: ignore[arg-type]
         self.keyframes_written = 0
         self.deltas_logged = 0

@@ -19,6 +19,7 @@ import tempfile
 
 from flwr_serverless.stores import Store
 from flwr_serverless.stores.local_mapping import map_read_only
+from flwr_serverless.validation import check_choice
 
 logger = logging.getLogger("flwr_serverless")
 
@@ -29,8 +30,7 @@ class PeerSpool:
     """Fetches objects as read-only buffers: memory-mapped temp files (``"disk"``) or bytes (``"memory"``)."""
 
     def __init__(self, mode: str = "disk", directory: str | None = None, *, map_store_files: bool = True) -> None:
-        if mode not in PEER_CACHES:
-            raise ValueError(f"peer_cache must be one of {PEER_CACHES}, got {mode!r}")
+        check_choice("peer_cache", mode, PEER_CACHES)
         self.mode = mode
         self.directory = directory  # None: the system's temp directory
         self.map_store_files = map_store_files

@@ -7,6 +7,7 @@ framework is loaded by the worker that trains a node.
 from flwr_serverless.simulation.data import DATASETS, load_dataset, partition_label_skew
 from flwr_serverless.simulation.models import build_keras_model
 from flwr_serverless.simulation.options import AsyncOptions, Evaluation, Heterogeneity, SemiSyncOptions
+from flwr_serverless.simulation.partitions import PARTITIONERS, Partitioning
 from flwr_serverless.simulation.runner import (
     NodeResult,
     NodeTask,
@@ -19,12 +20,14 @@ from flwr_serverless.simulation.update_options import CompressionOptions
 
 __all__ = [
     "DATASETS",
+    "PARTITIONERS",
     "AsyncOptions",
     "CompressionOptions",
     "Evaluation",
     "Heterogeneity",
     "NodeResult",
     "NodeTask",
+    "Partitioning",
     "SemiSyncOptions",
     "SimulationConfig",
     "SimulationResult",

@@ -1,4 +1,4 @@
-"""A disk cache of baseline results, so a sweep trains each standalone and centralized baseline once.
+"""A disk cache of baseline results (``simulate --baseline-cache``): each baseline is trained once.
 
 A standalone baseline depends on the data, the seed, the partition, the epochs
 and the model; the centralized one on the same minus the partition (so the
@@ -53,7 +53,11 @@ def standalone_key(config: SimulationConfig) -> dict[str, Any]:
     return {
         "kind": "standalone",
         **_common(config),
-        "partition": {"num_nodes": config.num_nodes, "skew": config.skew},
+        "partition": {
+            "num_nodes": config.num_nodes,
+            "skew": config.skew,
+            **({} if config.partitioning.key() is None else {"partitioner": config.partitioning.key()}),
+        },
         "slowdown": list(config.heterogeneity.slowdown),
         "batch_seconds": config.heterogeneity.batch_seconds,
     }

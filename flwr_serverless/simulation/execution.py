@@ -1,5 +1,5 @@
 """Run simulation tasks concurrently: threads in this process, a bounded pool of spawned processes
-(each hosting several nodes in threads), or tasks on a Ray cluster (``ray_engine``).
+(each hosting several nodes in threads), (the runner sends tasks to a Ray cluster through ``ray_engine`` instead).
 
 Workers return plain dicts, so processes never pickle models; a failed task
 becomes a row with an ``error``, so one failed node does not hide the others.
@@ -133,15 +133,10 @@ def _run_in_processes(tasks: list[NodeTask], progress: ProgressFn, workers: int 
     return [results[t.index] for t in tasks]
 
 
-def run_tasks(tasks: list[NodeTask], use_processes: bool, progress: ProgressFn) -> list[dict[str, Any]]:
-    """Train ``tasks`` concurrently; one plain-dict row per task, in order (errors become rows)."""
+def run_locally(tasks: list[NodeTask], use_processes: bool, progress: ProgressFn) -> list[dict[str, Any]]:
+    """Train ``tasks`` concurrently on this machine; one plain-dict row per task, in order (errors become rows)."""
     if not tasks:
         return []
-    config = tasks[0].config
-    if config.engine == "ray":
-        from flwr_serverless.simulation.ray_engine import run_on_ray
-
-        return run_on_ray(tasks, progress)
     if use_processes:
-        return _run_in_processes(tasks, progress, config.workers)
+        return _run_in_processes(tasks, progress, tasks[0].config.workers)
     return _run_in_threads(tasks, progress)

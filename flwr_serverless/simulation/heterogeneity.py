@@ -23,7 +23,6 @@ __all__ = [
     "TimeBudget",
     "epoch_event",
     "make_lightning_slowdown_callback",
-    "make_slowdown_callback",
     "parse_factors",
     "peer_lag",
     "slowdown_factor",
@@ -63,17 +62,8 @@ class BatchPadder:
         self._warm = True
 
 
-def make_slowdown_callback(factor: float, batch_seconds: float | None = None) -> Any:
-    """A Keras callback padding batches with ``BatchPadder``; list it before ``FlwrFederatedCallback``
-    so the batch times a semi-sync node measures include the sleep.
-    """
-    from flwr_serverless.simulation.keras_callbacks import Slowdown
-
-    return Slowdown(factor, batch_seconds)
-
-
 def make_lightning_slowdown_callback(package: Any, factor: float, batch_seconds: float | None = None) -> Any:
-    """The Lightning twin of ``make_slowdown_callback`` (``package``: ``lightning.pytorch`` or
+    """The Lightning twin of ``keras_callbacks.make_slowdown_callback`` (``package``: ``lightning.pytorch`` or
     ``pytorch_lightning``); list it before ``FlwrFederatedCallback``.
     """
 

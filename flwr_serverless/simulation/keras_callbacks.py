@@ -53,6 +53,13 @@ class Slowdown(keras.callbacks.Callback):
         self.padder.end()
 
 
+def make_slowdown_callback(factor: float, batch_seconds: float | None = None) -> Slowdown:
+    """A Keras callback padding batches with ``BatchPadder``; list it before ``FlwrFederatedCallback``
+    so the batch times a semi-sync node measures include the sleep.
+    """
+    return Slowdown(factor, batch_seconds)
+
+
 class StopAtBudget(keras.callbacks.Callback):
     """Stops training after the batch that spends the wall-clock budget."""
 

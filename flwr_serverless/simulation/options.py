@@ -12,6 +12,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from flwr_serverless.validation import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_positive,
+    check_positive_int,
+)
+
 STALENESS_UNITS = ("steps", "versions")
 #: what ``strategies.make_strategy`` gives Flower's FedProx when no mu is set
 FEDPROX_DEFAULT_MU = 0.01
@@ -21,19 +29,13 @@ PROXIMAL_MU_NOTE = (
 )
 
 
+def option_name(option: str, flag: str | None) -> str:
+    """How an error names an option: ``option alpha (--alpha)``."""
+    return f"option {option}" + (f" ({flag})" if flag else "")
+
+
 def _error(option: str, flag: str | None, problem: str) -> ValueError:
-    where = f"option {option}" + (f" ({flag})" if flag else "")
-    return ValueError(f"{where} {problem}")
-
-
-def _check_fraction(option: str, flag: str, value: float | None) -> None:
-    if value is not None and not 0.0 < value <= 1.0:  # also refuses NaN
-        raise _error(option, flag, f"must be in (0, 1], got {value}")
-
-
-def _check_positive(option: str, flag: str, value: float | None) -> None:
-    if value is not None and not (value > 0 and math.isfinite(value)):
-        raise _error(option, flag, f"must be a positive number of seconds, got {value}")
+    return ValueError(f"{option_name(option, flag)} {problem}")
 
 
 def _changed(options: Any) -> list[str]:
@@ -68,18 +70,10 @@ class AsyncOptions:
                 parse_staleness(self.staleness)
             except ValueError as exc:
                 raise _error("staleness", "--staleness", f"is invalid: {exc}") from None
-        if self.staleness_unit not in STALENESS_UNITS:
-            raise _error(
-                "staleness_unit",
-                "--staleness-unit",
-                f"must be one of {', '.join(STALENESS_UNITS)}, got {self.staleness_unit!r}",
-            )
-        _check_fraction("alpha", "--alpha", self.alpha)
-        _check_fraction("participation", "--participation", self.participation)
-        if self.buffer_size is not None and (
-            isinstance(self.buffer_size, bool) or int(self.buffer_size) < 1 or int(self.buffer_size) != self.buffer_size
-        ):
-            raise _error("buffer_size", "--buffer-size", f"must be an integer >= 1, got {self.buffer_size}")
+        check_choice(option_name("staleness_unit", "--staleness-unit"), self.staleness_unit, STALENESS_UNITS)
+        check_fraction(option_name("alpha", "--alpha"), self.alpha, none=True)
+        check_fraction(option_name("participation", "--participation"), self.participation, none=True)
+        check_positive_int(option_name("buffer_size", "--buffer-size"), self.buffer_size, none=True)
 
     def node_kwargs(self, seed: int, index: int) -> dict[str, Any]:
         """Keyword arguments of ``AsyncFederatedNode`` (each node samples participation with its own seed)."""
@@ -102,8 +96,8 @@ class SemiSyncOptions:
     FLAGS = {"lambda_": "--lambda", "reestimate": "--no-reestimate"}
 
     def validate(self) -> None:
-        if not (self.lambda_ > 0 and math.isfinite(self.lambda_)):
-            raise _error("lambda_", "--lambda", f"must be a positive number, got {self.lambda_}")
+        check_positive(option_name("lambda_", "--lambda"), self.lambda_)
+        check_bool(option_name("reestimate", "--no-reestimate"), self.reestimate)
 
 
 @dataclass(frozen=True)
@@ -129,8 +123,8 @@ class Heterogeneity:
                 "--slowdown",
                 f"has {len(self.slowdown)} factors for {num_nodes} nodes; give at most one per node",
             )
-        _check_positive("batch_seconds", "--batch-seconds", self.batch_seconds)
-        _check_positive("time_budget", "--time-budget", self.time_budget)
+        check_positive(option_name("batch_seconds", "--batch-seconds"), self.batch_seconds, unit="seconds", none=True)
+        check_positive(option_name("time_budget", "--time-budget"), self.time_budget, unit="seconds", none=True)
 
     def factor(self, index: int, role: str) -> float:
         """Node ``index``'s slowdown; the centralized baseline is never slowed."""
@@ -149,30 +143,24 @@ class Evaluation:
     FLAGS = {"eval_each_epoch": "--eval-each-epoch", "eval_examples": "--eval-examples"}
 
     def validate(self) -> None:
-        if not isinstance(self.eval_each_epoch, bool):
-            raise _error("eval_each_epoch", "--eval-each-epoch", f"must be True or False, got {self.eval_each_epoch!r}")
+        check_bool(option_name("eval_each_epoch", "--eval-each-epoch"), self.eval_each_epoch)
         if self.eval_examples is not None:
-            if (
-                isinstance(self.eval_examples, bool)
-                or int(self.eval_examples) != self.eval_examples
-                or self.eval_examples < 1
-            ):
-                raise _error("eval_examples", "--eval-examples", f"must be an integer >= 1, got {self.eval_examples}")
+            check_positive_int(option_name("eval_examples", "--eval-examples"), self.eval_examples)
             if not self.eval_each_epoch:
                 raise _error("eval_examples", "--eval-examples", "needs --eval-each-epoch (eval_each_epoch=True)")
 
 
 ENGINES = ("local", "ray")
+#: modes whose nodes never wait for each other (no --timeout, --min-nodes)
+NON_WAITING_MODES = ("async", "aggregate")
 
 
 def check_execution(
     engine: str, address: str | None, use_processes: bool, workers: int | None, store_url: str | None
 ) -> None:
     """Where nodes run: threads or a process pool here (``local``), or Ray tasks on a cluster (``ray``)."""
-    if engine not in ENGINES:
-        raise _error("engine", "--engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if workers is not None and (isinstance(workers, bool) or int(workers) != workers or workers < 1):
-        raise _error("workers", "--workers", f"must be an integer >= 1, got {workers}")
+    check_choice(option_name("engine", "--engine"), engine, ENGINES)
+    check_positive_int(option_name("workers", "--workers"), workers, none=True)
     if workers is not None and not use_processes and engine != "ray":
         raise _error(
             "workers", "--workers", "groups nodes into K processes or Ray tasks: it needs --processes or --engine ray"

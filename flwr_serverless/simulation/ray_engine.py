@@ -16,6 +16,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from flwr_serverless.simulation.execution import ProgressFn, _error_row, _run_in_threads
+from flwr_serverless.simulation.options import NON_WAITING_MODES
 
 if TYPE_CHECKING:
     from flwr_serverless.simulation.runner import NodeTask
@@ -49,8 +50,6 @@ def _groups(tasks: list[NodeTask], workers: int | None) -> list[list[NodeTask]]:
 
 def _check_capacity(ray: Any, tasks: list[NodeTask], groups: int) -> None:
     """Sync and semi-sync nodes wait for each other: all of them must be placed at once, or the barrier times out."""
-    from flwr_serverless.simulation.runner import NON_WAITING_MODES
-
     config = tasks[0].config
     if config.mode in NON_WAITING_MODES or tasks[0].role != "federated":
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, TextIO
 
-from flwr_serverless.simulation.runner import NodeResult, SimulationResult
+from flwr_serverless.simulation.runner import NodeResult, SimulationConfig, SimulationResult
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -82,12 +82,20 @@ def _mb(num_bytes: int) -> str:
     return f"{num_bytes / 1e6:.2f}"
 
 
+def partition_label(config: SimulationConfig) -> str:
+    """``skew 0.9`` for the paper's split, else the partitioner as given (``dirichlet:0.5``)."""
+    if config.partitioning.kind == "skew":
+        return f"skew {config.skew}"
+    options = "".join(f", {k}={v}" for k, v in config.partitioning.options.items())
+    return f"partitioner {config.partitioning.spec}{options}"
+
+
 def format_report(result: SimulationResult) -> str:
     """The end-of-run tables: federated nodes, baselines and the accuracy summary."""
     config = result.config
     lines = [
         "",
-        f"Federated nodes ({config.mode}, {config.strategy}, {config.dataset}, skew {config.skew}, "
+        f"Federated nodes ({config.mode}, {config.strategy}, {config.dataset}, {partition_label(config)}, "
         f"{config.epochs} epochs, {execution_label(config)}; "
         "test acc of each node's final, federated model):",
         f"{'node':<12} {'test acc':>8} {'epochs':>7} {'wall s':>7} {'MB up':>7} {'MB down':>8} "

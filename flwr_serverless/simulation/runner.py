@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from flwr_serverless.simulation.baselines import BaselineCache, centralized_key, standalone_key
-from flwr_serverless.simulation.data import load_dataset, partition_label_skew
-from flwr_serverless.simulation.execution import WORKERS, run_tasks
+from flwr_serverless.simulation.data import load_dataset
+from flwr_serverless.simulation.execution import WORKERS, run_locally
 from flwr_serverless.simulation.options import (
     FEDPROX_DEFAULT_MU,
+    NON_WAITING_MODES,
     AsyncOptions,
     Evaluation,
     Heterogeneity,
@@ -30,16 +31,18 @@ from flwr_serverless.simulation.options import (
     check_execution,
     check_mode,
     check_strategy,
+    option_name,
     strategy_key,
 )
+from flwr_serverless.simulation.partitions import Partitioning
 from flwr_serverless.simulation.results import NodeResult, SimulationResult
 from flwr_serverless.simulation.update_options import CompressionOptions, check_aggregate
+from flwr_serverless.validation import check_choice, check_int, check_number, check_positive, check_positive_int
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
 MODES = ("async", "sync", "semisync", "aggregate")
-#: modes whose nodes never wait for each other (no --timeout, --min-nodes)
-NON_WAITING_MODES = ("async", "aggregate")
+DEFAULT_SKEW = 0.9
 DEFAULT_SYNC_TIMEOUT = 120.0
 #: node kwargs the simulation sets itself; ``node_options`` may not override them
 RESERVED_NODE_OPTIONS = frozenset(
@@ -77,7 +80,8 @@ class SimulationConfig:
     epochs: int = 5
     dataset: str = "digits"
     data_dir: str | None = None
-    skew: float = 0.9
+    skew: float = DEFAULT_SKEW  # label skew of the default partitioner ("skew", the paper's split)
+    partitioning: Partitioning = field(default_factory=Partitioning)  # or a Flower Datasets partitioner
     batch_size: int = 32
     learning_rate: float = 1e-3
     seed: int = 0
@@ -101,26 +105,20 @@ class SimulationConfig:
 
     def validate(self) -> None:
         """Fail before any training starts, with a message naming the bad option."""
-        if self.num_nodes < 1:
-            raise ValueError("num_nodes must be at least 1")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.framework not in WORKERS:
-            raise ValueError(f"framework must be one of {', '.join(WORKERS)}, got {self.framework!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be positive")
-        if not 0.0 <= self.skew <= 1.0:
-            raise ValueError(f"skew must be in [0, 1], got {self.skew}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.max_train_examples is not None and self.max_train_examples < 1:
-            raise ValueError(f"max_train_examples must be at least 1, got {self.max_train_examples}")
+        check_positive_int("num_nodes", self.num_nodes)
+        check_choice("mode", self.mode, MODES)
+        check_choice("framework", self.framework, WORKERS)
+        check_positive_int("epochs", self.epochs)
+        check_positive_int("batch_size", self.batch_size)
+        check_number("skew", self.skew, 0.0, 1.0)
+        self.partitioning.validate(self.skew, DEFAULT_SKEW)
+        check_positive("learning_rate", self.learning_rate)
+        check_positive_int("max_train_examples", self.max_train_examples, none=True)
         if self.use_processes and self.store_url is not None and self.store_url.startswith("memory://"):
             raise ValueError("memory:// stores live inside one process; use threads or a file:// or s3:// store")
         self._validate_waiting()
         check_execution(self.engine, self.ray_address, self.use_processes, self.workers, self.store_url)
-        if self.proximal_mu is not None and not (0 <= self.proximal_mu < float("inf")):
-            raise ValueError(f"option proximal_mu (--proximal-mu) must be >= 0, got {self.proximal_mu}")
+        check_number(option_name("proximal_mu", "--proximal-mu"), self.proximal_mu, 0.0, none=True)
         reserved = sorted(set(self.node_options) & RESERVED_NODE_OPTIONS)
         if reserved:
             raise ValueError(f"node_options may not set {', '.join(reserved)}: the simulation sets them")
@@ -142,12 +140,8 @@ class SimulationConfig:
             raise ValueError(
                 f"option {name} ({flag}) applies to --mode sync and semisync only: {self.mode} nodes never wait"
             )
-        if self.sync_timeout is not None and not self.sync_timeout > 0:
-            raise ValueError(f"option sync_timeout (--timeout) must be positive, got {self.sync_timeout}")
-        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.num_nodes:
-            raise ValueError(
-                f"option min_nodes (--min-nodes) must be between 1 and {self.num_nodes}, got {self.min_nodes}"
-            )
+        check_positive(option_name("sync_timeout", "--timeout"), self.sync_timeout, unit="seconds", none=True)
+        check_int(option_name("min_nodes", "--min-nodes"), self.min_nodes, 1, self.num_nodes, none=True)
 
     @property
     def effective_compression(self) -> CompressionOptions:
@@ -216,6 +210,15 @@ def default_store_url() -> str:
     return tempfile.mkdtemp(prefix="flwr-serverless-sim-")
 
 
+def run_tasks(tasks: list[NodeTask], use_processes: bool, progress: ProgressFn) -> list[dict[str, Any]]:
+    """Train ``tasks`` on this machine or as Ray tasks; one plain-dict row per task, in order (errors become rows)."""
+    if tasks and tasks[0].config.engine == "ray":
+        from flwr_serverless.simulation.ray_engine import run_on_ray
+
+        return run_on_ray(tasks, progress)
+    return run_locally(tasks, use_processes, progress)
+
+
 def _training_indices(config: SimulationConfig, num_train: int) -> np.ndarray:
     indices = np.arange(num_train)
     if config.max_train_examples is not None and config.max_train_examples < num_train:
@@ -276,10 +279,12 @@ def run_simulation(config: SimulationConfig, progress: ProgressFn | None = None)
     started = time.monotonic()
     _, y_train, _, _ = load_dataset(config.dataset, config.data_dir)
     pool = _training_indices(config, len(y_train))
-    parts = [pool[p] for p in partition_label_skew(y_train[pool], config.num_nodes, config.skew, config.seed)]
+    split = config.partitioning.split(y_train[pool], config.num_nodes, config.skew, config.seed)
+    parts = [pool[p] for p in split]
     empty = [f"node-{i}" for i, p in enumerate(parts) if len(p) == 0]
     if empty:
-        raise ValueError(f"{', '.join(empty)} would get no training data; use fewer nodes or a lower skew")
+        remedy = "a lower skew" if config.partitioning.kind == "skew" else "other partitioner options"
+        raise ValueError(f"{', '.join(empty)} would get no training data; use fewer nodes or {remedy}")
 
     base_url = config.store_url if config.store_url is not None else default_store_url()
     run_url = make_run_url(base_url)

@@ -61,6 +61,9 @@ TRANSIENT_NAMES = frozenset(
         "FSTimeoutError",
         "IncompleteRead",
         "RemoteDisconnected",
+        # the body does not match the checksum the server sent: torn on the way (or by a non-atomic server,
+        # as moto under a concurrent overwrite); a retry reads a whole object
+        "FlexibleChecksumError",
     }
 )
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})

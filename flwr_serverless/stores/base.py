@@ -24,6 +24,7 @@ from flwr_serverless.errors import (
     StoreError,
 )
 from flwr_serverless.stores.retry import DEFAULT_POLICY, RetryPolicy, call_with_retries
+from flwr_serverless.validation import check_positive_int
 
 T = TypeVar("T")
 Buffer = bytes | bytearray | memoryview
@@ -130,7 +131,8 @@ class Store(ABC):
         retry layer of its own (botocore, s3fs) sizes that layer by it, so the two never multiply.
         The default ignores it and calls ``cls(url, **options)``.
         """
-        return cls(url, **options)
+        build: Callable[..., Store] = cls  # every concrete store takes the URL (Store itself takes nothing)
+        return build(url, **options)
 
     # -- public API -------------------------------------------------------
     # Stats count requests that succeeded; retried failures go to ``stats.retries``.
@@ -192,8 +194,7 @@ class Store(ABC):
         S3 sends only that page (its answer stays small however many objects there are); the
         default lists ``prefix`` and cuts the page out of it.
         """
-        if max_keys < 1:
-            raise ValueError(f"max_keys must be positive, got {max_keys!r}")
+        check_positive_int("max_keys", max_keys)
         found = self._retrying("list", check_prefix(prefix), lambda: self._list_page(prefix, start_after, max_keys))
         self.stats.add(lists=1)
         return found

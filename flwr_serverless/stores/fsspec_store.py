@@ -13,6 +13,7 @@ an :class:`S3FsStore` (s3fs, not boto3).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import suppress
 from datetime import datetime
 from typing import Any
@@ -85,7 +86,8 @@ class FsspecStore(Store):
     def __new__(cls, url: str, **storage_options: Any) -> Any:
         dedicated = dedicated_class(str(url)) if cls is FsspecStore else None
         if dedicated is not None:  # fully built here: Python skips __init__ for another class
-            return dedicated(str(url), **storage_options)
+            build: Callable[..., Store] = dedicated  # a concrete store takes the URL
+            return build(str(url), **storage_options)
         return super().__new__(cls)
 
     @classmethod

@@ -36,6 +36,7 @@ from flwr_serverless.errors import PreconditionFailedError, StoreConfigurationEr
 from flwr_serverless.stores.backend_errors import describe, translated
 from flwr_serverless.stores.base import Buffer, ObjectInfo, Payload, Store, check_prefix, refuse_options
 from flwr_serverless.stores.local_mapping import can_map_in_place, map_read_only
+from flwr_serverless.validation import check_bool
 
 try:  # POSIX only; without it local compare-and-swap cannot be made safe across processes
     import fcntl
@@ -117,8 +118,7 @@ class LocalStore(Store):
     def __init__(self, url: str, *, map_reads: bool | None = None, **options: Any) -> None:
         super().__init__()
         refuse_options(url, options, "a local folder")
-        if map_reads is not None and not isinstance(map_reads, bool):
-            raise StoreConfigurationError(f"store {url!r}: map_reads must be True, False or None, got {map_reads!r}")
+        check_bool(f"store {url!r}: map_reads", map_reads, none=True, error=StoreConfigurationError)
         if map_reads and os.name != "posix":
             raise StoreConfigurationError(
                 f"store {url!r}: map_reads=True needs POSIX (a mapped file cannot be replaced on Windows)"

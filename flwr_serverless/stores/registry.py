@@ -129,10 +129,12 @@ def open_store(url: str | Store, **storage_options: Any) -> Store:
 
 
 def _construct(target: StoreTarget, url: str, policy: RetryPolicy, options: dict[str, Any]) -> Store:
+    build: Callable[..., object] = target  # a Store subclass takes the URL, whatever Store's own signature
+    store: object
     if isinstance(target, type) and issubclass(target, Store):
         store = target.from_url(url, retry_policy=policy, **options)
     else:
-        store = target(url, **options)
+        store = build(url, **options)
     if not isinstance(store, Store):
         raise StoreConfigurationError(f"store {url!r}: {_name(target)} returned {type(store).__name__}, not a Store")
     return store

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flwr_serverless.errors import StoreError
@@ -28,6 +28,7 @@ from flwr_serverless.stores.backend_errors import (  # re-exported: callers impo
     TRANSIENT_STATUS,
     is_transient,
 )
+from flwr_serverless.validation import check_number, check_positive_int
 
 if TYPE_CHECKING:
     from flwr_serverless.stores.base import Store
@@ -61,12 +62,15 @@ class RetryPolicy:
     max_time: float = 30.0
     base_delay: float = 0.2
     max_delay: float = 5.0
+    #: the time the bound is measured on and the backoff's sleep: a test injects a fake pair, so the bound
+    #: is checked without waiting (never compared or printed)
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False, repr=False)
+    sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError("attempts must be at least 1")
-        if self.max_time < 0 or self.base_delay < 0 or self.max_delay < 0:
-            raise ValueError("retry times must not be negative")
+        check_positive_int("retry attempts", self.attempts)
+        for name in ("max_time", "base_delay", "max_delay"):
+            check_number(f"retry {name}", getattr(self, name), 0.0)
 
 
 DEFAULT_POLICY = RetryPolicy()
@@ -76,16 +80,20 @@ _local = threading.local()
 
 
 @contextmanager
-def retry_deadline(deadline: float | None) -> Iterator[None]:
-    """Cap retries in this thread at ``deadline`` (a ``time.monotonic()`` value).
+def retry_deadline(deadline: float | None, clock: Callable[[], float] = time.monotonic) -> Iterator[None]:
+    """Cap retries in this thread at ``deadline``, a point on ``clock``.
 
     A sync node waiting for a barrier uses it so that one store call cannot
-    retry past the node's own timeout.
+    retry past the node's own timeout. The cap binds the retries whose policy
+    measures time on the same clock (a deadline on another clock means nothing to them).
     """
-    previous = getattr(_local, "deadline", None)
-    if deadline is not None and previous is not None:
-        deadline = min(deadline, previous)
-    _local.deadline = deadline if deadline is not None else previous
+    previous: tuple[float, Callable[[], float]] | None = getattr(_local, "deadline", None)
+    current = previous
+    if deadline is not None:
+        if previous is not None and previous[1] == clock:
+            deadline = min(deadline, previous[0])
+        current = (deadline, clock)
+    _local.deadline = current
     try:
         yield
     finally:
@@ -94,7 +102,7 @@ def retry_deadline(deadline: float | None) -> Iterator[None]:
 
 def backoff_delay(policy: RetryPolicy, retry_number: int) -> float:
     """Full-jitter sleep before retry ``retry_number`` (1-based)."""
-    cap = min(policy.max_delay, policy.base_delay * (2 ** (retry_number - 1)))
+    cap = min(policy.max_delay, policy.base_delay * 2.0 ** min(retry_number - 1, 64))  # 2**1024 overflows
     return random.uniform(0.0, cap)
 
 
@@ -106,11 +114,11 @@ def call_with_retries(
     on_retry: Callable[[BaseException], None] | None = None,
 ) -> T:
     """Run ``call``; retry transient failures within the policy, then raise one StoreError naming op and key."""
-    start = time.monotonic()
+    start = policy.clock()
     deadline = start + policy.max_time
     thread_deadline = getattr(_local, "deadline", None)
-    if thread_deadline is not None:
-        deadline = min(deadline, thread_deadline)
+    if thread_deadline is not None and thread_deadline[1] == policy.clock:  # == : bound methods are remade
+        deadline = min(deadline, thread_deadline[0])
     attempt = 0
     while True:
         attempt += 1
@@ -119,8 +127,8 @@ def call_with_retries(
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            now = time.monotonic()
-            if attempt >= policy.attempts or now >= deadline:
+            now = policy.clock()
+            if attempt >= policy.attempts or now >= deadline - 1e-9:  # a sleep of less never moves a clock
                 reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
                 raise StoreError(
                     operation,
@@ -129,7 +137,7 @@ def call_with_retries(
                 ) from exc
             if on_retry is not None:
                 on_retry(exc)
-            time.sleep(min(backoff_delay(policy, attempt), max(0.0, deadline - now)))
+            policy.sleep(min(backoff_delay(policy, attempt), max(0.0, deadline - now)))
 
 
 def with_retries(store: Store, policy: RetryPolicy | bool | dict[str, Any] | None = None) -> Store:

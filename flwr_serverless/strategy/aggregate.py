@@ -143,7 +143,9 @@ def _reply(index: int, arrays: Sequence[np.ndarray], weight: float, key: str) ->
         ttl=3600.0,
         message_type="train",
     )
-    return Message(content=content, metadata=metadata)
+    # Flower's typed overloads leave out ``metadata``, which its runtime takes (and uses for replies); the public
+    # ``reply_to=`` path needs a SuperLink run context that serverless nodes do not have
+    return Message(content=content, metadata=metadata)  # type: ignore[call-overload]
 
 
 def _aggregate_messages(strategy: Any, server_round: int, live: Sequence[Contribution]) -> list[np.ndarray]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import blake3
 import numpy as np
 
+from flwr_serverless.validation import check_int, check_positive
 from flwr_serverless.wire.compression import (
     SEP,
     EncodedTensor,
@@ -65,14 +66,8 @@ class TopKCompressor:
     ) -> None:
         if not 0.0 < fraction < 0.5:
             raise ValueError(f"top-k fraction must be in (0, 0.5) (sparse entries cost 2x dense ones), got {fraction}")
-        if (
-            isinstance(keyframe_every, bool)
-            or not isinstance(keyframe_every, int)
-            or not 1 <= keyframe_every <= MAX_CHAIN
-        ):
-            raise ValueError(f"keyframe_every must be an integer in [1, {MAX_CHAIN}], got {keyframe_every!r}")
-        if not max_error > 0.0:  # NaN fails too
-            raise ValueError(f"max_error must be a positive relative error, got {max_error}")
+        check_int("keyframe_every", keyframe_every, 1, MAX_CHAIN)
+        check_positive("max_error", max_error)
         self.fraction = fraction
         self.keyframe_every = keyframe_every
         self.max_error = max_error
@@ -193,7 +188,7 @@ def state_ref(round_number: int, arrays: Sequence[np.ndarray]) -> KeyframeRef:
     hasher = blake3.blake3()
     for array in arrays:
         array = np.asarray(array)
-        hasher.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8))
+        hasher.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8).data)
     return KeyframeRef(round_number, f"blake3:{hasher.hexdigest()}")
 
 

@@ -1,4 +1,4 @@
-"""Repeat a simulation over seeds and summarize: mean and a 95% confidence interval per figure.
+"""Repeat a simulation over seeds (``simulate --seeds``) and summarize: mean and a 95% confidence interval; CSV rows.
 
 The interval is Student's t (the seeds are few): ``mean +- t(0.975, n-1) * sd / sqrt(n)``.
 """

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from flwr_serverless.simulation.paper_report import PAPER_TABLE1, curve
+from benchmarks.paper.tables import PAPER_TABLE1, curve
 
 
 def _pyplot() -> Any:

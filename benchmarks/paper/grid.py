@@ -11,7 +11,8 @@ partition and model code as ``flwr-serverless simulate``:
 Every run is cached on disk under its full config (JSON, keyed like the
 baselines), so an interrupted grid resumes and the tables can be rebuilt
 without training; baselines are trained once per (dataset, seed, partition,
-epochs, model). ``paper_report.py`` turns the records into tables and plots.
+epochs, model). ``tables.py`` turns the records into tables, ``plots.py`` into plots, ``run.py`` is
+the command (``make paper``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr_serverless.simulation.baselines import BaselineCache
-from flwr_serverless.simulation.data import IDX_DIRS, has_local_copy
+from flwr_serverless.simulation.data import has_local_copy
 from flwr_serverless.simulation.options import AsyncOptions, Evaluation, Heterogeneity, SemiSyncOptions
 from flwr_serverless.simulation.report import observed_peer_lag
 from flwr_serverless.simulation.runner import SimulationConfig, SimulationResult, run_simulation
@@ -211,6 +211,8 @@ def run_key(config: SimulationConfig) -> dict[str, Any]:
     data = config.public_dict()
     for name in ("store_url", "baseline_cache"):
         data.pop(name, None)
+    if config.partitioning.key() is None:  # the paper's split: keys made before partitioners existed stay valid
+        data.pop("partitioning", None)
     return {"kind": "run", "format": 1, "config": data}
 
 
@@ -291,74 +293,3 @@ def grid_digest(grid: Grid) -> str:
 
 def default_cache_dir() -> str:
     return str(Path.home() / ".cache" / "flwr-serverless" / "experiments")
-
-
-def add_experiment_parser(commands: Any) -> None:
-    """``flwr-serverless experiment paper [--quick] ...``: regenerate the paper tables and plots."""
-    exp = commands.add_parser(
-        "experiment",
-        help="regenerate the paper tables and plots (sync vs async by skew, strategies, slow nodes)",
-        description="Run the paper-reproduction grid and write JSON, CSV, a markdown table and PNG plots. "
-        "Runs and baselines are cached, so an interrupted grid resumes where it stopped.",
-    )
-    exp.add_argument("name", choices=("paper",), help="the experiment to run")
-    exp.add_argument("--quick", action="store_true", help="a small digits grid that takes a few minutes")
-    exp.add_argument(
-        "--dataset",
-        choices=("digits", "fashion_mnist"),
-        default=None,
-        help=f"default: fashion_mnist when its IDX files are in {IDX_DIRS['fashion_mnist'][0]}, else digits",
-    )
-    exp.add_argument("--tables", default=None, metavar="LIST", help="subset, e.g. table1,hetero (default: all)")
-    exp.add_argument("--out", default="benchmarks/results", metavar="DIR", help="where the outputs go")
-    exp.add_argument("--cache", default=None, metavar="DIR", help=f"run cache (default {default_cache_dir()})")
-    exp.add_argument(
-        "--max-minutes",
-        type=float,
-        default=None,
-        metavar="M",
-        help="start no new run after M minutes; the tables show the runs that finished",
-    )
-
-
-def run_experiment(args: Any, out: Any = None) -> int:
-    from flwr_serverless.simulation.paper_report import write_outputs
-
-    out = out if out is not None else sys.stdout
-    grid = make_grid(args.quick, args.dataset)
-    if args.tables:
-        tables = tuple(t.strip() for t in args.tables.split(",") if t.strip())
-        unknown = sorted(set(tables) - set(grid.tables))
-        if unknown:
-            raise ValueError(f"unknown table(s) {', '.join(unknown)}; choose from {', '.join(grid.tables)}")
-        grid = replace(grid, tables=tables)
-    cache_dir = args.cache or default_cache_dir()
-    command = " ".join(
-        [
-            "flwr-serverless experiment paper",
-            *(["--quick"] if args.quick else []),
-            *([f"--dataset {args.dataset}"] if args.dataset else []),
-            *([f"--tables {args.tables}"] if args.tables else []),
-            *([f"--max-minutes {args.max_minutes:g}"] if args.max_minutes is not None else []),
-            f"--out {args.out}",
-        ]
-    )
-
-    def log(line: str) -> None:
-        print(line, file=out, flush=True)
-
-    log(
-        f"grid {grid.name} ({grid_digest(grid)}): {grid.dataset}, {len(cells(grid, cache_dir))} runs; cache {cache_dir}"
-    )
-    started = time.monotonic()
-    records = run_grid(grid, cache_dir, log, max_minutes=args.max_minutes)
-    paths = write_outputs(
-        grid,
-        records,
-        Path(args.out),
-        command=command,
-        seconds=time.monotonic() - started,
-        planned=len(cells(grid, cache_dir)),
-    )
-    log("written: " + ", ".join(str(p) for p in paths))
-    return 0 if all(not r["errors"] for r in records) else 1

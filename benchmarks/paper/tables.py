@@ -1,23 +1,22 @@
-"""Turn the paper grid's run records into tables (mean +- 95% CI over seeds), JSON, CSV, markdown and plots.
+"""Turn the paper grid's run records into tables (mean +- 95% CI over seeds), CSV and markdown.
 
-The papers' numbers (MNIST; from issue 11's summary of the flwr-serverless
-paper) sit next to ours in the markdown; our dataset differs, so compare the
-shapes (which mode or strategy wins, by how much), not the absolute figures.
+The papers' numbers (MNIST, as the flwr-serverless paper reports them) sit next
+to ours in the markdown; our dataset differs, so compare the shapes (which mode
+or strategy wins, by how much), not the absolute figures.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flwr_serverless.simulation.sweep import mean_ci
+from benchmarks.paper.grid import STRATEGIES
+from flwr_serverless.simulation.seeds import mean_ci
 
 #: flwr-serverless paper, MNIST, 2 nodes (table 1) and skew 0.9 (table 2); async rows of table 2 were
 #: reported only as "a little lower".
@@ -204,7 +203,6 @@ def markdown(
         lines.append("")
     if "table2" in tables:
         t = tables["table2"]
-        from flwr_serverless.simulation.paper import STRATEGIES
 
         settings = "; ".join(
             f"{k} {', '.join(f'{o}={v}' for o, v in opts.items()) or 'defaults'}" for k, opts in STRATEGIES.items()
@@ -294,44 +292,7 @@ def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
             )
 
 
-def write_outputs(
-    grid: Any, records: list[dict[str, Any]], out_dir: Path, command: str, seconds: float, planned: int | None = None
-) -> list[Path]:
-    """JSON, CSV, markdown and PNGs named ``paper_<grid>.*`` under ``out_dir``."""
-    from flwr_serverless.simulation.paper import STRATEGIES
-    from flwr_serverless.simulation.paper_claims import claims as find_claims
-    from flwr_serverless.simulation.paper_plots import plot_all
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tables: dict[str, Any] = {}
-    if _where(records, table="table1"):
-        tables["table1"] = table1(records)
-    if _where(records, table="table2"):
-        tables["table2"] = table2(records)
-    if _where(records, table="hetero"):
-        tables["hetero"] = hetero(records, grid.hetero.targets)
-    claims = find_claims(tables)
-    stem = out_dir / f"paper_{grid.name}"
-    data = {
-        "command": command,
-        "grid": asdict(grid),
-        "seconds": seconds,
-        "run_seconds": sum(r["seconds"] for r in records),
-        "planned_runs": planned,
-        "strategy_options": STRATEGIES,
-        "tables": tables,
-        "claims": claims,
-        "records": records,
-    }
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".csv"), stem.with_suffix(".md")]
-    paths[0].write_text(json.dumps(data, indent=1, default=_json_default), encoding="utf-8")
-    write_csv(paths[1], records)
-    runs = None if planned is None else (len(records), planned)
-    paths[2].write_text(markdown(grid, tables, claims, command, runs, records), encoding="utf-8")
-    return paths + plot_all(grid, tables, records, stem)
-
-
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     if isinstance(value, float) and math.isnan(value):
