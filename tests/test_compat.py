@@ -1,7 +1,7 @@
 """Drop-in compatibility with flwr-serverless 0.2: module paths, dict-like folders, node arguments and metrics.
 
 The original's own tests run in tests/compat_original/; these check each 0.2 behaviour
-we promise (README, "Coming from flwr-serverless 0.2") directly, on every store backend.
+we promise (docs/migrating.md) directly, on every store backend.
 """
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ def add_simulate_arguments(sim: argparse.ArgumentParser) -> None:
         help="also write one row per federated node and run as CSV (traffic and every node counter)",
     )
     sim.add_argument("--quiet", action="store_true", help="no live per-epoch lines")
-    het = sim.add_argument_group("staleness, semi-sync and slow nodes (see README, 'Staleness and semi-sync')")
+    het = sim.add_argument_group("staleness, semi-sync and slow nodes (see docs/modes.md)")
     het.add_argument("--staleness", default=None, help="async: staleness function: constant, poly:A, hinge:A,B")
     het.add_argument(
         "--staleness-unit",
@@ -265,7 +265,7 @@ def _add_compression_flags(sim: argparse.ArgumentParser) -> None:
     """``--compression`` and one ``--topk-...`` flag per ``topk_*`` option the node accepts (passed through)."""
     from flwr_serverless.simulation.update_options import flag_of
 
-    group = sim.add_argument_group("compressed updates (see README, 'Compressed updates')")
+    group = sim.add_argument_group("compressed updates (see docs/protocol/compression.md)")
     group.add_argument(
         "--compression",
         type=typed(_compression),

@@ -4,5 +4,5 @@ They add 0.2's constructor arguments (``shared_folder`` first, ``ignore_seen_mod
 required ``num_nodes`` for sync), ``update_parameters``' 0.2 argument order and
 ``upload_only``, the ``model_store``/``counter``/``seen_models`` attributes and the
 ``num_examples``/``num_nodes`` aggregated metrics; the core nodes (``flwr_serverless.node``)
-know none of them. See README, "Coming from flwr-serverless 0.2".
+know none of them. See docs/migrating.md.
 """

@@ -4,7 +4,7 @@
 peer's object once) are choices about *which peer objects a node sees*. The aliases get
 them through the store rather than through the node's internals: the real node is given a
 ``PeerView`` over the user's folder, and the view filters the two documented listings of
-peers' weights (README, "Store layout"): ``nodes/`` (async) and ``rounds/<r>/`` (sync).
+peers' weights (docs/protocol/layout.md): ``nodes/`` (async) and ``rounds/<r>/`` (sync).
 Everything else (membership, the ``rounds/`` lookup, writes) passes through untouched, and
 every call goes to the folder itself, so there is one set of stats and one retry policy.
 """

@@ -81,6 +81,7 @@ from flwr_serverless.node.base import FederatedNode
 from flwr_serverless.node.deadline import Deadline
 from flwr_serverless.stores import ObjectInfo, Store
 from flwr_serverless.strategy.aggregate import is_linear
+from flwr_serverless.validation import check_int, check_number, check_positive, check_positive_int
 from flwr_serverless.wire import layout
 from flwr_serverless.wire.codec import DecodedUpdate, UpdateHeader, decode, encode, object_ref
 from flwr_serverless.wire.header import clean_metrics
@@ -127,16 +128,10 @@ class AggregateFederatedNode(FederatedNode):
         max_requests: int | None = 10,
         **options: Any,
     ) -> None:
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise ValueError(f"max_attempts must be a positive integer, got {max_attempts!r}")
-        if max_models_down is not None and (isinstance(max_models_down, bool) or not max_models_down >= 1):
-            raise ValueError(f"max_models_down must be a number of model sizes >= 1 or None, got {max_models_down!r}")
-        if max_requests is not None and (
-            isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 4 + RESERVED
-        ):
-            raise ValueError(f"max_requests must be an integer >= {4 + RESERVED} or None, got {max_requests!r}")
-        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        check_positive_int("max_attempts", max_attempts)
+        check_number("max_models_down (model sizes)", max_models_down, 1.0, none=True)
+        check_int("max_requests", max_requests, 4 + RESERVED, none=True)
+        check_positive("timeout", timeout, unit="seconds", none=True)
         super().__init__(store, strategy, **options)
         if not is_linear(self.strategy):
             raise ValueError(

@@ -29,6 +29,7 @@ from flwr_serverless.node.spool import PeerSpool
 from flwr_serverless.stores import ObjectInfo, Store
 from flwr_serverless.stores.base import Payload
 from flwr_serverless.stores.retry import RetryPolicy, call_with_retries, is_transient
+from flwr_serverless.validation import check_positive
 from flwr_serverless.wire import layout
 from flwr_serverless.wire.codec import DecodedUpdate, KeyframeRef, UpdateHeader, decode
 
@@ -103,8 +104,7 @@ class Exchange:
         cache_dir: str | None = None,
         stats: NodeStats | None = None,
     ) -> None:
-        if max_object_bytes is not None and (isinstance(max_object_bytes, bool) or max_object_bytes <= 0):
-            raise ValueError(f"max_object_bytes must be a positive number of bytes, got {max_object_bytes!r}")
+        check_positive("max_object_bytes", max_object_bytes, unit="bytes", none=True)
         self.store = store
         self.node_id = node_id
         self.secret = secret

@@ -17,6 +17,7 @@ from flwr_serverless.node.exchange import KeyframeMiss, is_transient
 from flwr_serverless.node.publisher import Encoded
 from flwr_serverless.stores import ObjectInfo, Store
 from flwr_serverless.strategy.aggregate import Contribution
+from flwr_serverless.validation import check_positive, check_positive_int
 from flwr_serverless.wire import layout
 from flwr_serverless.wire.codec import UpdateHeader
 from flwr_serverless.wire.topk import state_ref
@@ -26,12 +27,6 @@ logger = logging.getLogger("flwr_serverless")
 POLL_FIRST, POLL_MAX, POLL_GROWTH = 0.05, 1.0, 1.5
 DOWNLOAD_RESERVE = 0.25  # share of ``timeout`` (at most 30 s) kept for the downloads after a timed-out barrier
 CATCH_UP_EVERY = 1.0  # seconds between looks, while waiting, at whether the awaited members are rounds ahead
-
-
-def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
 
 
 class SyncFederatedNode(FederatedNode):
@@ -59,14 +54,8 @@ class SyncFederatedNode(FederatedNode):
         **options: Any,
     ) -> None:
         self.num_nodes, self.min_nodes = check_counts(num_nodes, min_nodes)
-        self.timeout = _check_positive("timeout", timeout)
-        if (
-            isinstance(max_incompatible_rounds, bool)
-            or not isinstance(max_incompatible_rounds, int)
-            or max_incompatible_rounds < 1
-        ):
-            raise ValueError(f"max_incompatible_rounds must be a positive integer, got {max_incompatible_rounds!r}")
-        self.max_incompatible_rounds = max_incompatible_rounds
+        self.timeout = check_positive("timeout", timeout, unit="seconds")
+        self.max_incompatible_rounds = check_positive_int("max_incompatible_rounds", max_incompatible_rounds)
         super().__init__(store, strategy, **options)
         self.round = 0
         self.started = False  # the experiment is under way: num_nodes no longer gates a round

@@ -4,8 +4,8 @@
 ``len``, ``items()``, ``get(key, default)``, ``get_raw_folder()``. :class:`SharedFolder`
 adds that interface to any :class:`Store` through its public ``put``/``get``/``list``/``delete``,
 so scripts written for 0.2 keep working while the node underneath sees an ordinary store
-(atomic writes, bounded retries). Two things differ on purpose, see the README section
-"Coming from flwr-serverless 0.2": values are bytes (0.2 pickled everything else, and
+(atomic writes, bounded retries). Two things differ on purpose, see docs/migrating.md
+("Migrating from 0.2"): values are bytes (0.2 pickled everything else, and
 unpickling a shared object runs whatever code its writer put in it), and a missing key
 raises ``KeyError`` at once instead of polling for a success flag.
 """

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
 from flwr_serverless.errors import StoreConfigurationError
+from flwr_serverless.validation import check_positive_int
 
 T = TypeVar("T")
 MIB = 1 << 20
@@ -61,8 +62,7 @@ class TransferOptions:
         for name in TRANSFER_OPTIONS:
             options.pop(name, None)
         for name, value in given.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise StoreConfigurationError(f"store {url!r}: option {name} must be a positive int, not {value!r}")
+            check_positive_int(f"store {url!r}: option {name}", value, error=StoreConfigurationError)
         chunk = given.get("multipart_chunksize")
         if chunk is not None and not MIN_PART_BYTES <= chunk <= MAX_PART_BYTES:
             raise StoreConfigurationError(

@@ -267,7 +267,7 @@ def decode(
 
     ``expected`` lists the local model's (shape, dtype) per tensor (and
     ``expected_names`` / ``framework`` its names and layout family, see
-    ``compat.check_compatible``); objects that do not match are rejected
+    ``tensor_match.check_compatible``); objects that do not match are rejected
     instead of being averaged into the model. A top-k delta at chain position
     ``c`` needs ``base``, the writer's state at ``c - 1`` (its keyframe for
     ``c <= 1``), else ``KeyframeRequiredError``.

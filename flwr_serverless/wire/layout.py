@@ -1,7 +1,7 @@
 """Every key of the protocol under an experiment prefix, with builders and parsers.
 
-No other module spells a prefix or slices a key: they ask this one. The README's
-"Store layout" section is checked against ``LAYOUT`` by the test suite.
+No other module spells a prefix or slices a key: they ask this one. The docs'
+layout page (docs/protocol/layout.md) is checked against ``LAYOUT`` by the test suite.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ ROUND_DIGITS = 8
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
-#: (key pattern, what lives there), in the order the README lists them.
+#: (key pattern, what lives there), in the order docs/protocol/layout.md lists them.
 LAYOUT: tuple[tuple[str, str], ...] = (
     ("members/<node_id>", "JSON member record: owner, host, pid, run, joined, heartbeat, lease, status (active/left)"),
     ("nodes/<node_id>", "async: the node's latest weights, overwritten atomically"),
