@@ -152,8 +152,12 @@ class Exchange:
 
     def persist(self, call: Callable[[], T], deadline: Deadline, operation: str, key: str) -> T:
         """Retry ``call`` on transient store faults until ``deadline``, then raise one error naming op and key."""
-        policy = RetryPolicy(
-            attempts=1_000_000, max_time=min(deadline.remaining(), 1e9), base_delay=0.05, max_delay=1.0
+        policy = RetryPolicy(  # on the deadline's clock, so an injected clock bounds these retries too
+            attempts=1_000_000,
+            max_time=min(deadline.remaining(), 1e9),
+            base_delay=0.05,
+            max_delay=1.0,
+            clock=deadline.clock,
         )
 
         def count(exc: BaseException) -> None:
