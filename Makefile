@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # constraints.txt pins the versions this repo is tested with, so pip resolves in seconds, not minutes.
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint docs bench data paper paper-quick clean
+.PHONY: install demo test test-slow lint typecheck docs bench data paper paper-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ lint: install
 
 # The docs site (mkdocs.yml, docs/): strict, so a broken link, a page missing from the nav or a benchmark
 # table that no longer renders from benchmarks/results/*.json fails the build.
+# mypy on the public API ([tool.mypy] in pyproject.toml: flwr_serverless/__init__.py and what it imports).
+typecheck: install
+	$(VENV)/bin/mypy
+
 docs: install
 	$(VENV)/bin/mkdocs build --strict -d site
 

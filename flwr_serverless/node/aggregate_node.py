@@ -100,7 +100,9 @@ class AggregateState:
     rebuilt: dict[str, list[np.ndarray]] = field(default_factory=dict)  # contributions a repair decoded
 
 
-def _no_keyframes(key: str, data: bytes) -> None:  # pragma: no cover - top-k is refused at construction
+def _no_keyframes(
+    key: str, data: bytes | list[bytes | memoryview]
+) -> None:  # pragma: no cover - top-k is refused at construction
     raise RuntimeError("the aggregate mode publishes no keyframes")
 
 

@@ -14,6 +14,7 @@ with their own compare-and-swap rules; they share the store and its stats.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -204,7 +205,7 @@ class Exchange:
             self.reject(exc, info.tag, key)  # a bad keyframe or log entry makes its delta unusable too
             return None
 
-    def rebase(self, peers: Sequence[str], arrays: list[np.ndarray], ref: KeyframeRef) -> None:
+    def rebase(self, peers: Sequence[str], arrays: builtins.list[np.ndarray], ref: KeyframeRef) -> None:
         """After a sync round, ``peers`` hold ``arrays`` as we do: their next top-k deltas apply to it."""
         frozen = []  # our own read-only copy: the caller may change the arrays it trains on in place
         for array in arrays:
@@ -236,6 +237,7 @@ class Exchange:
         missing or belongs to another chain (the writer started a new one meanwhile)."""
         ref, target = required.ref, max(required.chain - 1, 0)
         held = self.states.get(peer)
+        state: DecodedUpdate | None
         position = held.position() if held is not None else None
         if held is not None and position is not None and position[0] == ref and position[1] <= target:
             state = held
@@ -302,13 +304,13 @@ class Exchange:
             self.node_id,
             info.key,
             required.chain,
-            required.ref.seq,
+            getattr(required.ref, "seq", "?"),
         )
         return KeyframeMiss(info.key, required.chain)
 
     def fetch_many(
         self, infos: Sequence[ObjectInfo], deadline: Deadline = NO_DEADLINE, node_ids: Sequence[str] | None = None
-    ) -> list[Outcome]:
+    ) -> builtins.list[Outcome]:
         """Fetch peers concurrently (downloads overlap, hashing releases the GIL), each under ``deadline``.
 
         ``node_ids``: the writer each object must come from, when the key's last part is not it.

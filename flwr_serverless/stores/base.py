@@ -143,7 +143,8 @@ class Store(ABC):
         back to back, joined only by backends that cannot write them one after another.
         """
         if isinstance(data, (bytes, bytearray, memoryview)):
-            tag = self._retrying("put", check_key(key), lambda: self._put(key, data))
+            # every backend's _put takes any bytes-like object (they write or send it as it is)
+            tag = self._retrying("put", check_key(key), lambda: self._put(key, data))  # type: ignore[arg-type]
         else:
             parts = list(data)
             tag = self._retrying("put", check_key(key), lambda: self._put_parts(key, parts))

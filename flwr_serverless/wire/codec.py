@@ -28,6 +28,7 @@ import mmap
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,7 @@ from flwr_serverless.wire.header import (
 )
 from flwr_serverless.wire.tensor_match import TensorSpec, check_compatible, default_names, incompatibility
 
+_blake3: ModuleType | None
 try:
     import blake3 as _blake3
 except ImportError:  # pragma: no cover - blake3 is a dependency; SHA-256 keeps working without it
@@ -178,7 +180,7 @@ def encode_parts(
     for name, array in stored:
         array = np.asarray(array)
         data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        view = memoryview(data.reshape(-1).view(np.uint8))
+        view = data.reshape(-1).view(np.uint8).data
         layout[name] = {
             "dtype": dtype_name(array.dtype),
             "shape": list(array.shape),
