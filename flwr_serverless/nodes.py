@@ -29,6 +29,7 @@ from flwr_serverless.node import SemiSyncFederatedNode as _SemiSync
 from flwr_serverless.node import SyncFederatedNode as _Sync
 from flwr_serverless.node.exchange import NodeStats
 from flwr_serverless.stores import Store
+from flwr_serverless.stores.legacy import SharedFolder
 from flwr_serverless.wire.layout import MEMBERS as MEMBERS_PREFIX
 from flwr_serverless.wire.layout import NODES as NODES_PREFIX
 from flwr_serverless.wire.layout import ROUNDS as ROUNDS_PREFIX
@@ -46,6 +47,10 @@ def split_metrics_epoch(metrics: Any, epoch: Any) -> tuple[Any, Any]:
     return metrics, epoch
 
 
+#: The run of every node built the 0.2 way (``shared_folder=`` or a 0.2 folder class): one run per folder.
+LEGACY_RUN = "flwr-serverless-0.2"
+
+
 class Accepts02Arguments(_NodeBase):
     """Mixin before a core node: translates ``shared_folder=`` and 0.2.0's argument order, then calls the node."""
 
@@ -59,7 +64,12 @@ class Accepts02Arguments(_NodeBase):
     ) -> None:
         if store is None and shared_folder is None:
             raise TypeError("a store (or shared_folder) is required: a Store or a URL such as s3://bucket/prefix")
-        super().__init__(store if store is not None else shared_folder, strategy, **options)
+        folder = store if store is not None else shared_folder
+        if shared_folder is not None or isinstance(folder, SharedFolder):
+            # 0.2 had no runs: everything in the folder counts, so 0.2 scripts started one after another
+            # still pull the earlier ones' weights. A run_id given explicitly still names a run.
+            options.setdefault("run_id", LEGACY_RUN)
+        super().__init__(folder, strategy, **options)
 
     def update_parameters(
         self,
