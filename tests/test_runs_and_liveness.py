@@ -22,6 +22,7 @@ import pytest
 from flwr_serverless import AsyncFederatedNode, SyncFederatedNode
 from flwr_serverless.cli.admin import format_view, inspect_experiment
 from flwr_serverless.errors import InvalidObjectError
+from flwr_serverless.node.deadline import Deadline
 from flwr_serverless.node.membership import MemberRecord, Roster, choose_run
 from flwr_serverless.node.store_clock import StoreClock
 from flwr_serverless.stores import ObjectInfo, open_store
@@ -163,7 +164,11 @@ def test_roster_ages_records_by_store_stamps_not_by_the_writers_clocks() -> None
 def test_an_async_rerun_right_after_the_last_one_averages_nothing_of_it(store_url_factory: Any, kind: str) -> None:
     url, options = store_url_factory(kind)
     first = [AsyncFederatedNode(open_store(url, **options), node_id=n) for n in ("a", "b")]
-    _in_threads(lambda: _train(first[0], 2, 100.0), lambda: _train(first[1], 2, 100.0))
+    # Both stay members until both trained: a peer that finished and left before the other's first
+    # federation is, by design, indistinguishable from an earlier run (a loaded machine did just that).
+    _in_threads(lambda: _train(first[0], 2, 100.0, leave=False), lambda: _train(first[1], 2, 100.0, leave=False))
+    for node in first:
+        node.leave()
     assert first[0].run == first[1].run
     # At once (well within a second and within any lease): the same ids, new weights, epochs interleaved.
     again = [AsyncFederatedNode(open_store(url, **options), node_id=n) for n in ("a", "b")]
@@ -194,6 +199,46 @@ def test_a_sync_rerun_right_after_the_last_one_averages_nothing_of_it(store_url_
     assert again[0].run == again[1].run != first[0].run
     for got in (*results[0], *results[1]):
         np.testing.assert_allclose(got[0], _w(2.0)[0])
+
+
+def test_a_sync_barrier_never_counts_a_leftover_object_under_a_rejoined_id() -> None:
+    """b takes its id over just after a listed round 0 (which still held b's object of the earlier run).
+
+    a reads the member records before the round's listing, and b deletes its predecessor's round objects
+    before its record shows it in the new run: a never counts that object as b's (it would skip it at the
+    fetch and average itself alone), it waits for b's own. The interleaving is forced, no timing involved.
+    """
+    url = f"memory://runs-{uuid.uuid4().hex[:8]}"
+
+    def nodes() -> list[SyncFederatedNode]:
+        return [SyncFederatedNode(open_store(url), num_nodes=2, timeout=30, node_id=n) for n in ("a", "b")]
+
+    first = nodes()
+    _in_threads(lambda: _train(first[0], 2, 100.0), lambda: _train(first[1], 2, 100.0))
+    assert first[0].store.list(layout.round_prefix(0))  # b's earlier object is still there
+    a, b = nodes()
+    b_joined = threading.Event()
+    listed = a.store.list
+
+    def list_then_b_joins(prefix: str = "") -> dict[str, ObjectInfo]:
+        found = listed(prefix)
+        if prefix == layout.round_prefix(0) and not b_joined.is_set():
+            b._ensure_joined(Deadline.after(30))  # b claims its id between a's listing and a's next read
+            b_joined.set()
+        return found
+
+    a.store.list = list_then_b_joins  # type: ignore[method-assign]
+
+    def train_b() -> list[list[np.ndarray]]:
+        assert b_joined.wait(60), "a never reached its round-0 barrier"
+        return _train(b, 3, 3.0)
+
+    results = _in_threads(lambda: _train(a, 3, 1.0), train_b)
+    assert not any(isinstance(r, BaseException) for r in results), results
+    assert a.run == b.run != first[0].run
+    for got in (*results[0], *results[1]):
+        np.testing.assert_allclose(got[0], _w(2.0)[0])
+    assert a.stats.leftovers_skipped == 0
 
 
 def test_a_peer_that_finished_before_a_slow_peer_joined_counts_within_a_named_run() -> None:

@@ -163,9 +163,13 @@ def choose_run(me: str, records: Mapping[str, MemberRecord], now: float, listing
     Joiners while members of a run are live adopt it (the one most live members share; ties: the
     smallest id). With no live member a new generation begins; its id is a hash of the member
     records as listed (keys and tags), so nodes starting together from the same state mint the same
-    id, and a node that starts after another wrote its record sees it live and adopts it. An earlier
-    run's records always differ from the state its own run started from, so a re-run never
-    takes an earlier run's id, however soon after that run ended.
+    id, and a node that starts after another wrote its record sees it live and adopts it. (A LIST is
+    one snapshot and a claim one write, so every node lists either the state before the first claim
+    or a live claimant: nodes whose memberships overlap always converge.) An earlier run's records
+    always differ from the state its own run started from, so a re-run never takes an earlier run's
+    id, however soon after that run ended. The flip side: a peer that left before this node's first
+    federation looks exactly like an earlier run, and is not joined; nodes that may not overlap need
+    a ``run_id``.
     """
     live = Counter(
         record.run

@@ -95,8 +95,8 @@ class SyncFederatedNode(FederatedNode):
     def _enter(self, deadline: Deadline) -> None:
         """Start at the experiment's current round, so a restarted or late node never waits alone."""
         exchange = self.exchange
+        records = self.roster.read(deadline)  # before the rounds: see ``_wait_for_round``
         listing = exchange.list(layout.ROUNDS, deadline)
-        records = self.roster.read(deadline)
         rounds = layout.rounds_by_number(listing)
         # Members of this run, and publishers without a record (a store or peer without membership).
         current = set(current_members(records, self.roster.now(), self.run))
@@ -250,14 +250,26 @@ class SyncFederatedNode(FederatedNode):
         records: dict[str, Any] = {}
         next_look = self.clock()  # when to look again whether the members we wait for are rounds ahead
         while True:
+            # Records first: a node taking over an id deletes its predecessor's round objects before its
+            # record shows it live in our run, so a listing taken after the records (fresh or kept from an
+            # earlier look) never holds an earlier run's object under a name they call ours (it would count,
+            # then be skipped at the fetch). Each read that fails keeps its last answer.
+            failure: StoreError | None = None
+            try:
+                records = self.roster.read(deadline)
+            except StoreError as exc:
+                failure = exc
             try:
                 listing = self.exchange.list(prefix, deadline)
-                records = self.roster.read(deadline)
-            except StoreError as exc:  # an outage: keep waiting (up to the deadline) for the store to return
-                if not is_transient(exc):
-                    raise
+            except StoreError as exc:
+                failure = exc
+            if failure is not None:  # an outage: keep waiting (up to the deadline) for the store to return
+                if not is_transient(failure):
+                    raise failure
                 self.stats.store_failures += 1
-                logger.warning("node %s: store unavailable during round %d barrier: %s", self.node_id, self.round, exc)
+                logger.warning(
+                    "node %s: store unavailable during round %d barrier: %s", self.node_id, self.round, failure
+                )
             if self.membership is not None:
                 self.membership.heartbeat(deadline)  # a long wait must not let our own lease run out
             state = self._barrier(listing, records)
