@@ -96,7 +96,7 @@ def test_the_process_pool_is_bounded() -> None:
     [
         ({"engine": "spark"}, "option engine (--engine) must be one of local, ray"),
         ({"workers": 4}, "option workers (--workers)"),
-        ({"use_processes": True, "workers": 0}, "must be an integer >= 1"),
+        ({"use_processes": True, "workers": 0}, "must be a positive integer"),
         ({"engine": "ray", "use_processes": True}, "option use_processes (--processes)"),
         ({"engine": "ray", "store_url": "memory://x"}, "option store_url (--store)"),
         ({"engine": "ray", "store_url": None}, "option store_url (--store)"),

@@ -179,7 +179,8 @@ def test_participation_skips_federation_without_touching_the_store():
         assert result[0][0, 0] == epoch
         published = node.provenance.seq
     assert 4 <= published <= 24 and node.policy.skipped == 40 - published
-    assert store.stats.requests - before == 2 * published + 1  # PUT + LIST per federation, one join PUT
+    # PUT + LIST per federation; joining: a LIST of members/ (which run to join) and the claim's PUT
+    assert store.stats.requests - before == 2 * published + 2
     again = AsyncFederatedNode(_store(), node_id="a", participation=0.3, seed=42)
     for epoch in range(40):
         again.update_parameters(_w(epoch), num_examples=5)
