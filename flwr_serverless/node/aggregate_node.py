@@ -21,24 +21,10 @@ member to win a write folds it in, or the node's next epoch replaces it.
 What to write after each read is decided by ``modes.aggregate.plan_write`` (pure,
 unit-tested without a store); this module does the reads and writes around it.
 
-Consistency: every successful write is a linearizable step from the aggregate
-it read, so the aggregate is always exactly FedAvg (up to float rounding) over
-one contribution per member: the latest each member managed to fold in. A node
-trains from the aggregate it wrote, which holds its own current weights and
-every other member's latest folded contribution: what FedAvgAsync would compute
-over the peers' latest objects. Staleness weighting is not applied: a
-contribution keeps its weight until its member replaces it, and a member that
-left keeps its last contribution in the mean (as its ``nodes/<id>`` would in
-FedAvgAsync).
-
-Crash safety: the aggregate only names contributions written before it (a
-pending change is published after its contribution), and a node never
-overwrites the slot the aggregate names or may name, so a node killed anywhere
-leaves an aggregate whose contributions can all be subtracted. A restarted node
-GETs its named contribution once. An aggregate that fails validation, or names
-a contribution that was lost or changed, is rebuilt from the contributions in
-the store (O(N) GETs, logged), then updated. A deleted aggregate starts empty
-again: each member adds itself back at its next epoch.
+Every successful write is a linearizable step from the aggregate it read, so the aggregate is always
+exactly FedAvg over one contribution per member; a node killed anywhere leaves an aggregate whose
+contributions can all be subtracted, and a bad aggregate is rebuilt from the contributions (O(N) GETs).
+Why both hold: docs/protocol/aggregate_mode.md.
 """
 
 from __future__ import annotations
