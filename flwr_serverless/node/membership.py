@@ -1,17 +1,8 @@
-"""Who is in the experiment: member records, their lease, their run, and leaving.
+"""Who is in the experiment: member records (``members/<node_id>``), their lease, their run, and leaving.
 
-``members/<node_id>`` holds one small JSON record per node: owner token, host,
-pid, its run (generation), its lease and its status (``active`` or ``left``).
-A node claims its record when it first federates, rewrites it while it trains
-or waits (at most every lease/4), and marks itself ``left`` when training ends.
-
-Ages are store times: a record's heartbeat is when the store last wrote it (S3
-LastModified, file mtime), and "now" is the store's clock as ``StoreClock``
-learns it. The wall-clock fields of a record are for people reading it; hosts
-whose clocks disagree by hours still agree on who is live. Readers classify
-each record with ``member_state`` (pure): live, left, or dead (lease expired,
-or its process is gone on the same host). Barriers wait for live members of
-their own run only (see ``choose_run``).
+A node claims its record when it first federates, rewrites it while it trains or waits (at most
+every lease/4) and marks itself ``left`` at the end. Ages are store times (``StoreClock``), never
+two hosts' clocks; ``member_state`` (pure) says live, left or dead. Rules: docs/operations/runs_and_liveness.md.
 """
 
 from __future__ import annotations
