@@ -29,7 +29,6 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -49,11 +48,14 @@ from flwr_serverless import AsyncFederatedNode, SyncFederatedNode
 from flwr_serverless.torch import federate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from language_model_report import PAPER, markdown_table, summary, write
+from threads import run_in_threads
 
 RESULTS = Path(__file__).parent / "results"
 HELD_OUT = ("hamlet", "tempest", "twelfth_night")
 CHUNK_BYTES = 4096
+RUN_TIMEOUT_S = 3600.0  # one run's threads; a hung node fails the run instead of the benchmark hanging
 
 
 @dataclass(frozen=True)
@@ -162,25 +164,6 @@ def train(
             after_epoch(epoch, float(np.mean(losses)))
 
 
-def in_threads(work: Sequence[Callable[[], None]]) -> None:
-    """Run the callables in threads; re-raise the first failure."""
-    errors: list[BaseException] = []
-
-    def guarded(job: Callable[[], None]) -> None:
-        try:
-            job()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=guarded, args=(job,)) for job in work]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-
-
 def run_federated(parts: list[np.ndarray], held_out: torch.Tensor, grid: Grid, mode: str, run: Run) -> Run:
     store = tempfile.mkdtemp(prefix=f"lm-{mode}-{len(parts)}-")
     finals: dict[int, dict[str, float]] = {}
@@ -210,7 +193,7 @@ def run_federated(parts: list[np.ndarray], held_out: torch.Tensor, grid: Grid, m
         return job
 
     started = time.perf_counter()
-    in_threads([node_job(k) for k in range(len(parts))])
+    run_in_threads(*(node_job(k) for k in range(len(parts))), timeout=RUN_TIMEOUT_S)
     run.seconds = time.perf_counter() - started
     return _summarise(run, [finals[k] for k in range(len(parts))])
 
@@ -228,7 +211,7 @@ def run_alone(parts: list[np.ndarray], held_out: torch.Tensor, grid: Grid, run: 
         return train_one
 
     started = time.perf_counter()
-    in_threads([job(k) for k in range(len(parts))])
+    run_in_threads(*(job(k) for k in range(len(parts))), timeout=RUN_TIMEOUT_S)
     run.seconds = time.perf_counter() - started
     return _summarise(run, [finals[k] for k in range(len(parts))])
 
